@@ -1,0 +1,24 @@
+# `make demo` runs the default pipeline on the built-in countdown recipe; `make test` runs the tests.
+# Both set up .venv on first use (scripts/setup.sh).
+VENV := .venv
+PY := $(VENV)/bin/python
+SPIRAL := $(VENV)/bin/spiral
+
+.PHONY: setup test test-fast demo clean
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+setup: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(VENV)/.installed
+	bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache

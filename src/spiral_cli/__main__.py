@@ -1,0 +1,3 @@
+from spiral_cli.cli import main
+
+main()

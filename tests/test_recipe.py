@@ -1,0 +1,83 @@
+"""Recipe loading: defaults, overrides, and one-line errors naming the field."""
+from pathlib import Path
+
+import pytest
+
+from spiral_cli.recipe import RecipeError, Recipe, apply_overrides, load_recipe, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_paper_defaults():
+    r = Recipe()
+    ts = r.train_set
+    assert (ts.num_search, ts.num_sets, ts.set_size, ts.num_aggregations) == (8, 4, 4, 4)
+    assert r.generation.temperature == 1.0
+    assert ts.beta == 0.0
+    assert ts.scale_std is False and ts.length_target is None
+
+
+@pytest.mark.parametrize("name", ["countdown.yaml", "countdown-qwen.yaml", "math.yaml"])
+def test_shipped_recipes_load(name):
+    r = load_recipe(REPO / "recipes" / name)
+    assert r.name == Path(name).stem
+
+
+def test_name_defaults_to_file_stem(tmp_path):
+    assert load_recipe(write(tmp_path, "seed: 3\n")).name == "r"
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_override("train_set.lr=1e-5") == (["train_set", "lr"], 1e-5)
+    assert parse_override("model.lora={r: 8}") == (["model", "lora"], {"r": 8})
+    assert parse_override("infer.aggregate=majority") == (["infer", "aggregate"], "majority")
+    data = apply_overrides({"train_set": {"lr": 1.0}}, ["train_set.lr=3e-4", "sft.steps=7"])
+    assert data == {"train_set": {"lr": 3e-4}, "sft": {"steps": 7}}
+
+
+def test_override_applies_and_validates(tmp_path):
+    r = load_recipe(write(tmp_path, "train_set: {lr: 1.0e-4}\n"), ["train_set.lr=1e-5", "sft.steps=10"])
+    assert r.train_set.lr == 1e-5 and r.sft.steps == 10
+
+
+@pytest.mark.parametrize(
+    "text, overrides, expected",
+    [
+        ("train_set: {lrr: 1}\n", [], "train_set.lrr: unknown field (allowed: "),
+        ("train_set: {lr: abc}\n", [], "train_set.lr: Input should be a valid number"),
+        ("train_set: {lr: -1}\n", [], "train_set.lr: Input should be greater than 0"),
+        ("generation: {backend: tgi}\n", [], "generation.backend: Input should be 'hf' or 'vllm'"),
+        ("", ["infer.aggregate=best"], "infer.aggregate: Input should be 'learned', 'majority' or 'none'"),
+        ("bogus: 1\n", [], "bogus: unknown field"),
+        ("task: {name: countdown, max_valu: 3}\n", [], "task.max_valu"),
+        ("task: {name: no_such_task}\n", [], "no_such_task"),
+        ("train_set: {set_size: 9}\n", [], "set_size"),
+        ("- a\n- b\n", [], "a recipe must be a mapping"),
+        ("a: [1\n", [], "not valid YAML"),
+        ("", ["nolvalue"], "expected FIELD=VALUE"),
+    ],
+)
+def test_errors_are_one_line_and_name_the_field(tmp_path, text, overrides, expected):
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(write(tmp_path, text), overrides)
+    msg = str(exc.value)
+    assert expected in msg
+    assert "\n" not in msg
+
+
+def test_missing_file():
+    with pytest.raises(RecipeError, match="recipe file not found: /nope.yaml"):
+        load_recipe("/nope.yaml")
+
+
+def test_hash_is_stable_and_sensitive():
+    a, b = Recipe(), Recipe()
+    assert a.hash() == b.hash()
+    b.train_set.lr = 1e-3
+    assert a.hash() != b.hash()
