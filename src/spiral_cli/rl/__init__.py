@@ -1,0 +1,1 @@
+"""Reinforcement learning: rollouts, advantages (set / aggregation / GRPO), loss, trainer."""

@@ -1,0 +1,316 @@
+"""Advantage math for SPIRAL set RL, aggregation RL and GRPO, against hand-computed numbers."""
+
+import itertools
+import math
+import random
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from spiral_cli.rl import advantages as adv_mod
+from spiral_cli.rl.advantages import (
+    grpo_advantages,
+    grpo_advantages_batch,
+    has_signal,
+    length_gate,
+    proposition_constant,
+    sample_subsets,
+    set_advantages,
+)
+
+# --------------------------------------------------------------------------- set advantages
+
+
+def test_worked_example_four_traces_three_sets():
+    # N1 = 4 search traces, K = 3 sets of size 2, N2 = 2 aggregations per set.
+    # Trace 3 is in no set; traces 0, 1 and 2 are each in two sets.
+    subsets = [(0, 1), (0, 2), (1, 2)]
+    rewards = [
+        [1.0, 0.5],  # G1: f1 = 0.75
+        [1.0, 0.0],  # G2: f2 = 0.50
+        [0.5, 0.0],  # G3: f3 = 0.25
+    ]
+    # f̄ = (0.75 + 0.50 + 0.25) / 3 = 0.5
+    # A(G) = f - f̄ = [0.25, 0.0, -0.25]
+    # A(y0) = mean(A(G1), A(G2)) = (0.25 + 0.0) / 2   =  0.125
+    # A(y1) = mean(A(G1), A(G3)) = (0.25 - 0.25) / 2  =  0.0
+    # A(y2) = mean(A(G2), A(G3)) = (0.0 - 0.25) / 2   = -0.125
+    # A(y3) = 0 (in no sampled set)
+    # A_ij = r_ij - f_i: G1 [0.25, -0.25], G2 [0.5, -0.5], G3 [0.25, -0.25]
+    out = set_advantages(rewards, subsets, n_traces=4)
+    assert out.set_scores == pytest.approx([0.75, 0.5, 0.25])
+    assert out.baseline == pytest.approx(0.5)
+    assert out.set_advantages == pytest.approx([0.25, 0.0, -0.25])
+    assert out.search_advantages == pytest.approx([0.125, 0.0, -0.125, 0.0])
+    assert out.membership == [2, 2, 2, 0]
+    assert out.agg_advantages[0] == pytest.approx([0.25, -0.25])
+    assert out.agg_advantages[1] == pytest.approx([0.5, -0.5])
+    assert out.agg_advantages[2] == pytest.approx([0.25, -0.25])
+
+
+def test_trace_in_one_set_gets_that_sets_advantage():
+    # Trace 0 is in all three sets, traces 1..3 in one each.
+    subsets = [(0, 1), (0, 2), (0, 3)]
+    rewards = [[1.0], [0.0], [0.5]]  # f = [1, 0, 0.5], f̄ = 0.5, A(G) = [0.5, -0.5, 0]
+    out = set_advantages(rewards, subsets, n_traces=4)
+    # A(y0) = (0.5 - 0.5 + 0) / 3 = 0; the others inherit their only set's advantage.
+    assert out.search_advantages == pytest.approx([0.0, 0.5, -0.5, 0.0])
+    assert out.membership == [3, 1, 1, 1]
+
+
+def test_all_equal_rewards_give_zero_advantages_and_no_signal():
+    subsets = [(0, 1, 2, 3), (4, 5, 6, 7), (0, 2, 4, 6), (1, 3, 5, 7)]
+    rewards = [[1.0] * 4 for _ in subsets]
+    for scale in (False, True):
+        out = set_advantages(rewards, subsets, n_traces=8, scale_std=scale)
+        assert out.set_advantages == [0.0] * 4
+        assert out.search_advantages == [0.0] * 8
+        assert all(a == 0.0 for row in out.agg_advantages for a in row)
+        assert not has_signal(out.search_advantages)
+        assert not has_signal(out.agg_advantages)
+
+
+def test_single_set_is_its_own_baseline():
+    out = set_advantages([[1.0, 0.0]], [(0, 1)], n_traces=3)
+    assert out.set_advantages == [0.0]
+    assert out.search_advantages == [0.0, 0.0, 0.0]
+    assert out.agg_advantages == [[0.5, -0.5]]
+
+
+def test_scale_std_hand_case():
+    # f = [1.0, 0.5], f̄ = 0.75, A(G) = [0.25, -0.25]; population std of f = 0.25,
+    # so scaled A(G) = ±0.25 / (0.25 + eps) ≈ ±1.
+    # G1 rewards [1, 1]: std 0 -> A_1j = 0 / (0 + eps) = 0.
+    # G2 rewards [1, 0]: f = 0.5, population std 0.5 -> A_2j = ±0.5 / 0.5 = ±1.
+    eps = 1e-6
+    out = set_advantages([[1.0, 1.0], [1.0, 0.0]], [(0, 1), (2, 3)], n_traces=4, scale_std=True, eps=eps)
+    s = 0.25 / (0.25 + eps)
+    assert out.set_advantages == pytest.approx([s, -s], rel=1e-12)
+    assert out.search_advantages == pytest.approx([s, s, -s, -s], rel=1e-12)
+    assert out.agg_advantages[0] == [0.0, 0.0]
+    assert out.agg_advantages[1] == pytest.approx([0.5 / (0.5 + eps), -0.5 / (0.5 + eps)], rel=1e-12)
+    # Unscaled for comparison: the paper's default.
+    plain = set_advantages([[1.0, 1.0], [1.0, 0.0]], [(0, 1), (2, 3)], n_traces=4)
+    assert plain.set_advantages == pytest.approx([0.25, -0.25])
+    assert plain.agg_advantages[1] == pytest.approx([0.5, -0.5])
+
+
+@pytest.mark.parametrize(
+    "rewards, subsets, n_traces",
+    [
+        ([[1.0]], [(0, 1), (1, 2)], 3),  # counts differ
+        ([[1.0], []], [(0, 1), (1, 2)], 3),  # empty reward row
+        ([[1.0]], [(0, 3)], 3),  # index out of range
+        ([[1.0]], [(1, 1)], 3),  # repeated trace
+        ([], [], 3),  # no sets
+    ],
+)
+def test_set_advantages_rejects_bad_input(rewards, subsets, n_traces):
+    with pytest.raises(ValueError):
+        set_advantages(rewards, subsets, n_traces)
+
+
+# --------------------------------------------------------------------------- Proposition 3.1
+
+
+def test_proposition_constant_by_hand():
+    # N=4, n=2, K=1: (4)_2 = 12, (3)_2 = 6, q = 1 - C(6,1)/C(12,1) = 1/2, M = (4/2)(1/2) - 1 = 0.
+    assert proposition_constant(4, 2, 1, exact=True) == 0
+    # N=4, n=2, K=2: q = 1 - C(6,2)/C(12,2) = 1 - 15/66 = 17/22; M = 2 * 17/22 - 1 = 6/11.
+    assert proposition_constant(4, 2, 2, exact=True) == Fraction(6, 11)
+    assert proposition_constant(4, 2, 2) == pytest.approx(6 / 11)
+    # N=3, n=1, K=2: (3)_1 = 3, (2)_1 = 2, q = 1 - C(2,2)/C(3,2) = 2/3, M = 3 * 2/3 - 1 = 1.
+    assert proposition_constant(3, 1, 2, exact=True) == 1
+    # K = all (N)_n tuples: every trace is covered, q = 1, M = N/n - 1.
+    assert proposition_constant(4, 2, 12, exact=True) == 1
+    # Paper setting N=8, n=4, K=4: (8)_4 = 1680, (7)_4 = 840,
+    # C(840,4)/C(1680,4) = (840*839*838*837) / (1680*1679*1678*1677).
+    ratio = (840 * 839 * 838 * 837) / (1680 * 1679 * 1678 * 1677)
+    assert proposition_constant(8, 4, 4) == pytest.approx(2 * (1 - ratio) - 1, rel=1e-12)
+    # Unordered analogue: C(8,4) = 70, C(7,4) = 35, q = 1 - C(35,4)/C(70,4).
+    ratio_u = (35 * 34 * 33 * 32) / (70 * 69 * 68 * 67)
+    assert proposition_constant(8, 4, 4, ordered=False) == pytest.approx(2 * (1 - ratio_u) - 1, rel=1e-12)
+
+
+def test_proposition_constant_rejects_bad_sizes():
+    with pytest.raises(ValueError):
+        proposition_constant(4, 5, 1)
+    with pytest.raises(ValueError):
+        proposition_constant(4, 2, 13)  # only 12 ordered pairs exist
+
+
+def _expected_estimator_ratio(N, n, K, p, f, ordered):
+    """E[sum_y A(y) d/dθ log π(y)] / dJ/dθ, exact, for a Bernoulli(p = sigmoid θ) policy.
+
+    Enumerates every draw of the N traces and every choice of K distinct groups, with the
+    set value f known exactly (N2 -> infinity). d/dθ log π(y) = y - p.
+    """
+    groups = list((itertools.permutations if ordered else itertools.combinations)(range(N), n))
+    choices = list(itertools.combinations(groups, K))
+    estimate = Fraction(0)
+    for ys in itertools.product([0, 1], repeat=N):
+        prob = math.prod(p if y else 1 - p for y in ys)
+        total = Fraction(0)
+        for chosen in choices:
+            values = [f(tuple(ys[i] for i in g)) for g in chosen]
+            result = set_advantages([[float(v)] for v in values], list(chosen), N)
+            # Rebuild the marginal advantage exactly (floats above only to exercise the API).
+            fbar = sum(values, Fraction(0)) / K
+            for i in range(N):
+                inside = [v - fbar for v, g in zip(values, chosen) if i in g]
+                exact_a = sum(inside, Fraction(0)) / len(inside) if inside else Fraction(0)
+                assert result.search_advantages[i] == pytest.approx(float(exact_a), abs=1e-12)
+                total += exact_a * (ys[i] - p)
+        estimate += prob * total / len(choices)
+    true_grad = Fraction(0)
+    for t in itertools.product([0, 1], repeat=n):
+        true_grad += math.prod(p if y else 1 - p for y in t) * f(t) * sum(y - p for y in t)
+    return estimate / true_grad
+
+
+@pytest.mark.parametrize("N, n, K", [(3, 2, 2), (4, 2, 2), (4, 3, 2), (3, 1, 2)])
+def test_marginal_estimator_is_M_times_true_gradient_ordered(N, n, K):
+    # An order-sensitive set value: the paper's statement is for ordered tuples.
+    def f(t):
+        return Fraction(2 * t[0] + t[-1] + (3 if all(t) else 0))
+
+    ratio = _expected_estimator_ratio(N, n, K, Fraction(1, 3), f, ordered=True)
+    assert ratio == proposition_constant(N, n, K, exact=True)
+
+
+@pytest.mark.parametrize("N, n, K", [(3, 2, 2), (4, 2, 3), (5, 3, 2)])
+def test_marginal_estimator_is_M_times_true_gradient_unordered(N, n, K):
+    # Order-insensitive set value, unordered subsets (what sample_subsets draws).
+    def f(t):
+        return Fraction(sum(t) ** 2 + 1)
+
+    ratio = _expected_estimator_ratio(N, n, K, Fraction(1, 3), f, ordered=False)
+    assert ratio == proposition_constant(N, n, K, exact=True, ordered=False)
+
+
+# --------------------------------------------------------------------------- subset sampling
+
+
+def test_sample_subsets_shape_distinct_sorted():
+    subsets = sample_subsets(8, 4, 4, rng=0)
+    assert len(subsets) == 4
+    assert len(set(subsets)) == 4
+    for s in subsets:
+        assert len(s) == 4
+        assert list(s) == sorted(set(s))
+        assert all(0 <= i < 8 for i in s)
+
+
+def test_sample_subsets_reproducible():
+    assert sample_subsets(8, 4, 4, rng=7) == sample_subsets(8, 4, 4, rng=7)
+    assert sample_subsets(8, 4, 4, rng=random.Random(7)) == sample_subsets(8, 4, 4, rng=random.Random(7))
+    a = sample_subsets(8, 4, 4, rng=np.random.default_rng(3))
+    b = sample_subsets(8, 4, 4, rng=np.random.default_rng(3))
+    assert a == b
+
+
+def test_sample_subsets_all_when_k_equals_total():
+    subsets = sample_subsets(5, 2, 10, rng=1)
+    assert sorted(subsets) == list(itertools.combinations(range(5), 2))
+
+
+def test_sample_subsets_raises_when_too_many():
+    with pytest.raises(ValueError, match="only C\\(8, 4\\) = 70"):
+        sample_subsets(8, 4, 71, rng=0)
+    with pytest.raises(ValueError):
+        sample_subsets(4, 5, 1, rng=0)
+    with pytest.raises(ValueError):
+        sample_subsets(4, 2, 0, rng=0)
+
+
+def test_unranking_is_lexicographic_bijection():
+    combos = [adv_mod._unrank_combination(r, 7, 3) for r in range(math.comb(7, 3))]
+    assert combos == list(itertools.combinations(range(7), 3))
+
+
+def test_sample_subsets_large_population_without_enumeration():
+    # C(60, 30) ≈ 1.2e17: must not enumerate.
+    subsets = sample_subsets(60, 30, 5, rng=0)
+    assert len(set(subsets)) == 5
+    assert all(len(s) == 30 and list(s) == sorted(set(s)) for s in subsets)
+
+
+def _chi_square_uniform(draws, categories):
+    counts = {c: 0 for c in categories}
+    for d in draws:
+        counts[d] += 1
+    expected = len(draws) / len(categories)
+    return sum((o - expected) ** 2 / expected for o in counts.values())
+
+
+@pytest.mark.parametrize("force_rejection", [False, True])
+def test_sample_subsets_roughly_uniform(monkeypatch, force_rejection):
+    if force_rejection:  # exercise the large-population code path on a small case
+        monkeypatch.setattr(adv_mod, "_EXACT_RANK_SAMPLING_LIMIT", 0)
+    rng = random.Random(123)
+    draws = [sample_subsets(5, 2, 1, rng)[0] for _ in range(20_000)]
+    chi2 = _chi_square_uniform(draws, list(itertools.combinations(range(5), 2)))
+    # 10 categories -> 9 degrees of freedom; P(chi2 > 27.88) = 0.001 under uniformity.
+    assert chi2 < 27.88
+
+
+# --------------------------------------------------------------------------- GRPO
+
+
+def test_grpo_group_scaled_by_hand():
+    # r = [1, 0, 0, 0]: mean 0.25; deviations [0.75, -0.25, -0.25, -0.25];
+    # sample variance = (0.5625 + 3 * 0.0625) / 3 = 0.25 -> std 0.5 (ddof = 1, as torch).
+    adv = grpo_advantages([1.0, 0.0, 0.0, 0.0])
+    assert adv == pytest.approx([0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001])
+    assert adv == grpo_advantages([1.0, 0.0, 0.0, 0.0], scale_rewards="group")
+    # Matches TRL's torch arithmetic: (r - r.mean()) / (r.std() + 1e-4).
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    assert adv == pytest.approx(((r - r.mean()) / (r.std() + 1e-4)).tolist())
+
+
+def test_grpo_all_equal_is_zero_and_no_scaling_option():
+    assert grpo_advantages([1.0, 1.0, 1.0]) == [0.0, 0.0, 0.0]
+    assert not has_signal(grpo_advantages([0.3, 0.3]))
+    assert grpo_advantages([1.0, 0.0, 0.0, 0.0], scale_rewards=False) == pytest.approx([0.75, -0.25, -0.25, -0.25])
+    assert grpo_advantages([1.0, 0.0, 0.0, 0.0], scale_rewards="none") == pytest.approx([0.75, -0.25, -0.25, -0.25])
+    assert grpo_advantages([2.0]) == [0.0]  # a group of one: std 0 as in TRL
+
+
+def test_grpo_batch_scaling_by_hand():
+    # All rewards [1, 0, 1, 1]: mean 0.75, sample variance (0.0625*3 + 0.5625)/3 = 0.25 -> std 0.5.
+    # Means stay per group: group 1 mean 0.5 -> ±0.5 / 0.5001; group 2 all equal -> 0.
+    out = grpo_advantages_batch([[1.0, 0.0], [1.0, 1.0]], scale_rewards="batch")
+    assert out[0] == pytest.approx([0.5 / 0.5001, -0.5 / 0.5001])
+    assert out[1] == [0.0, 0.0]
+    # Group scaling: group 1 std = 0.7071 (sample std of [1, 0]).
+    out = grpo_advantages_batch([[1.0, 0.0], [1.0, 1.0]], scale_rewards=True)
+    assert out[0] == pytest.approx([0.5 / (math.sqrt(0.5) + 1e-4), -0.5 / (math.sqrt(0.5) + 1e-4)])
+
+
+def test_grpo_rejects_unknown_mode():
+    with pytest.raises(ValueError):
+        grpo_advantages([1.0, 0.0], scale_rewards="sometimes")
+    with pytest.raises(ValueError, match="grpo_advantages_batch"):
+        grpo_advantages([1.0, 0.0], scale_rewards="batch")
+
+
+# --------------------------------------------------------------------------- gates
+
+
+def test_length_gate_cases():
+    advantages = [1.0, -1.0, 0.5, 2.0, 0.0]
+    lengths = [11, 11, 10, 3, 50]
+    # positive & over length -> 0; negative over length stays; exactly L_target stays.
+    assert length_gate(advantages, lengths, 10) == [0.0, -1.0, 0.5, 2.0, 0.0]
+    assert length_gate(advantages, lengths, None) == advantages
+    with pytest.raises(ValueError):
+        length_gate([1.0], [1, 2], 10)
+
+
+def test_has_signal():
+    assert not has_signal([])
+    assert not has_signal([0.0, 1e-12, -1e-10])
+    assert has_signal([0.0, -0.5])
+    assert has_signal([[0.0, 0.0], [0.0, 1e-3]])
