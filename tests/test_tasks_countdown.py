@@ -1,0 +1,444 @@
+"""Countdown: verifier, generator, splits, solver traces, SFT data, loading."""
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections import Counter
+
+import pytest
+
+from spiral_cli.tasks import TaskError, list_tasks, load_task
+from spiral_cli.tasks.base import Task
+from spiral_cli.tasks.countdown import CountdownConfig, CountdownTask, check_answer, solve
+
+P70 = {"id": "p70", "numbers": [3, 7, 12, 25], "target": 70}  # 25*3-12+7 = 70 uses all four
+P68 = {"id": "p68", "numbers": [3, 7, 12, 25], "target": 68}  # 25*3-7 = 68 leaves 12 unused
+P12 = {"id": "p12", "numbers": [2, 2, 7, 5], "target": 12}
+
+
+def task(**kw) -> CountdownTask:
+    return CountdownTask(CountdownConfig(**kw))
+
+
+AT_MOST = task()
+EXACTLY = task(number_rule="exactly_once")
+
+
+def ans(expr: str) -> str:
+    return f"25+12=37 (3 7 37)\nback\nanswer: {expr}\n"
+
+
+# ------------------------------------------------------------------------------- verifier
+@pytest.mark.parametrize(
+    "expr",
+    ["25*3-12+7", "(25*3) - 12 + 7 = 70", "7+25*3-12", "3*25+7-12", "7*(25-12-3)", "7 * (25 - 12 - 3)=70"],
+)
+def test_valid_answers(expr):
+    for t in (AT_MOST, EXACTLY):
+        assert t.is_correct(P70, ans(expr))
+        assert t.reward(P70, ans(expr)) == 1.0
+
+
+def test_valid_answers_other_problem():
+    assert AT_MOST.is_correct(P12, "answer: 7+5")
+    assert AT_MOST.is_correct(P12, "answer: 7*2-2")
+    assert not AT_MOST.is_correct(P12, "answer: 5+5+2")  # 12, but 5 twice
+    assert not AT_MOST.is_correct(P12, "answer: 2*2*2+2+2")  # 12, but five 2s (two given)
+    assert not AT_MOST.is_correct(P12, "answer: 2*2+7+1")  # 12, but 1 not given
+    assert EXACTLY.is_correct(P12, "answer: (7+5)*2/2")
+    assert not EXACTLY.is_correct(P12, "answer: 7+5")  # 2 and 2 unused
+
+
+def test_wrong_answers():
+    assert not AT_MOST.is_correct(P70, ans("25*3-12"))  # 63
+    assert not AT_MOST.is_correct(P70, ans("25*3-12+7 = 71"))  # claim disagrees with the target
+    assert not AT_MOST.is_correct(P70, ans("25*3-12+7 = 70 = 70"))
+    assert not AT_MOST.is_correct(P70, ans("25*3-5"))  # 5 not given (value is 70)
+    assert not AT_MOST.is_correct(P70, ans("12+12+25+3*7"))  # 12 twice (value is 70)
+    assert not EXACTLY.is_correct(P70, ans("12+12+25+3*7"))
+
+
+def test_unused_numbers_exactly_once():
+    assert AT_MOST.is_correct(P68, ans("25*3-7"))
+    assert not EXACTLY.is_correct(P68, ans("25*3-7"))
+    ok, line = check_answer("25*3-7", [3, 7, 12, 25], 68, "exactly_once")
+    assert (ok, line) == (False, "25*3=75 75-7=68 unused 12 no")
+
+
+def test_division_rules():
+    assert not AT_MOST.is_correct(P70, ans("(25-12)/(7-7)"))  # division by zero
+    assert not AT_MOST.is_correct(P70, ans("25/0"))
+    # 7/2*2+5 = 12 with exact fractions, but 7/2 is not an integer
+    assert not AT_MOST.is_correct(P12, "answer: 7/2*2+5")
+    assert check_answer("7/2*2+5", [2, 2, 7, 5], 12) == (False, "7/2=? no")
+    assert AT_MOST.is_correct({"id": "d", "numbers": [8, 4, 3], "target": 6}, "answer: 8/4*3")
+
+
+def test_check_lines():
+    assert check_answer("25*3-12+7", [3, 7, 12, 25], 70) == (True, "25*3=75 75-12=63 63+7=70 ok")
+    assert check_answer("(25+12)*3-7", [3, 7, 12, 25], 70) == (False, "25+12=37 37*3=111 111-7=104 no")
+    assert check_answer("25*3-5", [3, 7, 12, 25], 70) == (False, "25*3=75 75-5=70 uses 5 no")
+    assert check_answer(None, [1, 2], 3) == (False, "none")
+    assert check_answer("hello", [1, 2], 3) == (False, "? no")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "hello world",
+        "answer:",
+        "answer: ",
+        "answer: ((((",
+        "answer: 25**3",
+        "answer: -7+77",
+        "answer: 2.5*28",
+        "answer: 25*3-12+7 70",
+        "<answer></answer>",
+        "answer: __import__('os').system('rm -rf /')",
+        "answer: ().__class__",
+        "<answer>().__class__.__bases__[0].__subclasses__()</answer>",
+        "<answer>eval('25*3-12+7')</answer>",
+        "answer: 25*3-12+7; import os",
+        "answer: \x00\xff" * 10,
+    ],
+)
+def test_garbage_and_injection_score_zero(text):
+    for t in (AT_MOST, task(scoring="tinyzero")):
+        assert t.reward(P70, text) == 0.0
+        assert not t.is_correct(P70, text)
+
+
+def test_huge_answers_are_fast():
+    huge = "answer: " + "1+" * 50_000 + "1\n"  # 100 KB
+    nested = "<answer>" + "(" * 50_000 + "1" + ")" * 50_000 + "</answer>"
+    many_tags = "<answer>" * 12_500  # 100 KB of unclosed tags
+    many_lines = "answer: 1\n" * 10_000 + "answer: " + "9" * 100_000  # the last answer is too long
+    t0 = time.perf_counter()
+    for text in (huge, nested, many_tags, many_lines, "x" * 100_000):
+        assert AT_MOST.reward(P70, text) == 0.0
+        assert task(scoring="tinyzero").reward(P70, text) == 0.0
+    assert AT_MOST.extract_answer(huge) is None
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_tinyzero_scoring():
+    t = task(scoring="tinyzero")
+    assert t.reward(P70, ans("25*3-12+7")) == 1.0
+    assert t.reward(P70, ans("25*3-12")) == 0.1  # well-formed, wrong value
+    assert t.reward(P70, ans("25*3-5")) == 0.1  # well-formed, number not given
+    assert t.reward(P70, "<answer> (25 + 12) / 3 </answer>") == 0.1  # well-formed, inexact division
+    assert t.reward(P70, "answer: 70") == 0.1  # well-formed, 70 is not a given number
+    assert t.reward(P70, "25+12=37 (3 7 37)\nfail\n") == 0.0  # no answer
+    assert t.reward(P70, "answer: twenty") == 0.0  # not an expression
+    assert AT_MOST.reward(P70, ans("25*3-12")) == 0.0  # binary
+
+
+def test_extract_answer_picks_last():
+    t = AT_MOST
+    assert t.extract_answer("answer: 1+2\nfoo\nanswer: 25*3-12+7\n") == "25*3-12+7"
+    assert t.extract_answer("<answer>1+2</answer>\nanswer: 3+4") == "3+4"
+    assert t.extract_answer("answer: 3+4\n<answer> 5 + 6 </answer>") == "5 + 6"
+    assert t.extract_answer("<answer>1</answer> then <answer>2*3</answer>") == "2*3"
+    assert t.extract_answer("<think>x</think>\n<answer>7*8") == "7*8"  # stop string trimmed
+    assert t.extract_answer("The answer: 5") is None  # not at the start of a line
+    assert t.extract_answer("  answer:  9 - 2  \n") == "9 - 2"
+    assert t.extract_answer("25+12=37 (3 7 37)\nfail\n") is None
+    # the last answer decides, even when an earlier one was right
+    assert not t.is_correct(P70, "answer: 25*3-12+7\nanswer: 25*3-12\n")
+
+
+# ------------------------------------------------------------------------------- generator
+@pytest.mark.parametrize(
+    "cfg",
+    [{}, {"number_rule": "exactly_once"}, {"min_numbers": 5, "max_numbers": 6, "max_value": 100, "max_target": 1000}],
+)
+def test_reference_solutions_verify(cfg):
+    t = task(**cfg)
+    c = t.config
+    probs = t.problems("train", 500, seed=3) + t.problems("eval", 100, seed=3)
+    for p in probs:
+        assert t.validate_problem(p) == p
+        assert c.min_numbers <= len(p["numbers"]) <= c.max_numbers
+        assert all(c.min_value <= x <= c.max_value for x in p["numbers"])
+        assert 1 <= p["target"] <= c.max_target and isinstance(p["target"], int)
+        assert t.is_correct(p, f"answer: {p['solution']}\n"), p
+        assert t.is_correct(p, f"<answer>{p['solution']} = {p['target']}</answer>"), p
+
+
+def test_splits_disjoint_and_distinct():
+    t = AT_MOST
+    train = t.problems("train", 3000, seed=0)
+    ev = t.problems("eval", 1000, seed=0)
+
+    def key(p):
+        return (tuple(sorted(p["numbers"])), p["target"])
+
+    tk, ek = {key(p) for p in train}, {key(p) for p in ev}
+    assert len(tk) == 3000 and len(ek) == 1000  # distinct
+    assert not tk & ek
+    assert len({p["id"] for p in train + ev}) == 4000
+    # a different seed draws other problems, but the split of each problem is fixed
+    other = t.problems("eval", 300, seed=99)
+    assert not {key(p) for p in other} & tk
+    assert all(t.split_of(p["numbers"], p["target"]) == "eval" for p in ev)
+
+
+def test_reproducible_and_fast():
+    t = AT_MOST
+    t0 = time.perf_counter()
+    a = t.problems("train", 1000, seed=7)
+    assert time.perf_counter() - t0 < 1.0
+    assert a == t.problems("train", 1000, seed=7)
+    assert a != t.problems("train", 1000, seed=8)
+    assert t.problems("eval", 50, seed=1) == t.problems("eval", 50, seed=1)
+    with pytest.raises(TaskError):
+        t.problems("test", 1)
+
+
+def test_impossible_request_errors_instead_of_looping():
+    t = task(min_numbers=2, max_numbers=2, max_value=2, max_target=4)
+    with pytest.raises(TaskError, match="distinct"):
+        t.problems("train", 50)
+
+
+def test_validate_problem():
+    t = AT_MOST
+    ok = t.validate_problem({"numbers": [3, 7, 12, 25], "target": 70})
+    assert ok["id"].startswith("cd-") and ok["numbers"] == [3, 7, 12, 25]
+    assert t.validate_problem({"id": 5, "numbers": [1, 2], "target": 3})["id"] == "5"
+    bad = [
+        ({"target": 3}, "numbers"),
+        ({"numbers": [1], "target": 3}, "numbers"),
+        ({"numbers": list(range(1, 10)), "target": 3}, "numbers"),
+        ({"numbers": [1, "2"], "target": 3}, "numbers"),
+        ({"numbers": [1, 0], "target": 3}, "numbers"),
+        ({"numbers": [1, 2_000_000], "target": 3}, "numbers"),
+        ({"numbers": [1, True], "target": 3}, "numbers"),
+        ({"numbers": [1, 2]}, "target"),
+        ({"numbers": [1, 2], "target": 3.5}, "target"),
+        ({"numbers": [1, 2], "target": 3, "solution": 5}, "solution"),
+    ]
+    for d, field in bad:
+        with pytest.raises(TaskError) as e:
+            t.validate_problem(d)
+        assert str(e.value).startswith(field + ":") and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------- prompts
+def test_prompts_compact_and_verbose():
+    assert AT_MOST.search_prompt(P70) == "3 7 12 25 -> 70\n"
+    traces = [ans("25*3-12+7"), "fail\n", ans("(25+12)*3-7")]
+    assert AT_MOST.aggregate_prompt(P70, traces) == "agg 3 7 12 25 -> 70\n1: 25*3-12+7\n2: none\n3: (25+12)*3-7\n--\n"
+    full = task(agg_view="full", agg_max_chars=20).aggregate_prompt(P70, ["x" * 50 + "\nanswer: 1+2\n", "fail\n"])
+    assert full == "agg 3 7 12 25 -> 70\n[1]\n..." + ("x" * 50 + "\nanswer: 1+2")[-17:] + "\n[2]\nfail\n--\n"
+    v = task(prompt_format="verbose")
+    sp = v.search_prompt(P70)
+    assert "[3, 7, 12, 25]" in sp and "equals 70" in sp and "<answer>" in sp and "at most once" in sp
+    assert "exactly once" in task(prompt_format="verbose", number_rule="exactly_once").search_prompt(P70)
+    ap = v.aggregate_prompt(P70, traces)
+    assert "Candidate 2:\nnone" in ap and "Candidate 3:\n(25+12)*3-7" in ap
+    assert v.stop_strings() == ["</answer>"] and AT_MOST.stop_strings() == []
+    assert not AT_MOST.search_prompt(P70).startswith("agg")
+
+
+# ------------------------------------------------------------------------------- solver
+_STEP = re.compile(r"^(\d+)([-+*/])(\d+)=(\d+) \(([\d ]*)\)$")
+
+
+def replay(problem, trace: str, rule="at_most_once"):
+    """Check every step line of a compact trace against the state it claims; return the answer."""
+    stack = [sorted(problem["numbers"])]
+    lines = trace.split("\n")
+    assert lines[-1] == "" and trace.endswith("\n")
+    lines = lines[:-1]
+    for line in lines[:-1]:
+        if line == "back":
+            stack.pop()
+            assert stack
+            continue
+        m = _STEP.match(line)
+        assert m, line
+        a, op, b, r = int(m[1]), m[2], int(m[3]), int(m[4])
+        state = list(stack[-1])
+        state.remove(a)
+        state.remove(b)
+        assert {"+": a + b, "-": a - b, "*": a * b, "/": a // b if a % b == 0 else None}[op] == r
+        assert r > 0
+        new = sorted(state + [r])
+        assert sorted(int(x) for x in m[5].split()) == new
+        stack.append(new)
+    last = lines[-1]
+    assert last == "fail" or last.startswith("answer: ")
+    if last.startswith("answer: "):
+        if rule == "at_most_once":
+            assert problem["target"] in stack[-1]
+        else:
+            assert stack[-1] == [problem["target"]]
+    return last
+
+
+@pytest.mark.parametrize("rule", ["at_most_once", "exactly_once"])
+@pytest.mark.parametrize("order", ["closest", "random"])
+def test_solver_traces_are_valid(rule, order):
+    t = task(number_rule=rule)
+    rng = random.Random(0)
+    n_ok = 0
+    for p in t.problems("train", 300, seed=11):
+        trace, ok = solve(p, rng, max_nodes=12, order=order, moves_per_node=3, number_rule=rule)
+        last = replay(p, trace, rule)
+        assert ok == last.startswith("answer: ")
+        if ok:
+            n_ok += 1
+            assert t.is_correct(p, trace) and t.reward(p, trace) == 1.0
+        else:
+            assert t.extract_answer(trace) is None and t.reward(p, trace) == 0.0
+    assert 0 < n_ok < 300
+
+
+def test_solver_success_grows_with_budget():
+    t = AT_MOST
+    probs = t.problems("train", 200, seed=5)
+    rates = []
+    for budget in (2, 8, 64):
+        rng = random.Random(1)
+        rates.append(sum(solve(p, rng, max_nodes=budget)[1] for p in probs) / len(probs))
+    assert rates[0] < rates[1] < rates[2]
+    # the default budget lands in the intended band on the default difficulty
+    rng = random.Random(2)
+    default = sum(t.solve(p, rng)[1] for p in probs) / len(probs)
+    assert 0.4 <= default <= 0.75
+
+
+def test_solver_samples_differ():
+    probs = AT_MOST.problems("train", 50, seed=6)
+    rng = random.Random(3)
+    differ = sum(solve(p, rng)[0] != solve(p, rng)[0] for p in probs)
+    assert differ >= 25
+    # and a trace is reproducible from its rng
+    assert solve(probs[0], random.Random(9)) == solve(probs[0], random.Random(9))
+
+
+def test_solver_trivial_and_verbose():
+    p = {"id": "t", "numbers": [4, 6], "target": 10}
+    trace, ok = solve(p, random.Random(0), max_nodes=50)
+    assert ok and AT_MOST.is_correct(p, trace)
+    v = task(prompt_format="verbose")
+    rng = random.Random(0)
+    for p in v.problems("train", 100, seed=1):
+        trace, ok = v.solve(p, rng)
+        assert trace.startswith("<think>\n")
+        assert ok == v.is_correct(p, trace)
+        assert ok == ("<answer>" in trace)
+
+
+# ------------------------------------------------------------------------------- SFT data
+@pytest.mark.parametrize("cfg", [{}, {"number_rule": "exactly_once"}, {"prompt_format": "verbose"}, {"agg_view": "full"}])
+def test_sft_examples(cfg):
+    t = task(**cfg)
+    ex = t.sft_examples(40, 120, seed=0, set_size=4)
+    assert Counter(e["kind"] for e in ex) == {"search": 40, "aggregate": 120}
+    assert ex == t.sft_examples(40, 120, seed=0, set_size=4)
+    for e in ex:
+        assert set(e) == {"prompt", "completion", "kind"}
+        assert isinstance(e["prompt"], str) and isinstance(e["completion"], str)
+    search = [e for e in ex if e["kind"] == "search"]
+    agg = [e for e in ex if e["kind"] == "aggregate"]
+    compact = t.config.prompt_format == "compact"
+    if compact:
+        assert all(not e["prompt"].startswith("agg ") for e in search)
+        assert all(e["prompt"].startswith("agg ") for e in agg)
+    # search examples: both successes and failures, each consistent with the verifier
+    n_ok = 0
+    for e in search:
+        p = _problem_from_prompt(t, e["prompt"])
+        assert t.split_of(p["numbers"], p["target"]) == "train"
+        ok = t.is_correct(p, e["completion"])
+        n_ok += ok
+        assert ok or t.extract_answer(e["completion"]) is None
+    assert 0 < n_ok < len(search)
+    # aggregation: a correct final answer whenever any candidate was correct
+    any_right = none_right = wrong_claims = 0
+    for e in agg:
+        p = _problem_from_prompt(t, e["prompt"])
+        cands = _candidates_from_prompt(t, e["prompt"])
+        assert len(cands) == 4
+        right = [c for c in cands if t.check(p, c)[0]]
+        wrong_claims += sum(1 for c in cands if c is not None and not t.check(p, c)[0])
+        if right:
+            any_right += 1
+            assert t.is_correct(p, e["completion"]), e
+        else:
+            none_right += 1
+        # the completion checks every candidate in order
+        checks = [ln for ln in e["completion"].split("\n") if re.match(r"^\d+: ", ln)]
+        assert [int(c.split(":")[0]) for c in checks] == [1, 2, 3, 4]
+        for line, c in zip(checks, cands):
+            assert line.split(": ", 1)[1] == t.check(p, c)[1]
+        if not right:  # it searched on its own: the answer, if any, still verifies
+            assert t.extract_answer(e["completion"]) is None or t.is_correct(p, e["completion"])
+    assert any_right >= 20 and none_right >= 10 and wrong_claims >= 100
+
+
+def _problem_from_prompt(t, prompt):
+    if t.config.prompt_format == "compact":
+        head = prompt.split("\n", 1)[0].removeprefix("agg ")
+        nums, target = head.split(" -> ")
+        return {"id": "x", "numbers": [int(x) for x in nums.split()], "target": int(target)}
+    m = re.search(r"numbers \[([\d, ]+)\], create an equation that equals (\d+)", prompt)
+    return {"id": "x", "numbers": [int(x) for x in m[1].split(", ")], "target": int(m[2])}
+
+
+def _candidates_from_prompt(t, prompt):
+    if t.config.prompt_format == "verbose":
+        views = re.findall(r"Candidate \d+:\n(.*)", prompt)
+    elif t.config.agg_view == "full":
+        blocks = re.split(r"^\[\d+\]\n", prompt.removesuffix("--\n"), flags=re.M)[1:]
+        return [t.extract_answer(b) for b in blocks]
+    else:
+        views = re.findall(r"^\d+: (.*)$", prompt, flags=re.M)
+    return [None if v == "none" else v for v in views]
+
+
+# ------------------------------------------------------------------------------- loading
+def test_load_by_name_and_import_path():
+    t = load_task("countdown", {"max_value": 10, "number_rule": "exactly_once"})
+    assert isinstance(t, CountdownTask) and t.config.max_value == 10
+    assert isinstance(t, Task)
+    t2 = load_task("spiral_cli.tasks.countdown:CountdownTask", {"max_target": 50, "name": "ignored"})
+    assert isinstance(t2, CountdownTask) and t2.config.max_target == 50
+    assert "countdown" in list_tasks() and set(list_tasks()) >= {"countdown", "reasoning_gym", "math"}
+
+
+def test_load_errors_are_one_line():
+    cases = [
+        ("countdown", {"max_value": 0}, "task.max_value: Input should be greater than or equal to 1"),
+        ("countdown", {"number_rule": "twice"}, "task.number_rule: Input should be 'at_most_once' or 'exactly_once'"),
+        ("countdown", {"colour": "red"}, "task.colour: unknown option"),
+        ("countdown", {"min_numbers": 5, "max_numbers": 4}, "task: min_numbers must be <= max_numbers"),
+        ("nope", {}, "task.name: unknown task 'nope'; built-in tasks: countdown, reasoning_gym, math"),
+        ("spiral_cli.tasks.countdown:Nope", {}, "task: module 'spiral_cli.tasks.countdown' has no attribute 'Nope'"),
+        ("no_such_pkg.mod:Task", {}, "task: cannot import module 'no_such_pkg.mod'"),
+    ]
+    for name, opts, msg in cases:
+        with pytest.raises(TaskError) as e:
+            load_task(name, opts)
+        assert str(e.value).startswith(msg), str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_load_by_entry_point(monkeypatch):
+    import importlib.metadata
+
+    import spiral_cli.tasks as tasks
+
+    ep = importlib.metadata.EntryPoint(
+        name="my_countdown", value="spiral_cli.tasks.countdown:CountdownTask", group="spiral.tasks"
+    )
+    monkeypatch.setattr(tasks, "_entry_points", lambda: {"my_countdown": ep})
+    t = load_task("my_countdown", {"max_value": 9})
+    assert isinstance(t, CountdownTask) and t.config.max_value == 9
+    assert list_tasks()["my_countdown"].startswith("reach a target")
+    with pytest.raises(TaskError, match="built-in tasks: countdown, reasoning_gym, math, my_countdown"):
+        load_task("other", {})
