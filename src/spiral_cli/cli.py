@@ -105,6 +105,16 @@ def main_callback(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     _state["home"] = home
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Our own progress goes to stderr; the libraries' loading bars and warnings are noise there."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # ---------------------------------------------------------------- training stages
@@ -129,7 +139,7 @@ def sft(
     from spiral_cli.sft import run_sft
 
     result = run_sft(r, home=_home(), name=name, resume=resume, console=err)
-    typer.echo(json.dumps(result))
+    typer.echo(json.dumps(result, default=str))
 
 
 @app.command("train-set")
@@ -148,7 +158,7 @@ def train_set(
     except ImportError:
         raise NotAvailableYet("the RL engine (train-set) is not built yet; recipe validated OK") from None
     result = run_train_set(r, home=_home(), name=name, model=model, console=err)
-    typer.echo(json.dumps(result))
+    typer.echo(json.dumps(result, default=str))
 
 
 @app.command("train-agg")
@@ -166,7 +176,7 @@ def train_agg(
     except ImportError:
         raise NotAvailableYet("the RL engine (train-agg) is not built yet; recipe validated OK") from None
     result = run_train_agg(r, home=_home(), name=name, model=model, console=err)
-    typer.echo(json.dumps(result))
+    typer.echo(json.dumps(result, default=str))
 
 
 # ---------------------------------------------------------------- inference and evaluation
@@ -217,12 +227,10 @@ def sweep(
     out: Optional[Path] = typer.Option(None, help="Output directory."),
 ) -> None:
     """Inference-compute scaling curves over N x T x R, with plots and scaling efficiency."""
-    _load(recipe, overrides)
-    try:
-        from spiral_cli.sweep import run_sweep
-    except ImportError:
-        raise NotAvailableYet("sweep is not built yet; recipe validated OK") from None
-    run_sweep(_load(recipe, overrides), models=models.split(","), out=out, home=_home(), console=err)
+    from spiral_cli.sweep import run_sweep
+
+    summary = run_sweep(_load(recipe, overrides), models=models.split(","), out=out, home=_home(), console=err)
+    typer.echo(json.dumps(summary, default=str))
 
 
 # ---------------------------------------------------------------- registry
@@ -238,7 +246,7 @@ def _print_entries(entries, as_json: bool) -> None:
     table = Table("name", "step", "stage", "parent", "tags", "metrics", "created", "path")
     for e in entries:
         metrics = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (e.metrics or {}).items())
-        table.add_row(e.name, str(e.step), e.stage, e.parent or "", ",".join(e.tags), metrics[:60], e.created[:19], e.path)
+        table.add_row(e.name, str(e.step), e.stage, e.parent or "", ",".join(e.tags), metrics[:60], e.created[:19], str(e.path))
     Console().print(table)
 
 

@@ -171,6 +171,7 @@ class SweepSection(_Section):
     methods: list[Literal["pass", "majority", "learned"]] = ["pass", "majority", "learned"]
     max_problems: int = Field(100, gt=0)
     seed: int = 0
+    baseline: str | None = None  # the model others are compared with (default: the first)
 
 
 class Recipe(_Section):

@@ -1,0 +1,42 @@
+"""Generation backends behind one small protocol (see `base.py` for the exact conventions).
+
+    from spiral_cli.generation import make_generator
+    gen = make_generator(loaded, recipe.generation)       # HFGenerator or the vLLM backend
+    outs = gen.generate(prompts, n=8, max_new_tokens=256, temperature=1.0, stop=["\\n\\n"], seed=0)
+    outs[i][j].text, .token_ids, .logprobs, .finish_reason
+
+This package knows nothing of training: it takes a loaded model and returns completions.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from spiral_cli.generation.base import Completion, Generator, cut_at_stop
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spiral_cli.generation.hf import HFGenerator
+
+__all__ = ["Completion", "Generator", "HFGenerator", "cut_at_stop", "make_generator"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing the protocol does not import torch
+    if name == "HFGenerator":
+        from spiral_cli.generation.hf import HFGenerator
+
+        return HFGenerator
+    raise AttributeError(name)
+
+
+def make_generator(loaded, section) -> Generator:
+    """The backend named by a `GenerationSection` (`backend`, `batch_size`, `vllm`)."""
+    if section.backend == "hf":
+        from spiral_cli.generation.hf import HFGenerator
+
+        return HFGenerator(loaded, batch_size=section.batch_size)
+    if section.backend == "vllm":
+        try:
+            from spiral_cli.generation.vllm import VLLMGenerator  # type: ignore[import-not-found]
+        except ImportError as e:
+            raise ValueError(f"generation.backend=vllm is not available: {e}") from None
+        return VLLMGenerator(loaded, section)
+    raise ValueError(f"generation.backend: unknown backend {section.backend!r} (hf or vllm)")

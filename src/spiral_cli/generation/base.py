@@ -1,0 +1,75 @@
+"""The Generator protocol shared by the generation backends (hf, vllm).
+
+Conventions every backend follows (the RL loss relies on them):
+
+- ``Completion.token_ids`` are exactly the tokens the model sampled, in order, up to and
+  including the token that ended the sequence: the EOS token when it finished by EOS, or the
+  token that completed a stop string (the stop string's tokens stay in ``token_ids`` so the
+  policy is trained to emit it, like EOS). Nothing after that token, and never padding.
+- ``Completion.text`` is the decoded text with special tokens removed, cut *before* the first
+  stop string (``stop_str`` says which one). So ``text`` may be shorter than
+  ``decode(token_ids)``; use ``token_ids`` for training and ``text`` for rewards/prompts.
+- ``Completion.logprobs[i]`` is the log-probability of ``token_ids[i]`` under
+  ``log_softmax(logits / temperature)`` -- the model's distribution at the sampling
+  temperature, *without* the top-k/top-p renormalisation (as TRL and verl compute it). With
+  temperature 0 (greedy) it is the log-probability under temperature 1. A teacher-forced forward
+  pass of prompt + token_ids reproduces these values (within float tolerance).
+- ``finish_reason`` is ``"stop"`` (EOS or a stop string) or ``"length"`` (max_new_tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass
+class Completion:
+    text: str  # decoded, special tokens removed, cut before the first stop string
+    token_ids: list[int]  # sampled ids, incl. the EOS / stop-string tokens that ended it
+    logprobs: list[float]  # one per token id: log_softmax(logits / T), no top-k/p renorm
+    prompt_tokens: int  # tokens in the (encoded) prompt
+    finish_reason: str  # "stop" | "length"
+    stop_str: str | None = None  # the stop string that ended it (None: EOS or length)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@runtime_checkable
+class Generator(Protocol):
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        n: int = 1,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        """``result[i][j]`` is sample j of prompts[i] (n per prompt)."""
+        ...
+
+    def update_weights(self, model) -> None:
+        """Backends holding their own copy of the weights (vLLM) reload them; HF: no-op."""
+        ...
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, str | None]:
+    """Cut `text` before the earliest occurrence of any stop string -> (text, matched stop)."""
+    if not stop:
+        return text, None
+    best = -1
+    which: str | None = None
+    for s in stop:
+        if not s:
+            continue
+        i = text.find(s)
+        if i != -1 and (best == -1 or i < best):
+            best, which = i, s
+    if which is None:
+        return text, None
+    return text[:best], which

@@ -1,0 +1,533 @@
+"""The RL loop of `spiral train-set` (SPIRAL set RL or GRPO) and `spiral train-agg`.
+
+Read top to bottom, one optimizer step is:
+    1. draw prompts (dynamic sampling: keep drawing until enough carry a non-zero advantage)
+    2. roll out: generate, score, attach advantages            (rollout.py, advantages.py)
+    3. update: micro-batched policy-gradient loss, one optimizer step per pass (loss.py)
+    4. tell the generator about the new weights (vLLM), log, evaluate, checkpoint
+
+Exact resume: the run's state (model, optimizer, scheduler, step, data cursor, token counters)
+is written atomically every `save_every` steps; the randomness of step s is derived from
+(seed, s), so a resumed run replays exactly what an uninterrupted one would have done.
+Rank-aware: every process draws its own prompts, accelerate reduces the gradients, and only
+the main process writes checkpoints, the registry and the metrics file.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+
+from spiral_cli.checkpoints import ModelRef, resolve_model, save_registered
+from spiral_cli.generation.base import Completion
+from spiral_cli.models import encode_prompts
+from spiral_cli.paths import runs_dir
+from spiral_cli.recipe import Recipe, RecipeError
+from spiral_cli.registry import Registry, atomic_dir
+from spiral_cli.rl.loss import policy_loss
+from spiral_cli.rl.rollout import PromptRollout, RolloutConfig, Sample, grpo_rollouts, spiral_rollouts
+from spiral_cli.tasks import load_task
+
+
+# ---------------------------------------------------------------- timing of generation vs scoring
+
+
+class TimedGenerator:
+    """Wraps a generator to measure generation seconds and tokens separately from scoring."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.seconds = 0.0
+
+    def generate(self, prompts, **kw) -> list[list[Completion]]:
+        t = time.perf_counter()
+        try:
+            return self.inner.generate(prompts, **kw)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    def update_weights(self, model) -> None:
+        self.inner.update_weights(model)
+
+
+# ---------------------------------------------------------------- log-probabilities of samples
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor  # [B, L] prompt + completion, right-padded
+    attention_mask: torch.Tensor  # [B, L]
+    completion_mask: torch.Tensor  # [B, L-1] True where position t predicts a completion token
+    advantages: torch.Tensor  # [B]
+    roles: list[str]
+
+
+def build_batch(samples: list[Sample], tokenizer, device: torch.device, prompt_cache: dict[str, list[int]]) -> TokenBatch:
+    seqs, starts = [], []
+    for s in samples:
+        p = prompt_cache.get(s.prompt)
+        if p is None:  # encoded exactly as the generator encoded it
+            p = prompt_cache[s.prompt] = encode_prompts(tokenizer, [s.prompt])[0]
+        seqs.append(p + list(s.completion_ids))
+        starts.append(len(p))
+    width = max(len(x) for x in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    cmask = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
+    for i, (x, st) in enumerate(zip(seqs, starts)):
+        ids[i, : len(x)] = torch.tensor(x)
+        attn[i, : len(x)] = 1
+        cmask[i, st - 1 : len(x) - 1] = True  # logits at t predict token t+1
+    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+    return TokenBatch(ids.to(device), attn.to(device), cmask.to(device), adv.to(device), [s.role for s in samples])
+
+
+def token_logprobs(model, batch: TokenBatch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(token_{t+1} | prefix) for every position, [B, L-1] (float32), and optionally the
+    entropy of the next-token distribution (detached)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    targets = batch.input_ids[:, 1:]
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            probs = torch.softmax(logits, dim=-1)
+            entropy = logz - (probs * logits).sum(-1)
+    return logp, entropy
+
+
+# ---------------------------------------------------------------- state that survives a crash
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    cursor: int = 0  # next training problem index (data position)
+    generated_tokens: int = 0
+    total_tokens: int = 0
+    best_eval: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # eval points
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RLSpec:
+    """What distinguishes the three RL commands; the loop itself is shared."""
+
+    stage: str  # "set" | "grpo" | "agg"
+    name: str
+    section: Any  # TrainSetSection | TrainAggSection
+    rollout_cfg: RolloutConfig
+    collect: Callable[..., list[PromptRollout]]
+    eval_key: str
+
+
+def _is_main(accelerator) -> bool:
+    return accelerator is None or accelerator.is_main_process
+
+
+def _make_accelerator(device: torch.device):
+    """accelerate handles DDP (torchrun / accelerate launch); a single process runs without it."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=device.type == "cpu")
+
+
+def _rank_world(accelerator) -> tuple[int, int]:
+    return (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def run_train_set(recipe: Recipe, *, home: Path, name: str | None = None, model: str | None = None,
+                  console: Console | None = None) -> dict[str, Any]:
+    ts = recipe.train_set
+    gen = recipe.generation
+    grpo = ts.objective == "grpo"
+    stage = "grpo" if grpo else "set"
+    name = name or f"{recipe.name}-{stage}"
+    rcfg = RolloutConfig(
+        num_search=ts.num_generations if grpo else ts.num_search,
+        num_sets=ts.num_sets, set_size=ts.set_size, num_aggregations=ts.num_aggregations,
+        max_new_tokens=(ts.grpo_max_new_tokens or gen.max_new_tokens) if grpo else gen.max_new_tokens,
+        agg_max_new_tokens=gen.agg_max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+        top_k=gen.top_k, scale_std=ts.scale_std, length_target=ts.length_target,
+    )
+    if grpo:
+        def collect(task, policy_gen, agg_gen, problems, rng, seed):
+            return grpo_rollouts(task, policy_gen, problems, rcfg, seed)
+    else:
+        def collect(task, policy_gen, agg_gen, problems, rng, seed):
+            return spiral_rollouts(task, policy_gen, agg_gen, problems, rcfg, rng, seed)
+    spec = RLSpec(stage=stage, name=name, section=ts, rollout_cfg=rcfg, collect=collect,
+                  eval_key="learned_agg@" if not grpo else "pass@1")
+    return _run(recipe, spec, home=home, model_ref=model or f"{recipe.name}-sft", console=console)
+
+
+def run_train_agg(recipe: Recipe, *, home: Path, name: str | None = None, model: str | None = None,
+                  console: Console | None = None) -> dict[str, Any]:
+    ta = recipe.train_agg
+    gen = recipe.generation
+    name = name or f"{recipe.name}-agg"
+    rcfg = RolloutConfig(
+        num_search=ta.num_search, num_sets=ta.num_sets, set_size=ta.set_size, num_aggregations=ta.num_aggregations,
+        max_new_tokens=gen.max_new_tokens, agg_max_new_tokens=gen.agg_max_new_tokens,
+        temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, balance=ta.balance,
+    )
+
+    def collect(task, policy_gen, search_gen, problems, rng, seed):
+        # the policy is the aggregator here; search traces come from the frozen search policy
+        return spiral_rollouts(task, search_gen, policy_gen, problems, rcfg, rng, seed, train_search=False)
+
+    spec = RLSpec(stage="agg", name=name, section=ta, rollout_cfg=rcfg, collect=collect, eval_key="learned_agg@")
+    return _run(recipe, spec, home=home, model_ref=model or f"{recipe.name}-sft", console=console,
+                frozen_search_ref=ta.search_model)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: Console | None,
+         frozen_search_ref: str | None = None) -> dict[str, Any]:
+    from spiral_cli.evaluate import evaluate
+    from spiral_cli.generation.hf import HFGenerator
+    from spiral_cli.infer import make_generator
+    from spiral_cli.models import count_parameters, load_model
+
+    console = console or Console(stderr=True)
+    sec = spec.section
+    registry = Registry(home)
+    task = load_task(recipe.task.name, recipe.task.options())
+    start_ref: ModelRef = resolve_model(model_ref, registry)
+    run_dir = runs_dir(home) / spec.name
+    state_dir = run_dir / "state"
+    resuming = (state_dir / "trainer_state.pt").is_file()
+
+    # -- models: the policy (trained), and optionally a frozen aggregator or search policy
+    loaded = load_model(recipe.model, source=str(state_dir / "model") if resuming else start_ref.source,
+                        for_training=True, seed=recipe.seed)
+    accelerator = _make_accelerator(loaded.device)
+    rank, world = _rank_world(accelerator)
+    model = loaded.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=sec.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    warmup = getattr(sec, "warmup_steps", 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    if accelerator is not None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    policy_gen = TimedGenerator(make_generator(recipe, loaded))
+    other_gen = None
+    agg_mode = getattr(getattr(sec, "aggregator", None), "mode", "shared")
+    if spec.stage == "agg" and frozen_search_ref:
+        frozen = load_model(recipe.model, source=resolve_model(frozen_search_ref, registry).source, for_training=False)
+        other_gen = TimedGenerator(HFGenerator(frozen, batch_size=recipe.generation.batch_size))
+    elif spec.stage == "set" and agg_mode == "frozen":
+        if not sec.aggregator.checkpoint:
+            raise RecipeError("train_set.aggregator.checkpoint: required when aggregator.mode is frozen")
+        frozen = load_model(recipe.model, source=resolve_model(sec.aggregator.checkpoint, registry).source, for_training=False)
+        other_gen = TimedGenerator(HFGenerator(frozen, batch_size=recipe.generation.batch_size))
+    elif agg_mode == "adapter":
+        raise RecipeError("train_set.aggregator.mode=adapter is not supported yet (use shared or frozen)")
+    second_gen = other_gen or policy_gen
+    ref_model = _reference(recipe, sec, loaded, start_ref)
+
+    state = RunState()
+    if resuming:
+        saved = torch.load(state_dir / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = RunState(**saved["run"])
+        _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+    total, trainable = count_parameters(loaded.model)
+    if _is_main(accelerator):
+        console.print(
+            f"[bold]{spec.stage}[/] {spec.name}: from {start_ref.ref} ({total / 1e6:.2f}M params, "
+            f"{trainable / 1e6:.2f}M trainable) on {loaded.device}, {world} process(es)"
+            + (f"; resumed at step {state.step}" if resuming else "")
+        )
+    train_pool = task.problems("train", max(2000, sec.steps * sec.prompts_per_step * 4 * world), seed=recipe.seed + 17)
+    eval_problems = task.problems("eval", sec.eval_problems, seed=recipe.seed) if sec.eval_problems else []
+    prompt_cache: dict[str, list[int]] = {}
+    tb = _tensorboard(run_dir) if getattr(sec, "tensorboard", False) and _is_main(accelerator) else None
+
+    def run_eval(step: int) -> dict[str, float]:
+        model.eval()
+        m = evaluate(task, HFGenerator(loaded, batch_size=recipe.generation.batch_size), eval_problems,
+                     parallel=recipe.infer.parallel, seq_budget=recipe.generation.max_new_tokens,
+                     population=recipe.infer.population, agg_set_size=recipe.infer.agg_set_size,
+                     agg_max_new_tokens=recipe.generation.agg_max_new_tokens, seed=recipe.seed)
+        model.train()
+        return m
+
+    if not resuming and eval_problems and _is_main(accelerator):
+        m0 = run_eval(0)
+        state.history.append({"step": 0, "generated_tokens": 0, **m0})
+        console.print("  eval step 0: " + _fmt_eval(m0))
+
+    model.train()
+    while state.step < sec.steps:
+        step_seed = recipe.seed * 1_000_003 + state.step * 7919 + rank
+        rng = random.Random(step_seed)
+        t_step = time.perf_counter()
+        policy_gen.seconds = 0.0
+        if other_gen:
+            other_gen.seconds = 0.0
+
+        # 1-2. rollouts with dynamic sampling
+        model.eval()
+        kept: list[PromptRollout] = []
+        drawn = 0
+        max_draws = sec.prompts_per_step * getattr(sec, "max_prompt_draws", 1)
+        dynamic = getattr(sec, "dynamic_sampling", False)
+        t_roll = time.perf_counter()
+        while len(kept) < sec.prompts_per_step and drawn < max_draws:
+            need = sec.prompts_per_step - len(kept)
+            problems = _take(train_pool, state.cursor + rank * need, need)  # each rank its own prompts
+            state.cursor += need * world
+            drawn += need
+            rollouts = spec.collect(task, policy_gen, second_gen, problems, rng, step_seed + drawn)
+            for r in rollouts:
+                state.generated_tokens += r.generated_tokens * world
+                state.total_tokens += (r.prompt_tokens + r.generated_tokens) * world
+            kept += [r for r in rollouts if r.has_signal] if dynamic else rollouts
+            if not dynamic:
+                break
+        rollout_seconds = time.perf_counter() - t_roll
+        gen_seconds = policy_gen.seconds + (other_gen.seconds if other_gen else 0.0)
+        model.train()
+
+        # 3. update
+        t_upd = time.perf_counter()
+        samples = [s for r in kept for s in r.samples]
+        loss_stats = _update(model, ref_model, optimizer, scheduler, samples, sec, loaded, prompt_cache, accelerator)
+        policy_gen.update_weights(loaded.model)  # 4. the generator samples from the new weights
+        update_seconds = time.perf_counter() - t_upd
+        state.step += 1
+
+        row = _step_metrics(state, kept, drawn, loss_stats, {
+            "generation": gen_seconds, "scoring": rollout_seconds - gen_seconds,
+            "update": update_seconds, "total": time.perf_counter() - t_step,
+        })
+        if state.step % sec.eval_every == 0 or state.step == sec.steps:
+            if eval_problems and _is_main(accelerator):
+                m = run_eval(state.step)
+                state.history.append({"step": state.step, "generated_tokens": state.generated_tokens, **m})
+                row["eval"] = m
+                console.print(f"  eval step {state.step}: " + _fmt_eval(m))
+        if _is_main(accelerator):
+            _log(run_dir / "metrics.jsonl", row, tb)
+            console.print(
+                f"  step {state.step}/{sec.steps} reward {row['reward_search']:.3f}"
+                + (f" agg {row['reward_aggregate']:.3f}" if row.get("reward_aggregate") is not None else "")
+                + f" kept {len(kept)}/{drawn} entropy {row['entropy_search']:.3f} "
+                f"| {row['seconds']['total']:.1f}s (gen {gen_seconds:.1f}, score {row['seconds']['scoring']:.2f}, "
+                f"update {update_seconds:.1f}) | {state.generated_tokens:,} gen tokens"
+            )
+        if state.step % sec.save_every == 0 or state.step == sec.steps:
+            _checkpoint(recipe, spec, loaded, optimizer, scheduler, state, registry, home, state_dir, start_ref, accelerator)
+
+    final = registry.latest(spec.name)
+    result = {"name": spec.name, "stage": spec.stage, "steps": state.step,
+              "generated_tokens": state.generated_tokens, "total_tokens": state.total_tokens,
+              "path": str(final.path) if final else None, "history": state.history}
+    return result
+
+
+# ---------------------------------------------------------------- pieces of the loop
+
+
+def _take(pool: list[dict[str, Any]], start: int, n: int) -> list[dict[str, Any]]:
+    return [pool[(start + i) % len(pool)] for i in range(n)]
+
+
+def _reference(recipe: Recipe, sec, loaded, start_ref: ModelRef):
+    """The KL reference: with LoRA, the model with its adapter disabled (no second copy);
+    with full fine-tuning, a frozen copy of the starting model."""
+    if getattr(sec, "beta", 0.0) <= 0:
+        return None
+    if loaded.is_lora:
+        return "adapter-disabled"
+    from spiral_cli.models import load_model
+
+    ref = load_model(recipe.model, source=start_ref.source, for_training=False)
+    return ref.model
+
+
+def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, loaded, prompt_cache, accelerator) -> dict[str, float]:
+    """updates_per_batch passes over the samples, each one optimizer step of micro-batches.
+    The normaliser is the whole batch's token count (token_mean) or sequence count
+    (seq_mean), so accumulating micro-batches gives exactly the full-batch gradient."""
+    # Zero-advantage sequences contribute no policy gradient; with beta = 0 they can be skipped.
+    # They still count in the normaliser so the loss scale does not depend on the skipping.
+    normalizer_tokens = sum(len(s.completion_ids) for s in samples)
+    normalizer_seqs = len(samples)
+    beta = getattr(sec, "beta", 0.0)
+    active = samples if beta > 0 else [s for s in samples if s.advantage != 0.0]
+    normalizer = normalizer_tokens if sec.loss_aggregation == "token_mean" else normalizer_seqs
+    stats: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "entropy_search": float("nan"), "grad_norm": 0.0}
+    passes = getattr(sec, "updates_per_batch", 1)
+    micro = sec.micro_batch_size
+    # Sort by length so micro-batches carry little padding.
+    active = sorted(active, key=lambda s: len(s.completion_ids) + len(s.prompt))
+    old_logps: list[torch.Tensor] | None = None
+    if passes > 1 and active:  # the behaviour policy's log-probs, fixed across passes
+        with torch.no_grad(), loaded.autocast_ctx():
+            old_logps = [token_logprobs(model, build_batch(active[i : i + micro], loaded.tokenizer, loaded.device, prompt_cache))[0]
+                         for i in range(0, len(active), micro)]
+    ent_sum = ent_count = 0.0
+    for _ in range(passes):
+        optimizer.zero_grad(set_to_none=True)
+        chunks = [active[i : i + micro] for i in range(0, len(active), micro)]
+        if not chunks:  # nothing to learn from in this batch; keep DDP ranks in step anyway
+            _zero_backward(model, accelerator)
+        for ci, chunk in enumerate(chunks):
+            batch = build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache)
+            sync_ctx = accelerator.no_sync(model) if accelerator is not None and ci < len(chunks) - 1 else _null()
+            with sync_ctx:
+                with loaded.autocast_ctx():
+                    logp, ent = token_logprobs(model, batch, with_entropy=True)
+                    logp_ref = None
+                    if ref_model is not None:
+                        with torch.no_grad():
+                            logp_ref = _ref_logprobs(model, ref_model, batch)
+                old = old_logps[ci] if old_logps is not None else logp.detach()
+                loss, st = policy_loss(
+                    logp, old, batch.advantages, batch.completion_mask.float(), loss_type=sec.loss_type,
+                    epsilon_low=sec.epsilon_low, epsilon_high=sec.epsilon_high, aggregation=sec.loss_aggregation,
+                    logp_ref=logp_ref, beta=beta, normalizer=float(normalizer),
+                )
+                (accelerator.backward(loss) if accelerator is not None else loss.backward())
+            stats["loss"] += float(loss.detach())
+            stats["clip_frac"] += float(st.get("clip_fraction", 0.0)) * len(chunk) / max(1, len(active))
+            search_rows = torch.tensor([r == "search" for r in batch.roles], device=ent.device)
+            m = batch.completion_mask & search_rows.unsqueeze(1)
+            ent_sum += float((ent * m).sum())
+            ent_count += float(m.sum())
+        params = [p for p in model.parameters() if p.requires_grad]
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, getattr(sec, "max_grad_norm", 1.0)))
+        optimizer.step()
+        scheduler.step()
+    if ent_count:
+        stats["entropy_search"] = ent_sum / ent_count
+    stats["trained_sequences"] = float(len(active))
+    stats["lr"] = float(optimizer.param_groups[0]["lr"])
+    return stats
+
+
+def _ref_logprobs(model, ref_model, batch: TokenBatch) -> torch.Tensor:
+    if ref_model == "adapter-disabled":
+        inner = getattr(model, "module", model)
+        with inner.disable_adapter():
+            return token_logprobs(inner, batch)[0]
+    return token_logprobs(ref_model, batch)[0]
+
+
+def _zero_backward(model, accelerator) -> None:
+    loss = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+    accelerator.backward(loss) if accelerator is not None else loss.backward()
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _mean(xs) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def _step_metrics(state: RunState, kept: list[PromptRollout], drawn: int, loss_stats: dict[str, float],
+                  seconds: dict[str, float]) -> dict[str, Any]:
+    samples = [s for r in kept for s in r.samples]
+    advs = [s.advantage for s in samples]
+    return {
+        "step": state.step,
+        "reward_search": _mean(x for r in kept for x in r.search_rewards) or 0.0,
+        "reward_aggregate": _mean(x for r in kept for x in r.agg_rewards),
+        "set_score": _mean(x for r in kept for x in r.set_scores),
+        "prompts_drawn": drawn,
+        "prompts_kept": len(kept),
+        "adv_mean": _mean(advs) or 0.0,
+        "adv_abs_mean": _mean(abs(a) for a in advs) or 0.0,
+        "adv_nonzero_frac": _mean(a != 0 for a in advs) or 0.0,
+        "len_search": _mean(x for r in kept for x in r.search_lengths) or 0.0,
+        "len_aggregate": _mean(len(s.completion_ids) for s in samples if s.role == "aggregate"),
+        "generated_tokens": state.generated_tokens,
+        "total_tokens": state.total_tokens,
+        **loss_stats,
+        "seconds": seconds,
+    }
+
+
+def _fmt_eval(m: dict[str, float]) -> str:
+    keys = [k for k in m if ("pass@" in k or "majority" in k or "learned_agg" in k)]
+    return ", ".join(f"{k} {m[k]:.3f}" for k in keys)
+
+
+def _log(path: Path, row: dict[str, Any], tb) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    if tb is not None:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and v is not None:
+                tb.add_scalar(k, v, row["step"])
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RecipeError("tensorboard: pip install tensorboard") from None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines of steps after the checkpoint we resume from (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def _checkpoint(recipe, spec: RLSpec, loaded, optimizer, scheduler, state: RunState, registry: Registry, home: Path,
+                state_dir: Path, start_ref: ModelRef, accelerator) -> None:
+    """Registered checkpoint first, then the resume state: a crash between the two repeats at
+    most the steps since the previous state, and never leaves a half-written directory."""
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if _is_main(accelerator):
+        from spiral_cli.models import save_checkpoint
+
+        last_eval = state.history[-1] if state.history else {}
+        metrics = {k: v for k, v in last_eval.items() if isinstance(v, (int, float))}
+        metrics.update({"generated_tokens": state.generated_tokens, "total_tokens": state.total_tokens})
+        save_registered(loaded, registry, home, name=spec.name, stage=spec.stage, step=state.step,
+                        parent=start_ref.lineage, recipe=recipe.snapshot(), metrics=metrics)
+        with atomic_dir(state_dir) as tmp:
+            save_checkpoint(loaded, tmp / "model", final_path=state_dir / "model")
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "run": state.to_dict()}, tmp / "trainer_state.pt")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()

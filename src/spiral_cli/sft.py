@@ -1,0 +1,252 @@
+"""`spiral sft`: supervised warm start on the search format and the aggregation format.
+
+Data: the task's own examples (countdown: solver search traces and aggregation examples built
+from sets of solver traces) or a JSONL of {"prompt", "completion"} pairs. Loss on completion
+tokens only (the EOS that ends a completion included). Resumable: every `save_every` steps the
+run writes its full state (model, optimizer, scheduler, RNG, step) atomically under
+<home>/runs/<name>/state; a restarted run continues from there with the same batch order.
+At the end the model is evaluated on the task's held-out split and registered.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from spiral_cli.checkpoints import resolve_model, save_registered
+from spiral_cli.jsonl import InputError, read_jsonl_file
+from spiral_cli.paths import runs_dir
+from spiral_cli.recipe import Recipe
+from spiral_cli.registry import Registry, atomic_dir
+from spiral_cli.tasks import load_task
+from spiral_cli.tasks.base import Task
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    kind: str
+
+
+def load_examples(recipe: Recipe, task: Task) -> list[dict[str, str]]:
+    """Prompt/completion pairs from the recipe's JSONL or the task's generator."""
+    cfg = recipe.sft
+    if cfg.data:
+        pairs = []
+        for lineno, obj in read_jsonl_file(cfg.data):
+            if not isinstance(obj.get("prompt"), str) or not isinstance(obj.get("completion"), str):
+                raise InputError(f"{cfg.data} line {lineno}: expected string fields 'prompt' and 'completion'")
+            pairs.append({"prompt": obj["prompt"], "completion": obj["completion"], "kind": obj.get("kind", "data")})
+        if not pairs:
+            raise InputError(f"{cfg.data}: no examples")
+        return pairs
+    make = getattr(task, "sft_examples", None)
+    if make is None:
+        raise InputError(f"task {task.name!r} provides no SFT examples: give sft.data (a JSONL of prompt/completion)")
+    return make(cfg.num_search_examples, cfg.num_aggregate_examples, seed=recipe.seed, set_size=cfg.set_size)
+
+
+def tokenize_examples(pairs: list[dict[str, str]], tokenizer, max_len: int) -> tuple[list[Example], int]:
+    """Token ids with labels masked on the prompt; examples longer than max_len are dropped."""
+    from spiral_cli.models import encode_prompts
+
+    eos = tokenizer.eos_token_id
+    out, dropped = [], 0
+    prompt_ids = encode_prompts(tokenizer, [pair["prompt"] for pair in pairs])  # as the generators see them
+    for pair, p in zip(pairs, prompt_ids):
+        c = tokenizer(pair["completion"], add_special_tokens=False)["input_ids"] + [eos]
+        if len(p) + len(c) > max_len:
+            dropped += 1
+            continue
+        out.append(Example(input_ids=p + c, labels=[IGNORE] * len(p) + c, kind=pair.get("kind", "data")))
+    return out, dropped
+
+
+def batch_schedule(n_examples: int, batch_size: int, epoch: int, seed: int, lengths: list[int]) -> list[list[int]]:
+    """One epoch of batches: shuffled, then grouped by similar length (less padding), batches shuffled.
+    A pure function of (seed, epoch), so a resumed run sees the same batches."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(n_examples))
+    rng.shuffle(order)
+    chunk = batch_size * 64
+    batches = []
+    for start in range(0, n_examples, chunk):
+        block = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches += [block[j : j + batch_size] for j in range(0, len(block), batch_size)]
+    rng.shuffle(batches)
+    return [b for b in batches if len(b) == batch_size] or batches
+
+
+def collate(examples: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        mask[row, : len(e.input_ids)] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _save_state(loaded, optimizer, step: int, state_dir: Path, extra: dict[str, Any]) -> None:
+    from spiral_cli.models import save_checkpoint
+
+    with atomic_dir(state_dir) as tmp:
+        save_checkpoint(loaded, tmp / "model", final_path=state_dir / "model")
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+                **extra,
+            },
+            tmp / "trainer_state.pt",
+        )
+
+
+def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool = True, console: Console | None = None) -> dict[str, Any]:
+    from spiral_cli.evaluate import evaluate
+    from spiral_cli.generation.hf import HFGenerator
+    from spiral_cli.models import count_parameters, load_model
+
+    console = console or Console(stderr=True)
+    cfg = recipe.sft
+    name = name or f"{recipe.name}-sft"
+    registry = Registry(home)
+    task = load_task(recipe.task.name, recipe.task.options())
+    base = resolve_model(recipe.model.name, registry)
+    state_dir = runs_dir(home) / name / "state"
+    resuming = resume and (state_dir / "trainer_state.pt").is_file()
+    torch.manual_seed(recipe.seed)
+    random.seed(recipe.seed)
+
+    source = str(state_dir / "model") if resuming else base.source
+    loaded = load_model(recipe.model, source=source, for_training=True, seed=recipe.seed)
+    total, trainable = count_parameters(loaded.model)
+    console.print(f"[bold]sft[/] {name}: model {base.ref} ({total / 1e6:.2f}M params, {trainable / 1e6:.2f}M trainable) on {loaded.device}")
+
+    t0 = time.time()
+    pairs = load_examples(recipe, task)
+    examples, dropped = tokenize_examples(pairs, loaded.tokenizer, cfg.max_len)
+    if not examples:
+        raise InputError(f"all {len(pairs)} SFT examples are longer than sft.max_len={cfg.max_len}")
+    lengths = [len(e.input_ids) for e in examples]
+    kinds = {k: sum(e.kind == k for e in examples) for k in sorted({e.kind for e in examples})}
+    console.print(
+        f"  {len(examples)} examples {kinds}, {sum(lengths) / len(lengths):.0f} tokens on average, "
+        f"{dropped} dropped as longer than {cfg.max_len} ({time.time() - t0:.1f}s)"
+    )
+
+    model = loaded.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    step, tokens_seen = 0, 0
+    if resuming:
+        state = torch.load(state_dir / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step, tokens_seen = state["step"], state.get("tokens_seen", 0)
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        console.print(f"  resumed from {state_dir} at step {step}" + (" (already finished; --no-resume starts over)" if step >= cfg.steps else ""))
+
+    pad_id = loaded.tokenizer.pad_token_id
+    batches_per_epoch = max(1, len(examples) // cfg.batch_size)
+    log_path = runs_dir(home) / name / "metrics.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    model.train()
+    start_time, start_tokens, last_loss = time.time(), tokens_seen, float("nan")
+    deadline = start_time + cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
+    stopped_early = False
+    while step < cfg.steps:
+        epoch, pos = divmod(step, batches_per_epoch)
+        batch_ids = batch_schedule(len(examples), cfg.batch_size, epoch, recipe.seed, lengths)[pos % batches_per_epoch]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in _split(batch_ids, cfg.grad_accum):
+            batch = collate([examples[i] for i in micro], pad_id, loaded.device)
+            with loaded.autocast_ctx():
+                loss = model(**batch).loss / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+            tokens_seen += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        last_loss = loss_sum
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.time() - start_time
+            tps = (tokens_seen - start_tokens) / max(elapsed, 1e-9)
+            console.print(f"  step {step}/{cfg.steps} loss {last_loss:.4f} lr {optimizer.param_groups[0]['lr']:.2e} {tps:,.0f} tok/s")
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": step, "loss": last_loss, "tokens": tokens_seen, "tok_per_s": tps, "time": elapsed}) + "\n")
+        if step % cfg.save_every == 0 and step < cfg.steps:
+            _save_state(loaded, optimizer, step, state_dir, {"tokens_seen": tokens_seen})
+        if deadline and time.time() > deadline:
+            console.print(f"  time budget of {cfg.time_budget_minutes} min reached at step {step}")
+            stopped_early = True
+            break
+    train_seconds = time.time() - start_time
+    if train_seconds > 1 or not resuming:  # the final state too, so a rerun does not retrain
+        _save_state(loaded, optimizer, step, state_dir, {"tokens_seen": tokens_seen})
+    model.eval()
+
+    metrics: dict[str, Any] = {"train_loss": last_loss, "steps": step, "train_tokens": tokens_seen}
+    if cfg.eval_problems > 0 and not cfg.data:
+        problems = task.problems("eval", cfg.eval_problems, seed=recipe.seed)
+        gen = recipe.generation
+        generator = HFGenerator(loaded, batch_size=gen.batch_size)
+        console.print(f"  evaluating on {len(problems)} held-out problems (N={recipe.infer.parallel}, T={gen.max_new_tokens})")
+        t_eval = time.time()
+        metrics.update(
+            evaluate(
+                task, generator, problems, parallel=recipe.infer.parallel, seq_budget=gen.max_new_tokens,
+                population=recipe.infer.population, agg_set_size=recipe.infer.agg_set_size,
+                agg_max_new_tokens=gen.agg_max_new_tokens, temperature=gen.temperature, seed=recipe.seed,
+                short_budget=max(1, gen.max_new_tokens // 2),
+            )
+        )
+        metrics["eval_seconds"] = time.time() - t_eval
+    entry = save_registered(
+        loaded, registry, home, name=name, stage="sft", step=step, parent=base.lineage,
+        recipe=recipe.snapshot(), metrics=metrics,
+    )
+    result = {"name": name, "step": step, "path": str(entry.path), "train_seconds": round(train_seconds, 1),
+              "stopped_early": stopped_early, "metrics": metrics}
+    _print_metrics(console, metrics)
+    return result
+
+
+def _split(ids: list[int], parts: int) -> list[list[int]]:
+    size = math.ceil(len(ids) / parts)
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def _print_metrics(console: Console, metrics: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table("metric", "value", title="sft result")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    console.print(table)

@@ -1,0 +1,800 @@
+"""`spiral sweep`: inference-compute scaling curves over N x T x R, with scaling efficiency.
+
+What is measured
+----------------
+For every model and every sequential budget T of ``sweep.seq_budget``, one *pool* of
+``max(sweep.parallel)`` search traces is sampled per eval problem (``sweep.max_problems``
+problems of the task's eval split, drawn with ``sweep.seed``). Every cell is computed from that
+pool, so the cells of one (model, T) share their samples:
+
+- ``pass`` (R = 0): unbiased pass@k with k = N, per problem ``pass_at_k(n, c, N)`` (n pool
+  size, c correct traces), averaged over problems.
+- ``majority`` (R = 0): expected majority@k with k = N over all size-N subsets of the pool
+  (``majority_at_k_expected``; ties count fractionally), averaged over problems. Answers vote
+  after white space is removed (``pipeline.vote_key``).
+- ``learned`` (R >= 1): recursive self-aggregation on the *first N* traces of the pool:
+  population P = ``infer.population``, subsets of size min(``infer.agg_set_size``, N), R rounds.
+  Rounds are run one at a time, so R = 2 reuses the population of R = 1. Accuracy is the mean
+  over problems of the fraction of the final population that is correct (RSA pass@1).
+  R = 0 is not a learned cell: with no aggregator the answer is the majority vote (``majority``).
+
+Compute of a cell, per problem (mean over problems):
+
+- search part, every method: N x (mean generated tokens of one trace of the pool), i.e. the
+  expected cost of N traces estimated from all pool traces; total tokens add N x (mean prompt
+  tokens of one trace), counting the prompt once per sampled sequence like the pipeline does.
+- ``learned`` adds the aggregation tokens actually spent by its R rounds (P aggregations per
+  round, prompt tokens counted in the total, generated tokens in both).
+
+Confidence intervals (95%) on every accuracy: a Wilson interval when each problem's value is 0
+or 1 (the metric is then a proportion of problems, e.g. pass@N with N = pool size, or P = 1);
+otherwise a percentile bootstrap over problems of the mean (1000 resamples, seeded with
+``sweep.seed``), e.g. pass@k with k < n, expected majority@k, population accuracy. The column
+``ci_method`` says which.
+
+Scaling efficiency (``metrics.scaling_efficiency``; the first model, or ``sweep.baseline``
+when the recipe has one, is the baseline, every other model a candidate): for each method,
+each T (and each R >= 1 for learned), the curve (generated tokens per problem, accuracy) over
+N of the baseline is compared with the candidate's. Accuracy levels reached by both curves get
+the ratio of baseline compute to candidate compute (log-linear interpolation between points);
+we report the maximum and the value at the baseline's best accuracy. When the curves do not
+overlap in accuracy the status (``candidate_dominates`` / ``baseline_dominates`` /
+``no_overlap``) and a one-sided bound are reported instead. The *headline* comparison of a
+method is its curve at the largest T (and the largest R for learned); it is printed and drawn.
+
+Caching and resuming
+--------------------
+Everything generated is cached under ``<out>/cache`` as JSONL files written atomically
+(temporary file + ``os.replace``), one per generate call:
+
+- ``cache/pools/<key>/shard-<i>.jsonl``: the traces of one chunk of problems; ``key`` hashes
+  the model source and model settings, the task and its options, T, max N, the problems, the
+  seed, the sampling settings and the chunk size.
+- ``cache/learned/<key>/r<R>-c<i>.jsonl``: the population after round R of one chunk of
+  problems; ``key`` hashes the pool key, N, P, k and the aggregation settings.
+
+A rerun of the same sweep loads what exists and generates only the rest; a model whose work is
+all cached is not even loaded. The result files (cells, plots, efficiency) are rebuilt from the
+cache at the end of every run and are identical to those of an uninterrupted run.
+
+Output directory (default ``<home>/sweeps/<recipe name>-<hash of models + grid>``):
+``cells.csv``, ``cells.jsonl``, ``efficiency.json``, ``accuracy_vs_tokens.png``,
+``pass_at_k.png``, ``accuracy_vs_rounds.png`` (when there are learned cells), ``sweep.json``
+(what was run) and ``cache/``.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from spiral_cli.checkpoints import ModelRef, resolve_model
+from spiral_cli.metrics import (
+    bootstrap_ci,
+    compute_to_reach,
+    majority_at_k_expected,
+    pass_at_k,
+    scaling_efficiency,
+    wilson_interval,
+)
+from spiral_cli.pipeline import PipelineConfig, ProblemResult, Trace, aggregate_rounds, run_pipeline, vote_key
+from spiral_cli.recipe import Recipe, RecipeError
+from spiral_cli.registry import Registry
+
+CELL_FIELDS = [
+    "model", "method", "N", "T", "R", "accuracy", "ci_lo", "ci_hi", "ci_method", "n_problems",
+    "generated_tokens_per_problem", "total_tokens_per_problem",
+]
+METHOD_ORDER = ("pass", "majority", "learned")
+COMPUTE = "generated_tokens_per_problem"
+CACHE_VERSION = 1
+
+
+# ---------------------------------------------------------------- hooks (monkeypatched in tests)
+
+
+def _load_task(recipe: Recipe):
+    from spiral_cli.tasks import load_task
+
+    return load_task(recipe.task.name, recipe.task.options())
+
+
+def _resolve(ref: str, registry: Registry) -> ModelRef:
+    """resolve_model (a seam the tests replace)."""
+    return resolve_model(ref, registry)
+
+
+def _open_generator(recipe: Recipe, model_ref: ModelRef, registry: Registry):
+    """Load one model for generation (called only when that model has uncached work)."""
+    from spiral_cli.infer import make_generator
+    from spiral_cli.models import load_model
+
+    loaded = load_model(recipe.model, source=model_ref.source, for_training=False, seed=recipe.seed)
+    return make_generator(recipe, loaded)
+
+
+def _close_generator(generator: Any) -> None:
+    close = getattr(generator, "close", None)
+    if callable(close):
+        close()
+    del generator
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _hash(obj: Any, length: int = 16) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def _seed(*parts: Any) -> int:
+    """A stable 31-bit seed derived from `parts` (same run to run, machine to machine)."""
+    return int(_hash(list(parts), 8), 16) & 0x7FFFFFFF
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
+
+
+def _read_rows(path: Path, ids: list[str]) -> list[dict[str, Any]] | None:
+    """Rows of a cache file, or None when it is missing, unreadable or not for these problems."""
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    if [r.get("id") for r in rows] != ids:
+        return None
+    return rows
+
+
+def _problem_id(p: dict[str, Any], i: int) -> str:
+    return str(p.get("id", i))
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _ci(values: list[float], seed: int) -> tuple[float, float, str]:
+    """Wilson when every per-problem value is 0/1 (a proportion of problems), else bootstrap."""
+    if all(v in (0.0, 1.0) for v in values):
+        lo, hi = wilson_interval(int(sum(values)), len(values))
+        return lo, hi, "wilson"
+    lo, hi = bootstrap_ci(values, n_boot=1000, seed=seed)
+    return lo, hi, "bootstrap"
+
+
+def _trace(d: dict[str, Any]) -> Trace:
+    return Trace(
+        text=d["text"], answer=d.get("answer"), reward=d.get("reward"), correct=d.get("correct"),
+        tokens=int(d.get("tokens", 0)), finish_reason=d.get("finish_reason", "stop"),
+    )
+
+
+# ---------------------------------------------------------------- the grid
+
+
+@dataclass
+class Grid:
+    parallel: list[int]
+    seq_budget: list[int]
+    agg_rounds: list[int]
+    methods: list[str]
+    max_problems: int
+    seed: int
+    population: int
+    agg_set_size: int
+    baseline: str | None = None
+
+    @property
+    def max_n(self) -> int:
+        return max(self.parallel)
+
+    @property
+    def learned_rounds(self) -> list[int]:
+        return [r for r in self.agg_rounds if r > 0] if "learned" in self.methods else []
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> "Grid":
+        sw = recipe.sweep
+        grid = cls(
+            parallel=sorted(set(sw.parallel)), seq_budget=sorted(set(sw.seq_budget)),
+            agg_rounds=sorted(set(sw.agg_rounds)),
+            methods=[m for m in METHOD_ORDER if m in set(sw.methods)],
+            max_problems=sw.max_problems, seed=sw.seed, population=recipe.infer.population,
+            agg_set_size=recipe.infer.agg_set_size, baseline=getattr(sw, "baseline", None),
+        )
+        for name, values, least in (("parallel", grid.parallel, 1), ("seq_budget", grid.seq_budget, 1),
+                                    ("agg_rounds", grid.agg_rounds, 0)):
+            if not values:
+                raise RecipeError(f"sweep.{name}: give at least one value")
+            if min(values) < least:
+                raise RecipeError(f"sweep.{name}: values must be >= {least} (got {min(values)})")
+        if not grid.methods:
+            raise RecipeError("sweep.methods: give at least one of pass, majority, learned")
+        return grid
+
+
+@dataclass
+class _Context:
+    recipe: Recipe
+    grid: Grid
+    task: Any
+    problems: list[dict[str, Any]]
+    ids: list[str]
+    cache: Path
+    console: Console
+    registry: Registry
+    pool_chunk: int
+    agg_chunk: int
+    calls: int = 0  # generate calls made in this run
+    cached_units: int = 0  # cache files reused
+    progress: Any = None
+    bar: Any = None
+
+    def sampling(self) -> dict[str, Any]:
+        g = self.recipe.generation
+        return {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k}
+
+
+@dataclass
+class _ModelWork:
+    label: str
+    ref: ModelRef
+    pool_keys: dict[int, str] = field(default_factory=dict)  # T -> key
+    pools: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # T -> row per problem
+    # (T, N) -> {R: rows per problem}
+    learned: dict[tuple[int, int], dict[int, list[dict[str, Any]]]] = field(default_factory=dict)
+
+
+def _model_settings(recipe: Recipe) -> dict[str, Any]:
+    """Model settings that change what is sampled (not where it runs: device is left out, so a
+    sweep started on one machine resumes on another)."""
+    settings = recipe.model.model_dump(mode="json")
+    for irrelevant in ("name", "device", "gradient_checkpointing"):
+        settings.pop(irrelevant, None)
+    return settings
+
+
+def _pool_key(ctx: _Context, work: _ModelWork, t: int) -> str:
+    model_settings = _model_settings(ctx.recipe)
+    return _hash({
+        "v": CACHE_VERSION, "model": work.ref.source, "model_settings": model_settings,
+        "model_seed": ctx.recipe.seed, "task": ctx.recipe.task.name, "task_options": ctx.recipe.task.options(),
+        "T": t, "max_n": ctx.grid.max_n, "problems": _hash(ctx.problems), "seed": ctx.grid.seed,
+        "sampling": ctx.sampling(), "chunk": ctx.pool_chunk,
+    })
+
+
+def _learned_key(ctx: _Context, pool_key: str, n: int) -> str:
+    return _hash({
+        "v": CACHE_VERSION, "pool": pool_key, "N": n, "P": ctx.grid.population, "k": ctx.grid.agg_set_size,
+        "agg_max_new_tokens": ctx.recipe.generation.agg_max_new_tokens, "sampling": ctx.sampling(),
+        "seed": ctx.grid.seed, "chunk": ctx.agg_chunk,
+    })
+
+
+def _pool_path(ctx: _Context, key: str, chunk_idx: int) -> Path:
+    return ctx.cache / "pools" / key / f"shard-{chunk_idx:05d}.jsonl"
+
+
+def _round_path(ctx: _Context, key: str, r: int, chunk_idx: int) -> Path:
+    return ctx.cache / "learned" / key / f"r{r:03d}-c{chunk_idx:05d}.jsonl"
+
+
+# ---------------------------------------------------------------- generation (cached)
+
+
+def _advance(ctx: _Context, description: str) -> None:
+    ctx.calls += 1
+    if ctx.progress is not None:
+        ctx.progress.update(ctx.bar, advance=1, description=description)
+
+
+def _plan_missing(ctx: _Context, works: list[_ModelWork]) -> dict[str, int]:
+    """Generate calls still to make per model (cache files absent)."""
+    missing: dict[str, int] = {}
+    n_problem_chunks = len(_chunks(ctx.ids, ctx.pool_chunk))
+    n_agg_chunks = len(_chunks(ctx.ids, ctx.agg_chunk))
+    max_r = max(ctx.grid.learned_rounds, default=0)
+    for w in works:
+        count = 0
+        for t in ctx.grid.seq_budget:
+            key = w.pool_keys[t]
+            count += sum(not _pool_path(ctx, key, c).exists() for c in range(n_problem_chunks))
+            for n in ctx.grid.parallel:
+                lkey = _learned_key(ctx, key, n)
+                count += sum(
+                    not _round_path(ctx, lkey, r, c).exists() for r in range(1, max_r + 1) for c in range(n_agg_chunks)
+                )
+        missing[w.label] = count
+    return missing
+
+
+def _sample_pool(ctx: _Context, w: _ModelWork, t: int, generator: Callable[[], Any]) -> list[dict[str, Any]]:
+    key = w.pool_keys[t]
+    rows_all: list[dict[str, Any]] = []
+    chunks = _chunks(list(zip(ctx.problems, ctx.ids)), ctx.pool_chunk)
+    for c, chunk in enumerate(chunks):
+        ids = [i for _, i in chunk]
+        path = _pool_path(ctx, key, c)
+        rows = _read_rows(path, ids)
+        if rows is not None:
+            ctx.cached_units += 1
+        else:
+            cfg = PipelineConfig(
+                parallel=ctx.grid.max_n, seq_budget=t, agg_rounds=0, aggregate="majority",
+                seed=_seed("pool", ctx.grid.seed, t, c), **ctx.sampling(),
+            )
+            results = run_pipeline(ctx.task, generator(), [p for p, _ in chunk], cfg)
+            rows = [
+                {
+                    "id": pid, "labelled": r.labelled, "traces": [tr.to_dict() for tr in r.search],
+                    "search_prompt_tokens": r.tokens["search"].prompt,
+                    "search_generated_tokens": r.tokens["search"].generated,
+                }
+                for pid, r in zip(ids, results)
+            ]
+            _write_jsonl(path, rows)
+            _advance(ctx, f"{w.label} T={t}: search traces {c + 1}/{len(chunks)}")
+        rows_all.extend(rows)
+    return rows_all
+
+
+def _run_learned(ctx: _Context, w: _ModelWork, t: int, n: int, generator: Callable[[], Any]) -> dict[int, list[dict[str, Any]]]:
+    """Rounds 1..max R on the first n traces of the pool; returns {R: rows per problem}."""
+    max_r = max(ctx.grid.learned_rounds)
+    key = _learned_key(ctx, w.pool_keys[t], n)
+    pool = {row["id"]: row for row in w.pools[t]}
+    problems = dict(zip(ctx.ids, ctx.problems))
+    chunks = _chunks(ctx.ids, ctx.agg_chunk)
+    prev: dict[str, list[dict[str, Any]]] = {}  # id -> population of the previous round
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    cfg_base = dict(
+        population=ctx.grid.population, agg_set_size=ctx.grid.agg_set_size, aggregate="learned",
+        agg_max_new_tokens=ctx.recipe.generation.agg_max_new_tokens, **ctx.sampling(),
+    )
+    for r in range(1, max_r + 1):
+        rows_round: list[dict[str, Any]] = []
+        for c, ids in enumerate(chunks):
+            path = _round_path(ctx, key, r, c)
+            rows = _read_rows(path, ids)
+            if rows is not None:
+                ctx.cached_units += 1
+            else:
+                results = [
+                    ProblemResult(
+                        problem=problems[pid], search=[_trace(d) for d in pool[pid]["traces"][:n]],
+                        rounds=[[_trace(d) for d in prev[pid]]] if r > 1 else [],
+                    )
+                    for pid in ids
+                ]
+                seed = _seed("agg", ctx.grid.seed, t, n, r, c)
+                cfg = PipelineConfig(parallel=n, seq_budget=t, agg_rounds=1, seed=seed, **cfg_base)
+                aggregate_rounds(ctx.task, generator(), results, cfg, 1, random.Random(seed))
+                rows = [
+                    {
+                        "id": pid, "labelled": res.labelled,
+                        "population": [tr.to_dict() for tr in res.rounds[-1]],
+                        "agg_prompt_tokens": res.tokens["aggregate"].prompt,
+                        "agg_generated_tokens": res.tokens["aggregate"].generated,
+                    }
+                    for pid, res in zip(ids, results)
+                ]
+                _write_jsonl(path, rows)
+                _advance(ctx, f"{w.label} T={t} N={n}: aggregation round {r} ({c + 1}/{len(chunks)})")
+            rows_round.extend(rows)
+        prev = {row["id"]: row["population"] for row in rows_round}
+        by_round[r] = rows_round
+    return by_round
+
+
+def _run_model(ctx: _Context, w: _ModelWork) -> None:
+    state: dict[str, Any] = {"gen": None}
+
+    def generator():
+        if state["gen"] is None:
+            ctx.console.print(f"loading {w.label} ({w.ref.source})")
+            state["gen"] = _open_generator(ctx.recipe, w.ref, ctx.registry)
+        return state["gen"]
+
+    try:
+        for t in ctx.grid.seq_budget:
+            w.pools[t] = _sample_pool(ctx, w, t, generator)
+        if ctx.grid.learned_rounds:
+            for t in ctx.grid.seq_budget:
+                for n in ctx.grid.parallel:
+                    w.learned[(t, n)] = _run_learned(ctx, w, t, n, generator)
+    finally:
+        if state["gen"] is not None:
+            _close_generator(state.pop("gen"))
+
+
+# ---------------------------------------------------------------- cells
+
+
+def _cell(model: str, method: str, n: int, t: int, r: int, values: list[float], n_problems: int,
+          gen_tokens: float, total_tokens: float, seed: int) -> dict[str, Any]:
+    if values:
+        acc = _mean(values)
+        lo, hi, how = _ci(values, seed)
+    else:  # no labelled problems: nothing to score
+        acc, lo, hi, how = None, None, None, None
+    return {
+        "model": model, "method": method, "N": n, "T": t, "R": r,
+        "accuracy": acc, "ci_lo": lo, "ci_hi": hi, "ci_method": how, "n_problems": n_problems,
+        "generated_tokens_per_problem": gen_tokens, "total_tokens_per_problem": total_tokens,
+    }
+
+
+def trace_token_means(pool_rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """(mean generated tokens, mean prompt tokens) of one search trace over the whole pool."""
+    n_traces = sum(len(row["traces"]) for row in pool_rows)
+    gen = sum(row["search_generated_tokens"] for row in pool_rows)
+    prompt = sum(row["search_prompt_tokens"] for row in pool_rows)
+    return (gen / n_traces, prompt / n_traces) if n_traces else (0.0, 0.0)
+
+
+def _majority_value(traces: list[dict[str, Any]], k: int, seed: int) -> float:
+    keys = [vote_key(tr.get("answer")) for tr in traces]
+    right = {key for key, tr in zip(keys, traces) if key is not None and tr.get("correct")}
+    return majority_at_k_expected(keys, lambda a: a in right, k, seed=seed)
+
+
+def build_cells(ctx_grid: Grid, works: list[_ModelWork]) -> list[dict[str, Any]]:
+    grid = ctx_grid
+    cells: list[dict[str, Any]] = []
+    for w in works:
+        for method in grid.methods:
+            for t in grid.seq_budget:
+                pool = w.pools[t]
+                mean_gen, mean_prompt = trace_token_means(pool)
+                labelled = [row for row in pool if row["labelled"]]
+                cell_seed = _seed("ci", grid.seed, w.label, method, t)
+                if method in ("pass", "majority"):
+                    for n in grid.parallel:
+                        if method == "pass":
+                            values = [
+                                pass_at_k(len(row["traces"]), sum(bool(tr["correct"]) for tr in row["traces"]), n)
+                                for row in labelled
+                            ]
+                        else:
+                            values = [_majority_value(row["traces"], n, _seed("maj", grid.seed, row["id"], n)) for row in labelled]
+                        cells.append(_cell(
+                            w.label, method, n, t, 0, values, len(labelled), n * mean_gen,
+                            n * (mean_gen + mean_prompt), cell_seed + n,
+                        ))
+                else:
+                    for r in grid.learned_rounds:
+                        for n in grid.parallel:
+                            by_round = w.learned[(t, n)]
+                            final = [row for row in by_round[r] if row["labelled"]]
+                            values = [_mean([float(bool(tr["correct"])) for tr in row["population"]]) for row in final]
+                            n_all = len(by_round[r])
+                            agg_gen = sum(row["agg_generated_tokens"] for q in range(1, r + 1) for row in by_round[q]) / n_all
+                            agg_total = agg_gen + sum(
+                                row["agg_prompt_tokens"] for q in range(1, r + 1) for row in by_round[q]
+                            ) / n_all
+                            cells.append(_cell(
+                                w.label, method, n, t, r, values, len(final), n * mean_gen + agg_gen,
+                                n * (mean_gen + mean_prompt) + agg_total, cell_seed + 1000 * r + n,
+                            ))
+    return cells
+
+
+# ---------------------------------------------------------------- scaling efficiency
+
+
+def _curve(cells: list[dict[str, Any]], model: str, method: str, t: int, r: int) -> list[tuple[float, float]]:
+    return [
+        (c[COMPUTE], c["accuracy"]) for c in sorted(cells, key=lambda c: c["N"])
+        if c["model"] == model and c["method"] == method and c["T"] == t and c["R"] == r
+        and c["accuracy"] is not None and c[COMPUTE] > 0
+    ]
+
+
+def efficiency(cells: list[dict[str, Any]], grid: Grid, models: list[str]) -> dict[str, Any]:
+    """Scaling efficiency of every candidate over the baseline, per method x T (x R)."""
+    baseline = grid.baseline if grid.baseline else models[0]
+    if baseline not in models:
+        raise RecipeError(f"sweep.baseline: {baseline!r} is not one of the swept models ({', '.join(models)})")
+    comparisons: list[dict[str, Any]] = []
+    t_max = max(grid.seq_budget)
+    r_max = max(grid.learned_rounds, default=0)
+    for cand in models:
+        if cand == baseline:
+            continue
+        for method in grid.methods:
+            rounds = grid.learned_rounds if method == "learned" else [0]
+            for t in grid.seq_budget:
+                for r in rounds:
+                    base_curve = _curve(cells, baseline, method, t, r)
+                    cand_curve = _curve(cells, cand, method, t, r)
+                    entry: dict[str, Any] = {
+                        "baseline": baseline, "candidate": cand, "method": method, "T": t, "R": r,
+                        "headline": t == t_max and r == (r_max if method == "learned" else 0),
+                        "baseline_curve": base_curve, "candidate_curve": cand_curve,
+                    }
+                    if not base_curve or not cand_curve:
+                        entry.update(status="no_data", overlap=False, max=None)
+                    else:
+                        res = scaling_efficiency(base_curve, cand_curve)
+                        entry.update(res)
+                        entry["levels"] = [list(p) for p in res["levels"]]
+                        if res["accuracy_range"] is not None:
+                            entry["accuracy_range"] = list(res["accuracy_range"])
+                        if res["status"] == "ok":
+                            entry["baseline_compute_at_max"] = compute_to_reach(base_curve, res["max_level"])
+                            entry["candidate_compute_at_max"] = compute_to_reach(cand_curve, res["max_level"])
+                    entry["baseline_curve"] = [list(p) for p in base_curve]
+                    entry["candidate_curve"] = [list(p) for p in cand_curve]
+                    comparisons.append(entry)
+    return {
+        "compute": COMPUTE,
+        "baseline": baseline,
+        "definition": (
+            "efficiency(a) = C_baseline(a) / C_candidate(a), C(a) = least generated tokens per problem "
+            "at which a curve reaches accuracy a (log-linear interpolation over N); reported: max over "
+            "the accuracy levels both curves reach, and the value at the baseline's best accuracy; "
+            "without overlap a one-sided bound (see metrics.scaling_efficiency)"
+        ),
+        "comparisons": comparisons,
+    }
+
+
+def describe(comp: dict[str, Any]) -> str:
+    """One line for a comparison, e.g. for the terminal."""
+    what = f"{comp['candidate']} vs {comp['baseline']} [{comp['method']} T={comp['T']}" + (
+        f" R={comp['R']}]" if comp["method"] == "learned" else "]")
+    status = comp["status"]
+    if status == "ok":
+        best = comp.get("at_baseline_best")
+        at_best = f"{best:.2f}x at the baseline's best accuracy" if best is not None else (
+            "candidate never reaches the baseline's best accuracy")
+        lo, hi = comp["accuracy_range"]
+        if hi == lo:
+            return (f"{what}: curves meet at one accuracy level only ({lo:.3f}, each at its lowest compute); "
+                    f"ratio {comp['max']:.2f}x there is censored, not a measured efficiency")
+        return (f"{what}: max {comp['max']:.2f}x at accuracy {comp['max_level']:.3f}; {at_best} "
+                f"(overlap {lo:.3f}..{hi:.3f})")
+    if status == "no_data":
+        return f"{what}: no data (a curve has no scored point with tokens > 0)"
+    if comp.get("lower_bound") is not None:
+        return (f"{what}: curves do not overlap ({status}): candidate's worst beats baseline's best; "
+                f"efficiency > {comp['lower_bound']:.2f}x (baseline max compute / candidate min compute)")
+    return (f"{what}: curves do not overlap ({status}): baseline's worst beats candidate's best; "
+            f"efficiency < {comp['upper_bound']:.2f}x (baseline min compute / candidate max compute)")
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _csv_text(cells: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CELL_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for c in cells:
+        writer.writerow({k: ("" if c[k] is None else c[k]) for k in CELL_FIELDS})
+    return buf.getvalue()
+
+
+def _print_table(console: Console, cells: list[dict[str, Any]]) -> None:
+    """One table per model (keeps it readable on an 80-column terminal)."""
+    from rich.table import Table
+
+    models: list[str] = []
+    for c in cells:
+        if c["model"] not in models:
+            models.append(c["model"])
+    for model in models:
+        table = Table(title=f"sweep cells: {model}", title_justify="left", caption_justify="left",
+                      caption="CI: w = Wilson, b = bootstrap over problems; tokens per problem")
+        for col in ("method", "T", "N", "R", "accuracy", "95% CI", "gen tok", "total tok"):
+            table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+        for c in (c for c in cells if c["model"] == model):
+            acc = "-" if c["accuracy"] is None else f"{c['accuracy']:.3f}"
+            ci = "" if c["ci_lo"] is None else f"{c['ci_lo']:.3f}..{c['ci_hi']:.3f} {c['ci_method'][0]}"
+            table.add_row(
+                c["method"], str(c["T"]), str(c["N"]), str(c["R"]), acc, ci,
+                f"{c['generated_tokens_per_problem']:.0f}", f"{c['total_tokens_per_problem']:.0f}",
+            )
+        console.print(table)
+
+
+def default_out(home: Path, recipe: Recipe, sources: list[str], grid: Grid) -> Path:
+    grid_id = {k: v for k, v in grid.to_dict().items() if k != "baseline"}  # baseline changes no cell
+    ident = {
+        "models": sources, "grid": grid_id, "task": recipe.task.name, "task_options": recipe.task.options(),
+        "generation": recipe.generation.model_dump(mode="json"), "model": _model_settings(recipe),
+        "seed": recipe.seed,
+    }
+    return Path(home) / "sweeps" / f"{recipe.name}-{_hash(ident, 8)}"
+
+
+def _write_outputs(out: Path, recipe: Recipe, cells: list[dict[str, Any]], eff: dict[str, Any]) -> list[str]:
+    from spiral_cli import plots
+
+    _write_jsonl(out / "cells.jsonl", [{k: c[k] for k in CELL_FIELDS} for c in cells])
+    _atomic_write_text(out / "cells.csv", _csv_text(cells))
+    _atomic_write_text(out / "efficiency.json", json.dumps(eff, indent=2, sort_keys=True) + "\n")
+    files = ["cells.jsonl", "cells.csv", "efficiency.json"]
+    title = f"{recipe.name}: {recipe.task.name}"
+    for name, draw in (
+        ("accuracy_vs_tokens.png", lambda p: plots.plot_accuracy_vs_tokens(cells, eff["comparisons"], p, title=title)),
+        ("pass_at_k.png", lambda p: plots.plot_pass_at_k(cells, p, title=title)),
+        ("accuracy_vs_rounds.png", lambda p: plots.plot_accuracy_vs_rounds(cells, p, title=title)),
+    ):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".png", dir=out)
+        os.close(fd)
+        try:
+            if draw(Path(tmp)) is None:
+                os.unlink(tmp)
+                continue
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, out / name)
+            files.append(name)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    return files
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run_sweep(
+    recipe: Recipe,
+    *,
+    models: list[str],
+    out: Path | None = None,
+    home: Path,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the sweep of ``recipe.sweep`` for ``models``; write the outputs; return a summary.
+
+    ``models``: registry names, paths, hub ids or ``scratch:<preset>``; the first one is the
+    baseline of the scaling-efficiency comparison unless the recipe names ``sweep.baseline``.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = console or Console(stderr=True)
+    labels = [m.strip() for m in models if m and m.strip()]
+    if not labels:
+        raise RecipeError("--models: give at least one model")
+    dupes = sorted({m for m in labels if labels.count(m) > 1})
+    if dupes:
+        raise RecipeError(f"--models: {', '.join(dupes)} given more than once")
+    grid = Grid.from_recipe(recipe)
+    if grid.baseline and grid.baseline not in labels:
+        raise RecipeError(f"sweep.baseline: {grid.baseline!r} is not one of --models ({', '.join(labels)})")
+    registry = Registry(home)
+    refs = [_resolve(m, registry) for m in labels]
+    task = _load_task(recipe)
+    problems = list(task.problems("eval", grid.max_problems, grid.seed))
+    if not problems:
+        raise RecipeError("sweep.max_problems: the task's eval split gave no problems")
+    ids = [_problem_id(p, i) for i, p in enumerate(problems)]
+    if len(set(ids)) != len(ids):
+        raise RecipeError("task eval problems have duplicate ids; the sweep cache needs unique ids")
+    out = Path(out) if out is not None else default_out(home, recipe, [r.source for r in refs], grid)
+    out.mkdir(parents=True, exist_ok=True)
+    batch = recipe.generation.batch_size
+    ctx = _Context(
+        recipe=recipe, grid=grid, task=task, problems=problems, ids=ids, cache=out / "cache", console=console,
+        registry=registry, pool_chunk=max(1, batch // grid.max_n), agg_chunk=max(1, batch // grid.population),
+    )
+    works = [_ModelWork(label=label, ref=ref) for label, ref in zip(labels, refs)]
+    for w in works:
+        w.pool_keys = {t: _pool_key(ctx, w, t) for t in grid.seq_budget}
+    manifest = {
+        "recipe": recipe.name, "recipe_hash": recipe.hash(), "models": [{"ref": w.label, "source": w.ref.source} for w in works],
+        "grid": grid.to_dict(), "task": recipe.task.name, "task_options": recipe.task.options(), "problems": ids,
+        "pool_chunk": ctx.pool_chunk, "agg_chunk": ctx.agg_chunk, "recipe_snapshot": recipe.snapshot(),
+    }
+    _atomic_write_text(out / "sweep.json", json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    missing = _plan_missing(ctx, works)
+    if "learned" in grid.methods and not grid.learned_rounds:
+        console.print("[yellow]note:[/] method learned needs some sweep.agg_rounds >= 1; no learned cells")
+    from rich.markup import escape
+
+    console.print(
+        "[bold]sweep[/] " + escape(f"{recipe.name}: models {', '.join(labels)}; N={grid.parallel} T={grid.seq_budget} "
+        f"R={grid.agg_rounds} methods={grid.methods}; {len(problems)} problems; P={grid.population} "
+        f"k={grid.agg_set_size}\n  out: {out}\n  generate calls to make: {sum(missing.values())} "
+        f"({', '.join(f'{k}: {v}' for k, v in missing.items())})"),
+        highlight=False,
+    )
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+    )
+    with progress:
+        ctx.progress = progress
+        ctx.bar = progress.add_task("generating", total=max(1, sum(missing.values())))
+        for w in works:
+            _run_model(ctx, w)
+        if sum(missing.values()) == 0:
+            progress.update(ctx.bar, completed=1, description="all cached")
+    ctx.progress = None
+
+    cells = build_cells(grid, works)
+    eff = efficiency(cells, grid, labels)
+    files = _write_outputs(out, recipe, cells, eff)
+    _print_table(console, cells)
+    headline = [c for c in eff["comparisons"] if c["headline"]]
+    if headline:
+        console.print(f"[bold]scaling efficiency[/] (compute = {COMPUTE}; baseline {eff['baseline']}):")
+        for comp in headline:
+            console.print("  " + describe(comp), highlight=False, markup=False)
+    console.print(f"wrote {', '.join(files)} to {out}", highlight=False, markup=False)
+    return {
+        "out": str(out),
+        "models": labels,
+        "baseline": eff["baseline"],
+        "problems": len(problems),
+        "cells": len(cells),
+        "generate_calls": ctx.calls,
+        "cached_units": ctx.cached_units,
+        "files": files,
+        "efficiency": [
+            {k: c.get(k) for k in ("candidate", "method", "T", "R", "status", "max", "max_level",
+                                   "at_baseline_best", "lower_bound", "upper_bound")}
+            for c in headline
+        ],
+    }

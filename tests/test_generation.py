@@ -1,0 +1,207 @@
+"""HFGenerator: exactness against transformers' generate and a teacher-forced forward pass,
+sampling structure, seeding, stop strings / EOS / length, prompt accounting."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spiral_cli.generation import Completion, Generator, HFGenerator, cut_at_stop, make_generator
+from spiral_cli.generation.hf import _sample
+from spiral_cli.models import encode_prompts, load_model
+from spiral_cli.recipe import GenerationSection, LoraSection, ModelSection
+
+PROMPTS = ["3 7 12 -> ", "hi", "a much longer prompt, with spaces and symbols: (1+2)*3 = 9\n", ""]
+TRAINED_TEXT = "Q: 12 + 30 = 42\n"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(ModelSection(name="scratch:nano", autocast="off"), for_training=False, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """scratch:nano overfitted on one line + EOS, so greedy decoding is predictable."""
+    lm = load_model(ModelSection(name="scratch:nano", autocast="off"), for_training=True, seed=0)
+    tok = lm.tokenizer
+    ids = torch.tensor([tok(TRAINED_TEXT)["input_ids"] + [tok.eos_token_id]])
+    opt = torch.optim.Adam(lm.model.parameters(), lr=3e-3)
+    for _ in range(100):
+        loss = lm.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.05
+    lm.model.eval()
+    return lm
+
+
+def _teacher_forced_logprobs(lm, prompt: str, token_ids: list[int], temperature: float) -> list[float]:
+    tok = lm.tokenizer
+    p = tok(prompt)["input_ids"] or [tok.eos_token_id]
+    ids = torch.tensor([p + token_ids])
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids).logits[0].float()
+    t = temperature if temperature > 0 else 1.0
+    lp = torch.log_softmax(logits / t, dim=-1)
+    pos = torch.arange(len(p) - 1, len(p) - 1 + len(token_ids))
+    return lp[pos, torch.tensor(token_ids)].tolist()
+
+
+def test_protocol_and_factory(loaded):
+    gen = make_generator(loaded, GenerationSection(batch_size=8))
+    assert isinstance(gen, HFGenerator) and isinstance(gen, Generator)
+    assert gen.batch_size == 8
+    gen.update_weights(loaded.model)  # no-op for HF
+
+
+def test_greedy_matches_transformers_generate_with_mixed_lengths(loaded):
+    prompts = PROMPTS[:3]
+    outs = HFGenerator(loaded).generate(prompts, max_new_tokens=24, temperature=0.0)
+    tok, model = loaded.tokenizer, loaded.model
+    for prompt, o in zip(prompts, outs):
+        enc = tok(prompt, return_tensors="pt")  # alone, unpadded
+        ref = model.generate(**enc, do_sample=False, max_new_tokens=24, pad_token_id=tok.pad_token_id)
+        ref_ids = ref[0, enc.input_ids.shape[1]:].tolist()
+        assert o[0].token_ids == ref_ids[: len(o[0].token_ids)]
+        assert len(o[0].token_ids) == 24 or o[0].token_ids[-1] == tok.eos_token_id
+    # batched with left padding through transformers too
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    ref = model.generate(**enc, do_sample=False, max_new_tokens=24, pad_token_id=tok.pad_token_id)
+    for i, o in enumerate(outs):
+        assert o[0].token_ids == ref[i, enc.input_ids.shape[1]:].tolist()[: len(o[0].token_ids)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9), (0.0, 0, 1.0)])
+def test_logprobs_match_teacher_forced_forward(loaded, temperature, top_k, top_p):
+    outs = HFGenerator(loaded, batch_size=5).generate(
+        PROMPTS, n=3, max_new_tokens=16, temperature=temperature, top_k=top_k, top_p=top_p, seed=3
+    )
+    for prompt, samples in zip(PROMPTS, outs):
+        for c in samples:
+            assert len(c.logprobs) == len(c.token_ids) > 0
+            ref = _teacher_forced_logprobs(loaded, prompt, c.token_ids, temperature)
+            assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 1e-4
+
+
+def test_logprobs_match_with_lora_model():
+    lm = load_model(ModelSection(name="scratch:nano", autocast="off", lora=LoraSection(r=4)), seed=2)
+    for name, p in lm.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    outs = HFGenerator(lm).generate(PROMPTS[:2], n=2, max_new_tokens=12, seed=0)
+    assert lm.model.training  # restored after generation
+    lm.model.eval()
+    for prompt, samples in zip(PROMPTS[:2], outs):
+        for c in samples:
+            ref = _teacher_forced_logprobs(lm, prompt, c.token_ids, 1.0)
+            assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 1e-4
+
+
+def test_n_samples_structure_seed_and_chunking(loaded):
+    gen = HFGenerator(loaded, batch_size=64)
+    a = gen.generate(PROMPTS[:3], n=4, max_new_tokens=12, seed=7)
+    assert len(a) == 3 and all(len(s) == 4 for s in a)
+    assert all(isinstance(c, Completion) for s in a for c in s)
+    for samples in a:
+        assert len({tuple(c.token_ids) for c in samples}) > 1  # samples differ
+    b = gen.generate(PROMPTS[:3], n=4, max_new_tokens=12, seed=7)
+    assert [[c.token_ids for c in s] for s in a] == [[c.token_ids for c in s] for s in b]
+    c = gen.generate(PROMPTS[:3], n=4, max_new_tokens=12, seed=8)
+    assert [[x.token_ids for x in s] for s in a] != [[x.token_ids for x in s] for s in c]
+    # chunks smaller than n (a prompt's samples split over chunks): greedy is chunking-invariant
+    g1 = gen.generate(PROMPTS, n=3, max_new_tokens=10, temperature=0)
+    g2 = HFGenerator(loaded, batch_size=2).generate(PROMPTS, n=3, max_new_tokens=10, temperature=0)
+    assert [[x.token_ids for x in s] for s in g1] == [[x.token_ids for x in s] for s in g2]
+    assert all(len({tuple(x.token_ids) for x in s}) == 1 for s in g1)
+
+
+def test_prompt_tokens(loaded):
+    outs = HFGenerator(loaded).generate(PROMPTS, max_new_tokens=2)
+    for prompt, s in zip(PROMPTS, outs):
+        expected = len(loaded.tokenizer(prompt)["input_ids"]) or 1  # "" gets one start token
+        assert s[0].prompt_tokens == expected
+    assert outs[0][0].prompt_tokens == len("3 7 12 -> ".encode())
+    assert [s[0].prompt_tokens for s in outs] == [len(x) for x in encode_prompts(loaded.tokenizer, PROMPTS)]
+
+
+def test_eos_finish_includes_eos_token(trained):
+    tok = trained.tokenizer
+    (c,), = HFGenerator(trained).generate(["Q:"], max_new_tokens=40, temperature=0)
+    assert c.text == TRAINED_TEXT[2:]
+    assert c.finish_reason == "stop" and c.stop_str is None
+    assert c.token_ids[-1] == tok.eos_token_id
+    assert c.token_ids[:-1] == tok(TRAINED_TEXT[2:])["input_ids"]
+    assert len(c.logprobs) == len(c.token_ids)
+
+
+def test_stop_string_cuts_text_and_tokens(trained):
+    tok = trained.tokenizer
+    (c,), = HFGenerator(trained).generate(["Q:"], max_new_tokens=40, temperature=0, stop=["= ", "zzz"])
+    assert c.text == " 12 + 30 "
+    assert c.finish_reason == "stop" and c.stop_str == "= "
+    # the stop string's tokens are kept (the policy must learn to emit it); nothing after them
+    assert c.token_ids == tok(" 12 + 30 = ")["input_ids"]
+    assert len(c.logprobs) == len(c.token_ids)
+    # the earliest of several stop strings wins
+    (c2,), = HFGenerator(trained).generate(["Q:"], max_new_tokens=40, temperature=0, stop=["42", "+"])
+    assert c2.text == " 12 " and c2.stop_str == "+"
+
+
+def test_max_new_tokens_gives_length(trained):
+    (c,), = HFGenerator(trained).generate(["Q:"], max_new_tokens=5, temperature=0, stop=["\n"])
+    assert c.finish_reason == "length" and c.stop_str is None
+    assert len(c.token_ids) == 5 and c.text == " 12 +"
+
+
+def test_mixed_finishes_in_one_batch(trained):
+    outs = HFGenerator(trained).generate(["Q:", "Q: 12 + 30 = 4", "Q: 1"], n=2, max_new_tokens=30, temperature=0)
+    assert outs[0][0].text == " 12 + 30 = 42\n" and outs[0][0].finish_reason == "stop"
+    assert outs[1][1].text == "2\n" and outs[1][1].token_ids[-1] == trained.tokenizer.eos_token_id
+    for s in outs:
+        for c in s:
+            assert len(c.token_ids) == len(c.logprobs) <= 30
+
+
+def test_sampler_filters_and_unrenormalised_logprobs():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]] * 64)
+    tok, lp = _sample(logits, 1.0, 1, 1.0, g)  # top_k=1 -> argmax
+    assert (tok == 0).all()
+    assert torch.allclose(lp, torch.log_softmax(logits, -1)[:, 0])  # not renormalised to 0
+    tok, _ = _sample(logits, 1.0, 0, 0.01, g)  # tiny top_p -> argmax
+    assert (tok == 0).all()
+    tok, _ = _sample(logits, 1.0, 2, 1.0, g)
+    assert set(tok.tolist()) <= {0, 1}
+    tok, lp = _sample(logits, 0.5, 0, 1.0, g)
+    assert torch.allclose(lp, torch.log_softmax(logits / 0.5, -1).gather(-1, tok[:, None]).squeeze(-1))
+    tok, lp = _sample(logits, 0.0, 0, 1.0, g)
+    assert (tok == 0).all() and torch.allclose(lp, torch.log_softmax(logits, -1)[:, 0])
+
+
+def test_argument_checks(loaded):
+    gen = HFGenerator(loaded)
+    assert gen.generate([], max_new_tokens=4) == []
+    with pytest.raises(TypeError):
+        gen.generate("a prompt", max_new_tokens=4)  # type: ignore[arg-type]
+    for bad in (dict(n=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-1)):
+        with pytest.raises(ValueError):
+            gen.generate(["x"], max_new_tokens=4, **bad)
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("abc</a>def", ["</a>"]) == ("abc", "</a>")
+    assert cut_at_stop("abc", ["x"]) == ("abc", None)
+    assert cut_at_stop("a;b.c", [".", ";"]) == ("a", ";")
+    assert cut_at_stop("abc", None) == ("abc", None)
+    assert cut_at_stop("abc", [""]) == ("abc", None)
+
+
+def test_bf16_autocast_generation_runs():
+    lm = load_model(ModelSection(name="scratch:nano", autocast="on"), for_training=False)
+    outs = HFGenerator(lm).generate(PROMPTS[:2], n=2, max_new_tokens=8, seed=0)
+    lm.autocast = False
+    for prompt, s in zip(PROMPTS[:2], outs):
+        for c in s:
+            ref = _teacher_forced_logprobs(lm, prompt, c.token_ids, 1.0)
+            assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 0.1  # bf16 vs fp32

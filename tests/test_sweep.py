@@ -1,0 +1,282 @@
+"""`spiral sweep` with a scripted generator: outputs, resuming, pass@k/majority@k and token counts."""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from collections import Counter
+from fractions import Fraction
+
+import pytest
+
+from spiral_cli import sweep as sweep_mod
+from spiral_cli.generation.base import Completion
+from spiral_cli.metrics import pass_at_k, scaling_efficiency
+from spiral_cli.recipe import Recipe, RecipeError
+
+
+class EchoTask:
+    """answer: X on the last 'answer:' line; right when X == problem['target']."""
+
+    name = "echo"
+
+    def problems(self, split, n, seed=0):
+        assert split == "eval"
+        return [dict(p) for p in PROBLEMS[:n]]
+
+    def search_prompt(self, p):
+        return f"S {p['id']}\n"
+
+    def aggregate_prompt(self, p, traces):
+        return f"A {p['id']}\n" + "".join(f"#answer: {self.extract_answer(t)}\n" for t in traces)
+
+    def extract_answer(self, text):
+        lines = [l for l in text.splitlines() if l.startswith("answer:")]
+        return lines[-1][len("answer:"):].strip() if lines else None
+
+    def is_correct(self, p, text):
+        return self.extract_answer(text) == p["target"]
+
+    def reward(self, p, text):
+        return float(self.is_correct(p, text))
+
+    def stop_strings(self):
+        return []
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class ScriptedGenerator:
+    """Search prompt j-th sample: padding line + 'answer: X' from the script; an aggregation
+    prompt answers with the majority of the candidates it shows (first of the tied)."""
+
+    def __init__(self, script, pad, log, fail_after=None):
+        self.script, self.pad, self.log, self.fail_after = script, pad, log, fail_after
+
+    def generate(self, prompts, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop=None, seed=None):
+        if self.fail_after is not None and len(self.log) >= self.fail_after:
+            raise Interrupted("simulated crash")
+        self.log.append((prompts[0][0], len(prompts), n, max_new_tokens, seed))
+        out = []
+        for prompt in prompts:
+            pid = prompt.split("\n")[0].split()[1]
+            if prompt.startswith("S "):
+                texts = ["w" * self.pad(j) + f"\nanswer: {a}" for j, a in enumerate(self.script[pid][:n])]
+            else:
+                answers = [l.split("answer:")[-1].strip() for l in prompt.splitlines()[1:]]
+                best = max(answers, key=answers.count)
+                texts = [f"checked\nanswer: {best}"] * n
+            out.append([
+                Completion(text=t, token_ids=list(range(len(t))), logprobs=[0.0] * len(t),
+                           prompt_tokens=len(prompt), finish_reason="stop")
+                for t in texts
+            ])
+        return out
+
+    def update_weights(self, model):
+        pass
+
+
+PROBLEMS = [{"id": "p1", "target": "7"}, {"id": "p2", "target": "5"}, {"id": "p3", "target": "3"}]
+SCRIPTS = {
+    "scratch:base": {"p1": ["7", "3", "3", "1"], "p2": ["1", "2", "2", "5"], "p3": ["4", "4", "4", "4"]},
+    "scratch:cand": {"p1": ["7", "7", "3", "7"], "p2": ["5", "2", "5", "5"], "p3": ["3", "4", "3", "1"]},
+}
+PADS = {"scratch:base": lambda j: 4 * j + 2, "scratch:cand": lambda j: j}
+MODELS = ["scratch:base", "scratch:cand"]
+P, K = 2, 2  # RSA population and subset size
+NS, TS, RS = [1, 2, 4], [8, 16], [0, 1, 2]
+
+
+def make_recipe(**sweep_extra) -> Recipe:
+    return Recipe.model_validate({
+        "name": "echo-sweep",
+        "infer": {"population": P, "agg_set_size": K},
+        "generation": {"batch_size": 4},  # 4 // max N = 1 problem per search call, 4 // P = 2 per agg call
+        "sweep": {"parallel": NS, "seq_budget": TS, "agg_rounds": RS, "max_problems": 3, "seed": 0, **sweep_extra},
+    })
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Patch the task and model loading; returns a controller for call logs and crashes."""
+    state = {"log": [], "opened": [], "fail_after": None}
+
+    def open_generator(recipe, model_ref, registry):
+        state["opened"].append(model_ref.ref)
+        return ScriptedGenerator(SCRIPTS[model_ref.ref], PADS[model_ref.ref], state["log"], state["fail_after"])
+
+    monkeypatch.setattr(sweep_mod, "_load_task", lambda recipe: EchoTask())
+    monkeypatch.setattr(sweep_mod, "_open_generator", open_generator)
+    return state
+
+
+def run(tmp_path, out_name, **kw):
+    from rich.console import Console
+    import io
+
+    console = Console(file=io.StringIO(), width=200)
+    summary = sweep_mod.run_sweep(make_recipe(**kw), models=MODELS, out=tmp_path / out_name, home=tmp_path / "home",
+                                  console=console)
+    return summary, console.file.getvalue()
+
+
+CALLS_PER_MODEL = len(TS) * 3 + len(TS) * len(NS) * max(RS) * 2  # 3 search chunks; 2 agg chunks per round
+
+
+def test_outputs_of_a_two_model_sweep(tmp_path, fake):
+    summary, text = run(tmp_path, "a")
+    out = tmp_path / "a"
+    for name in ("cells.csv", "cells.jsonl", "efficiency.json", "accuracy_vs_tokens.png", "pass_at_k.png",
+                 "accuracy_vs_rounds.png", "sweep.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "accuracy_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary["generate_calls"] == 2 * CALLS_PER_MODEL == len(fake["log"])
+    assert fake["opened"] == MODELS
+    cells = [json.loads(l) for l in (out / "cells.jsonl").read_text().splitlines()]
+    # pass + majority: |N| x |T| each; learned: |N| x |T| x |R>0|
+    assert len(cells) == summary["cells"] == 2 * (2 * len(NS) * len(TS) + len(NS) * len(TS) * 2)
+    with (out / "cells.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(cells)
+    assert set(rows[0]) >= {"model", "method", "N", "T", "R", "accuracy", "ci_lo", "ci_hi", "n_problems",
+                            "generated_tokens_per_problem", "total_tokens_per_problem"}
+    for c in cells:
+        assert c["ci_lo"] <= c["accuracy"] <= c["ci_hi"] and c["n_problems"] == 3
+        assert c["ci_method"] in ("wilson", "bootstrap")
+    assert "sweep cells" in text and "scaling efficiency" in text
+    eff = json.loads((out / "efficiency.json").read_text())
+    assert eff["baseline"] == "scratch:base" and eff["compute"] == "generated_tokens_per_problem"
+    heads = [c for c in eff["comparisons"] if c["headline"]]
+    assert {c["method"] for c in heads} == {"pass", "majority", "learned"}
+    for comp in heads:  # the stored comparison is metrics.scaling_efficiency on the cells' curves
+        again = scaling_efficiency([tuple(p) for p in comp["baseline_curve"]], [tuple(p) for p in comp["candidate_curve"]])
+        assert comp["status"] == again["status"] and comp["max"] == again["max"]
+        assert comp["T"] == max(TS) and comp["R"] == (max(RS) if comp["method"] == "learned" else 0)
+    assert summary["efficiency"] and summary["out"] == str(out)
+
+
+def _cell(cells, model, method, n, t, r=0):
+    (c,) = [c for c in cells if (c["model"], c["method"], c["N"], c["T"], c["R"]) == (model, method, n, t, r)]
+    return c
+
+
+def _majority_by_hand(answers, target, k):
+    """Exact expected majority@k over all size-k subsets, ties split fractionally."""
+    total = Fraction(0)
+    subsets = list(itertools.combinations(answers, k))
+    for s in subsets:
+        counts = Counter(s)
+        top = max(counts.values())
+        tied = [a for a, c in counts.items() if c == top]
+        total += Fraction(int(target in tied), len(tied))
+    return float(total / len(subsets))
+
+
+def test_pass_majority_and_tokens_by_hand(tmp_path, fake):
+    run(tmp_path, "a")
+    cells = [json.loads(l) for l in (tmp_path / "a" / "cells.jsonl").read_text().splitlines()]
+    for model in MODELS:
+        script, pad = SCRIPTS[model], PADS[model]
+        lengths = [pad(j) + len("\nanswer: 7") for j in range(4)]  # same for every problem
+        mean_gen = sum(lengths) / 4
+        mean_prompt = len("S p1\n")
+        for t in TS:
+            for n in NS:
+                want = sum(pass_at_k(4, script[p["id"]].count(p["target"]), n) for p in PROBLEMS) / 3
+                c = _cell(cells, model, "pass", n, t)
+                assert c["accuracy"] == pytest.approx(want)
+                maj = sum(_majority_by_hand(script[p["id"]], p["target"], n) for p in PROBLEMS) / 3
+                assert _cell(cells, model, "majority", n, t)["accuracy"] == pytest.approx(maj)
+                for method in ("pass", "majority"):
+                    c = _cell(cells, model, method, n, t)
+                    assert c["generated_tokens_per_problem"] == pytest.approx(n * mean_gen)
+                    assert c["total_tokens_per_problem"] == pytest.approx(n * (mean_gen + mean_prompt))
+                for r in (1, 2):
+                    c = _cell(cells, model, "learned", n, t, r)
+                    # each aggregation: prompt "A pX\n" + one line "#answer: X\n" per candidate (min(K, n)
+                    # search traces in round 1, min(K, P) population members later); output "checked\nanswer: X"
+                    agg_gen = len("checked\nanswer: 7")
+                    agg_prompt = sum(5 + 11 * min(K, n if q == 1 else P) for q in range(1, r + 1))
+                    assert c["generated_tokens_per_problem"] == pytest.approx(n * mean_gen + r * P * agg_gen)
+                    assert c["total_tokens_per_problem"] == pytest.approx(
+                        n * (mean_gen + mean_prompt) + r * P * agg_gen + P * agg_prompt)
+        # pass@4 with a pool of 4 is a proportion of problems -> Wilson
+        assert _cell(cells, model, "pass", 4, 8)["ci_method"] == "wilson"
+    # learned at N=1 aggregates one candidate: it copies the first trace's answer (= pass@1 of trace 0)
+    c = _cell(cells, "scratch:base", "learned", 1, 8, 1)
+    assert c["accuracy"] == pytest.approx(1 / 3)  # only p1's first trace ("7") is right
+    # the candidate model wins at equal compute on pass@k
+    assert _cell(cells, "scratch:cand", "pass", 1, 16)["accuracy"] > _cell(cells, "scratch:base", "pass", 1, 16)["accuracy"]
+
+
+@pytest.mark.parametrize("fail_after", [2, 8, 37])
+def test_resume_after_interruption_redoes_nothing(tmp_path, fake, fail_after):
+    run(tmp_path, "full")
+    full_calls = list(fake["log"])
+    assert len(full_calls) == 2 * CALLS_PER_MODEL
+
+    fake["log"].clear()
+    fake["fail_after"] = fail_after
+    with pytest.raises(Interrupted):
+        run(tmp_path, "resumed")
+    done_before = list(fake["log"])
+    assert len(done_before) == fail_after
+
+    fake["log"].clear()
+    fake["fail_after"] = None
+    fake["opened"].clear()
+    summary, _ = run(tmp_path, "resumed")
+    # every call that finished before the crash was cached: only the missing work is redone
+    assert summary["generate_calls"] == len(fake["log"]) == len(full_calls) - fail_after
+    assert sorted(done_before + fake["log"], key=repr) == sorted(full_calls, key=repr)
+    if fail_after >= CALLS_PER_MODEL:  # the first model was finished: it is not even loaded again
+        assert fake["opened"] == ["scratch:cand"]
+    for name in ("cells.jsonl", "cells.csv", "efficiency.json"):
+        assert (tmp_path / "resumed" / name).read_text() == (tmp_path / "full" / name).read_text(), name
+
+    # a third run finds everything cached
+    fake["log"].clear()
+    fake["opened"].clear()
+    summary, _ = run(tmp_path, "resumed")
+    assert summary["generate_calls"] == 0 and fake["log"] == [] and fake["opened"] == []
+
+
+def test_baseline_field_default_out_and_errors(tmp_path, fake, monkeypatch):
+    from rich.console import Console
+    import io
+
+    # sweep.baseline picks the baseline; default out under <home>/sweeps
+    recipe = make_recipe(methods=["pass"], agg_rounds=[0])
+    recipe.sweep.baseline = "scratch:cand"
+    console = Console(file=io.StringIO(), width=200)
+    s = sweep_mod.run_sweep(recipe, models=MODELS, out=None, home=tmp_path / "home", console=console)
+    assert s["baseline"] == "scratch:cand"
+    assert s["out"].startswith(str(tmp_path / "home" / "sweeps" / "echo-sweep-"))
+    assert "out: " in console.file.getvalue()
+    assert {e["candidate"] for e in s["efficiency"]} == {"scratch:base"}
+    with pytest.raises(RecipeError, match="--models"):
+        sweep_mod.run_sweep(make_recipe(), models=[" "], out=tmp_path / "x", home=tmp_path / "home", console=console)
+    with pytest.raises(RecipeError, match="more than once"):
+        sweep_mod.run_sweep(make_recipe(), models=MODELS * 2, out=tmp_path / "x", home=tmp_path / "home", console=console)
+
+
+@pytest.mark.slow
+def test_real_scratch_model_end_to_end(tmp_path):
+    pytest.importorskip("torch")
+    from rich.console import Console
+    import io
+
+    recipe = Recipe.model_validate({
+        "name": "nano-sweep", "model": {"name": "scratch:nano", "device": "cpu"},
+        "infer": {"population": 2, "agg_set_size": 2},
+        "generation": {"batch_size": 8, "agg_max_new_tokens": 8},
+        "sweep": {"parallel": [1, 2], "seq_budget": [8], "agg_rounds": [0, 1], "max_problems": 2},
+    })
+    console = Console(file=io.StringIO(), width=200)
+    s = sweep_mod.run_sweep(recipe, models=["scratch:nano"], out=tmp_path / "o", home=tmp_path / "home", console=console)
+    assert s["cells"] == 2 + 2 + 2 and (tmp_path / "o" / "pass_at_k.png").is_file()
+    cells = [json.loads(l) for l in (tmp_path / "o" / "cells.jsonl").read_text().splitlines()]
+    assert all(0.0 <= c["accuracy"] <= 1.0 for c in cells)
