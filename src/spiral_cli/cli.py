@@ -27,7 +27,7 @@ tasks_app = typer.Typer(help="Built-in and plug-in tasks: list, sample problems,
 app.add_typer(registry_app, name="registry")
 app.add_typer(tasks_app, name="tasks")
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 _state: dict[str, Any] = {"home": None}
 
 SetOpt = typer.Option(None, "--set", help="Override a recipe field, e.g. --set train_set.lr=1e-5 (repeatable).")

@@ -136,6 +136,9 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     task = load_task(recipe.task.name, recipe.task.options())
     base = resolve_model(recipe.model.name, registry)
     state_dir = runs_dir(home) / name / "state"
+    from spiral_cli.rl.trainer import _clean_leftovers
+
+    _clean_leftovers(home, name, runs_dir(home) / name)
     resuming = resume and (state_dir / "trainer_state.pt").is_file()
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)

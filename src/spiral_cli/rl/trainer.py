@@ -216,6 +216,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
     start_ref: ModelRef = resolve_model(model_ref, registry)
     run_dir = runs_dir(home) / spec.name
     state_dir = run_dir / "state"
+    _clean_leftovers(home, spec.name, run_dir)
     resuming = (state_dir / "trainer_state.pt").is_file()
 
     # -- models: the policy (trained), and optionally a frozen aggregator or search policy
@@ -253,6 +254,8 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         scheduler.load_state_dict(saved["scheduler"])
         state = RunState(**saved["run"])
         _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        if _is_main(accelerator):
+            _register_missing(recipe, spec, loaded, state, registry, home, start_ref)
     total, trainable = count_parameters(loaded.model)
     if _is_main(accelerator):
         console.print(
@@ -349,6 +352,15 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
 
 
 # ---------------------------------------------------------------- pieces of the loop
+
+
+def _clean_leftovers(home: Path, name: str, run_dir: Path) -> None:
+    """Remove temporary directories a killed run left behind (their writers are dead)."""
+    from spiral_cli.paths import checkpoints_dir, cleanup_stale_tmp
+
+    for parent in (run_dir, checkpoints_dir(home) / name):
+        if parent.is_dir():
+            cleanup_stale_tmp(parent)
 
 
 def _take(pool: list[dict[str, Any]], start: int, n: int) -> list[dict[str, Any]]:
@@ -513,21 +525,34 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _checkpoint(recipe, spec: RLSpec, loaded, optimizer, scheduler, state: RunState, registry: Registry, home: Path,
                 state_dir: Path, start_ref: ModelRef, accelerator) -> None:
-    """Registered checkpoint first, then the resume state: a crash between the two repeats at
-    most the steps since the previous state, and never leaves a half-written directory."""
+    """Resume state first, then the registered checkpoint. Each is written atomically; a crash
+    between the two leaves a state whose checkpoint is missing, which the resumed run registers
+    before it goes on (`_register_missing`), so at most the steps since the last state are redone."""
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if _is_main(accelerator):
         from spiral_cli.models import save_checkpoint
 
-        last_eval = state.history[-1] if state.history else {}
-        metrics = {k: v for k, v in last_eval.items() if isinstance(v, (int, float))}
-        metrics.update({"generated_tokens": state.generated_tokens, "total_tokens": state.total_tokens})
-        save_registered(loaded, registry, home, name=spec.name, stage=spec.stage, step=state.step,
-                        parent=start_ref.lineage, recipe=recipe.snapshot(), metrics=metrics)
         with atomic_dir(state_dir) as tmp:
             save_checkpoint(loaded, tmp / "model", final_path=state_dir / "model")
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "run": state.to_dict()}, tmp / "trainer_state.pt")
+        _register(recipe, spec, loaded, state, registry, home, start_ref)
     if accelerator is not None:
         accelerator.wait_for_everyone()
+
+
+def _register(recipe, spec: RLSpec, loaded, state: RunState, registry: Registry, home: Path, start_ref: ModelRef) -> None:
+    last_eval = state.history[-1] if state.history else {}
+    metrics = {k: v for k, v in last_eval.items() if isinstance(v, (int, float))}
+    metrics.update({"generated_tokens": state.generated_tokens, "total_tokens": state.total_tokens})
+    save_registered(loaded, registry, home, name=spec.name, stage=spec.stage, step=state.step,
+                    parent=start_ref.lineage, recipe=recipe.snapshot(), metrics=metrics)
+
+
+def _register_missing(recipe, spec: RLSpec, loaded, state: RunState, registry: Registry, home: Path,
+                      start_ref: ModelRef) -> None:
+    """After a crash between writing the state and registering it: register it now."""
+    latest = registry.latest(spec.name)
+    if state.step > 0 and (latest is None or latest.step < state.step):
+        _register(recipe, spec, loaded, state, registry, home, start_ref)
