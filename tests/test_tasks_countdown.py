@@ -21,7 +21,7 @@ def task(**kw) -> CountdownTask:
     return CountdownTask(CountdownConfig(**kw))
 
 
-AT_MOST = task()
+AT_MOST = task(number_rule="at_most_once")
 EXACTLY = task(number_rule="exactly_once")
 
 
@@ -233,7 +233,7 @@ def test_prompts_compact_and_verbose():
     assert AT_MOST.aggregate_prompt(P70, traces) == "agg 3 7 12 25 -> 70\n1: 25*3-12+7\n2: none\n3: (25+12)*3-7\n--\n"
     full = task(agg_view="full", agg_max_chars=20).aggregate_prompt(P70, ["x" * 50 + "\nanswer: 1+2\n", "fail\n"])
     assert full == "agg 3 7 12 25 -> 70\n[1]\n..." + ("x" * 50 + "\nanswer: 1+2")[-17:] + "\n[2]\nfail\n--\n"
-    v = task(prompt_format="verbose")
+    v = task(prompt_format="verbose", number_rule="at_most_once")
     sp = v.search_prompt(P70)
     assert "[3, 7, 12, 25]" in sp and "equals 70" in sp and "<answer>" in sp and "at most once" in sp
     assert "exactly once" in task(prompt_format="verbose", number_rule="exactly_once").search_prompt(P70)
@@ -298,12 +298,12 @@ def test_solver_traces_are_valid(rule, order):
 
 
 def test_solver_success_grows_with_budget():
-    t = AT_MOST
+    t = EXACTLY  # the default rule
     probs = t.problems("train", 200, seed=5)
     rates = []
     for budget in (2, 8, 64):
         rng = random.Random(1)
-        rates.append(sum(solve(p, rng, max_nodes=budget)[1] for p in probs) / len(probs))
+        rates.append(sum(t.solve(p, rng, max_nodes=budget)[1] for p in probs) / len(probs))
     assert rates[0] < rates[1] < rates[2]
     # the default budget lands in the intended band on the default difficulty
     rng = random.Random(2)
@@ -312,10 +312,10 @@ def test_solver_success_grows_with_budget():
 
 
 def test_solver_samples_differ():
-    probs = AT_MOST.problems("train", 50, seed=6)
+    probs = EXACTLY.problems("train", 50, seed=6)
     rng = random.Random(3)
-    differ = sum(solve(p, rng)[0] != solve(p, rng)[0] for p in probs)
-    assert differ >= 25
+    differ = sum(EXACTLY.solve(p, rng)[0] != EXACTLY.solve(p, rng)[0] for p in probs)
+    assert differ >= 15  # closest-first with jitter: near-ties reorder between samples
     # and a trace is reproducible from its rng
     assert solve(probs[0], random.Random(9)) == solve(probs[0], random.Random(9))
 
@@ -324,7 +324,7 @@ def test_solver_trivial_and_verbose():
     p = {"id": "t", "numbers": [4, 6], "target": 10}
     trace, ok = solve(p, random.Random(0), max_nodes=50)
     assert ok and AT_MOST.is_correct(p, trace)
-    v = task(prompt_format="verbose")
+    v = task(prompt_format="verbose", number_rule="at_most_once")
     rng = random.Random(0)
     for p in v.problems("train", 100, seed=1):
         trace, ok = v.solve(p, rng)
@@ -442,3 +442,16 @@ def test_load_by_entry_point(monkeypatch):
     assert list_tasks()["my_countdown"].startswith("reach a target")
     with pytest.raises(TaskError, match="built-in tasks: countdown, reasoning_gym, math, my_countdown"):
         load_task("other", {})
+
+
+def test_parse_problem_text():
+    from spiral_cli.tasks.base import TaskError
+    from spiral_cli.tasks.countdown import CountdownTask
+
+    t = CountdownTask()
+    p = t.parse_problem_text(" 3 7 25 -> 46 ")
+    assert p["numbers"] == [3, 7, 25] and p["target"] == 46 and p["id"].startswith("cd-")
+    assert t.search_prompt(p) == "3 7 25 -> 46\n"
+    for bad in ["3 7 25", "a b -> 3", "3 -> 4", "1 2 -> x"]:
+        with pytest.raises(TaskError):
+            t.parse_problem_text(bad)

@@ -113,7 +113,6 @@ class RunState:
     cursor: int = 0  # next training problem index (data position)
     generated_tokens: int = 0
     total_tokens: int = 0
-    best_eval: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # eval points
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,7 +128,6 @@ class RLSpec:
     section: Any  # TrainSetSection | TrainAggSection
     rollout_cfg: RolloutConfig
     collect: Callable[..., list[PromptRollout]]
-    eval_key: str
 
 
 def _is_main(accelerator) -> bool:
@@ -174,8 +172,7 @@ def run_train_set(recipe: Recipe, *, home: Path, name: str | None = None, model:
     else:
         def collect(task, policy_gen, agg_gen, problems, rng, seed):
             return spiral_rollouts(task, policy_gen, agg_gen, problems, rcfg, rng, seed)
-    spec = RLSpec(stage=stage, name=name, section=ts, rollout_cfg=rcfg, collect=collect,
-                  eval_key="learned_agg@" if not grpo else "pass@1")
+    spec = RLSpec(stage=stage, name=name, section=ts, rollout_cfg=rcfg, collect=collect)
     return _run(recipe, spec, home=home, model_ref=model or f"{recipe.name}-sft", console=console)
 
 
@@ -194,7 +191,7 @@ def run_train_agg(recipe: Recipe, *, home: Path, name: str | None = None, model:
         # the policy is the aggregator here; search traces come from the frozen search policy
         return spiral_rollouts(task, search_gen, policy_gen, problems, rcfg, rng, seed, train_search=False)
 
-    spec = RLSpec(stage="agg", name=name, section=ta, rollout_cfg=rcfg, collect=collect, eval_key="learned_agg@")
+    spec = RLSpec(stage="agg", name=name, section=ta, rollout_cfg=rcfg, collect=collect)
     return _run(recipe, spec, home=home, model_ref=model or f"{recipe.name}-sft", console=console,
                 frozen_search_ref=ta.search_model)
 

@@ -334,14 +334,8 @@ def _search(
                     cands.append((r, op, ia, ib))
         if order == "random":
             rng.shuffle(cands)
-        else:  # closest: weighted sampling without replacement, weight decreasing in distance
-            keyed = []
-            for c in cands:
-                d = abs(c[0] - target)
-                w = 1.0 / (1.0 + d)
-                keyed.append((rng.random() ** (1.0 / w), c))
-            keyed.sort(key=lambda t: -t[0])
-            cands = [c for _, c in keyed]
+        else:  # closest first; a +-40% jitter on the distance reorders near-ties between samples
+            cands.sort(key=lambda c: abs(c[0] - target) * (0.6 + 0.8 * rng.random()))
         for r, op, ia, ib in cands[:moves_per_node]:
             if budget[0] <= 0:
                 return None
@@ -396,13 +390,16 @@ class CountdownConfig(TaskConfig):
     min_value: int = Field(1, ge=1, le=1_000_000)
     max_value: int = Field(25, ge=1, le=1_000_000)
     max_target: int = Field(100, ge=1, le=1_000_000_000)
-    number_rule: Literal["at_most_once", "exactly_once"] = "at_most_once"
+    number_rule: Literal["at_most_once", "exactly_once"] = "exactly_once"
     prompt_format: Literal["compact", "verbose"] = "compact"
     scoring: Literal["binary", "tinyzero"] = "binary"
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     solver_order: Literal["closest", "random"] = "closest"
     solver_max_nodes: int = Field(8, ge=1, le=100_000)
     solver_moves_per_node: int = Field(3, ge=1, le=100)
+    # node budgets of the SFT search traces, one drawn per trace: longer searches succeed more
+    # often, so a model trained on a mix learns that spending more tokens pays (the T knob)
+    sft_max_nodes: list[int] = Field(default_factory=lambda: [4, 8, 16, 32], min_length=1)
     agg_view: Literal["answer", "full"] = "answer"
     agg_max_chars: int = Field(400, ge=20)
 
@@ -511,6 +508,18 @@ class CountdownTask:
         if sol is not None and not isinstance(sol, str):
             raise TaskError("solution: expected a string")
         return out
+
+    def parse_problem_text(self, text: str) -> dict[str, Any]:
+        """A problem typed by hand, as in the compact prompt: "3 7 25 -> 46"."""
+        left, sep, right = text.partition("->")
+        try:
+            if not sep:
+                raise ValueError
+            numbers = [int(x) for x in left.replace(",", " ").split()]
+            target = int(right.strip())
+        except ValueError:
+            raise TaskError(f"cannot read {text[:60]!r} as a countdown problem: write it as '3 7 25 -> 46'") from None
+        return self.validate_problem({"numbers": numbers, "target": target})
 
     # ---------------------------------------------------------------- prompts
     def _header(self, problem: dict[str, Any]) -> str:
@@ -698,7 +707,7 @@ class CountdownTask:
         probs = self.problems("train", n_search + n_aggregate, seed=seed + 7919)
         out: list[dict[str, str]] = []
         for p in probs[:n_search]:
-            trace, _ = self.solve(p, rng)
+            trace, _ = self.solve(p, rng, max_nodes=rng.choice(self.config.sft_max_nodes))
             out.append({"prompt": self.search_prompt(p), "completion": trace, "kind": "search"})
         for p in probs[n_search:]:
             cands = [self._candidate(p, rng) for _ in range(set_size)]

@@ -1,0 +1,77 @@
+"""Time per GRPO optimizer step in spiral, on the same work as bench/trl_grpo.py.
+
+Work per step: 8 prompts x 8 samples x up to 128 generated tokens, a ~4M-parameter scratch Qwen2
+(scratch:tiny), CPU. Usage (from the repo root, spiral's venv):
+
+    .venv/bin/python bench/grpo_step.py prepare /tmp/bench     # model dir + prompts.jsonl (shared with TRL)
+    .venv/bin/python bench/grpo_step.py run /tmp/bench --steps 6
+
+Prints seconds per step (median of steps 2.., the first is warm-up) split into generation,
+scoring and update, generated tokens per step and peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+
+def prepare(out: Path) -> None:
+    from spiral_cli.models import load_model, save_checkpoint
+    from spiral_cli.recipe import ModelSection
+    from toy_reward_task import BenchTask
+
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(ModelSection(name="scratch:tiny"), for_training=False, seed=0)
+    save_checkpoint(loaded, out / "model")
+    task = BenchTask()
+    with (out / "prompts.jsonl").open("w") as f:
+        for p in task.problems("train", 512, seed=0):
+            f.write(json.dumps({"prompt": task.search_prompt(p)}) + "\n")
+    print(f"wrote {out / 'model'} and {out / 'prompts.jsonl'}")
+
+
+def run(out: Path, steps: int) -> None:
+    from rich.console import Console
+
+    from spiral_cli.recipe import Recipe
+    from spiral_cli.rl.trainer import run_train_set
+
+    recipe = Recipe.model_validate({
+        "name": "bench", "seed": 0,
+        "task": {"name": "toy_reward_task:BenchTask"},
+        "model": {"name": str(out / "model"), "autocast": "auto"},
+        "generation": {"max_new_tokens": 128, "batch_size": 64, "temperature": 1.0},
+        "train_set": {"objective": "grpo", "steps": steps, "prompts_per_step": 8, "num_generations": 8,
+                      "grpo_max_new_tokens": 128, "dynamic_sampling": False, "eval_problems": 0,
+                      "save_every": 10_000, "eval_every": 10_000, "micro_batch_size": 64, "lr": 1e-5,
+                      "loss_type": "ppo_clip", "beta": 0.0},
+    })
+    home = Path(tempfile.mkdtemp(prefix="spiral-bench-"))
+    run_train_set(recipe, home=home, model=str(out / "model"), console=Console(stderr=True, quiet=True))
+    rows = [json.loads(l) for l in (home / "runs" / "bench-grpo" / "metrics.jsonl").read_text().splitlines()]
+    timed = rows[1:] if len(rows) > 1 else rows
+    med = {k: statistics.median(r["seconds"][k] for r in timed) for k in ("total", "generation", "scoring", "update")}
+    gen_per_step = statistics.median(b["generated_tokens"] - a["generated_tokens"] for a, b in zip(rows, rows[1:])) if len(rows) > 1 else rows[0]["generated_tokens"]
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"impl": "spiral", "steps_timed": len(timed), "sec_per_step": round(med["total"], 3),
+                      "generation_s": round(med["generation"], 3), "scoring_s": round(med["scoring"], 3),
+                      "update_s": round(med["update"], 3), "generated_tokens_per_step": gen_per_step,
+                      "peak_rss_mb": round(rss_mb), "threads": os.environ.get("OMP_NUM_THREADS", "default")}))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["prepare", "run"])
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("--steps", type=int, default=6)
+    a = ap.parse_args()
+    prepare(a.dir) if a.what == "prepare" else run(a.dir, a.steps)
