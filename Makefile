@@ -18,7 +18,7 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(VENV)/.installed
-	bash scripts/demo.sh
+	bash scripts/demo.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -4,7 +4,7 @@ From one pool of N search traces per problem at budget T: single-trace accuracy 
 pass@N (the oracle "any trace right"), majority vote over the N answers, and learned aggregation
 (one RSA round: a population of P aggregations of random size-k subsets; its accuracy is the mean
 over the population, i.e. the chance that one aggregation is right). A second, shorter budget
-gives single-trace accuracy at T/2 so the sequential knob is visible too.
+gives single-trace accuracy at a smaller budget (sft uses T/4) so the sequential knob shows.
 """
 from __future__ import annotations
 

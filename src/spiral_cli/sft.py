@@ -227,7 +227,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
                 task, generator, problems, parallel=recipe.infer.parallel, seq_budget=gen.max_new_tokens,
                 population=recipe.infer.population, agg_set_size=recipe.infer.agg_set_size,
                 agg_max_new_tokens=gen.agg_max_new_tokens, temperature=gen.temperature, seed=recipe.seed,
-                short_budget=max(1, gen.max_new_tokens // 2),
+                short_budget=max(1, gen.max_new_tokens // 4),
             )
         )
         metrics["eval_seconds"] = time.time() - t_eval
