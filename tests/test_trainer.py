@@ -163,3 +163,25 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path):
     assert sums[0]["checksum"] == sums[1]["checksum"]
     assert sums[0]["changed"]  # the weights did move
     assert [e.step for e in Registry(home).ls("toy-set")] == [2, 4]  # written once, by rank 0
+
+
+@pytest.mark.slow
+def test_train_agg_trains_only_aggregations(tmp_path):
+    from spiral_cli.rl.trainer import run_train_agg
+
+    home = tmp_path / "home"
+    recipe = load_recipe(recipe_file(tmp_path), ["train_agg.steps=2", "train_agg.prompts_per_step=4",
+                                                 "train_agg.num_aggregations=2", "train_agg.eval_problems=0",
+                                                 "train_agg.save_every=2", "train_agg.balance=true",
+                                                 "train_agg.search_model=scratch:nano"])
+    result = run_train_agg(recipe, home=home, model="scratch:nano", console=quiet())
+    assert result["stage"] == "agg" and result["steps"] == 2
+    assert [(e.step, e.stage) for e in Registry(home).ls("toy-agg")] == [(2, "agg")]
+    row = json.loads((home / "runs" / "toy-agg" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["len_aggregate"] is not None and row["reward_aggregate"] is not None
+    # only aggregation samples are trained: no search-trace entropy is measured, and at most
+    # 4 prompts x 4 sets x 2 aggregations sequences
+    import math
+
+    assert math.isnan(row["entropy_search"])
+    assert 0 < row["trained_sequences"] <= 4 * 4 * 2
