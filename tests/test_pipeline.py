@@ -2,33 +2,9 @@
 from __future__ import annotations
 
 from spiral_cli.generation.base import Completion
+from fakes import EchoTask
 from spiral_cli.pipeline import PipelineConfig, draw_subsets, run_pipeline, vote_key
 from spiral_cli.evaluate import summarize
-
-
-class EchoTask:
-    """answer: X on the last line; right when X == problem['target']."""
-
-    name = "echo"
-
-    def search_prompt(self, p):
-        return f"S {p['id']}\n"
-
-    def aggregate_prompt(self, p, traces):
-        return f"A {p['id']}\n" + "".join(f"#answer: {self.extract_answer(t)}\n" for t in traces)
-
-    def extract_answer(self, text):
-        lines = [l for l in text.splitlines() if l.startswith("answer:")]
-        return lines[-1][len("answer:"):].strip() if lines else None
-
-    def is_correct(self, p, text):
-        return self.extract_answer(text) == p["target"]
-
-    def reward(self, p, text):
-        return float(self.is_correct(p, text))
-
-    def stop_strings(self):
-        return []
 
 
 class ScriptedGenerator:

@@ -11,37 +11,9 @@ import pytest
 
 from spiral_cli import sweep as sweep_mod
 from spiral_cli.generation.base import Completion
+from fakes import EchoTask
 from spiral_cli.metrics import pass_at_k, scaling_efficiency
 from spiral_cli.recipe import Recipe, RecipeError
-
-
-class EchoTask:
-    """answer: X on the last 'answer:' line; right when X == problem['target']."""
-
-    name = "echo"
-
-    def problems(self, split, n, seed=0):
-        assert split == "eval"
-        return [dict(p) for p in PROBLEMS[:n]]
-
-    def search_prompt(self, p):
-        return f"S {p['id']}\n"
-
-    def aggregate_prompt(self, p, traces):
-        return f"A {p['id']}\n" + "".join(f"#answer: {self.extract_answer(t)}\n" for t in traces)
-
-    def extract_answer(self, text):
-        lines = [l for l in text.splitlines() if l.startswith("answer:")]
-        return lines[-1][len("answer:"):].strip() if lines else None
-
-    def is_correct(self, p, text):
-        return self.extract_answer(text) == p["target"]
-
-    def reward(self, p, text):
-        return float(self.is_correct(p, text))
-
-    def stop_strings(self):
-        return []
 
 
 class Interrupted(RuntimeError):
@@ -108,7 +80,7 @@ def fake(monkeypatch):
         state["opened"].append(model_ref.ref)
         return ScriptedGenerator(SCRIPTS[model_ref.ref], PADS[model_ref.ref], state["log"], state["fail_after"])
 
-    monkeypatch.setattr(sweep_mod, "_load_task", lambda recipe: EchoTask())
+    monkeypatch.setattr(sweep_mod, "_load_task", lambda recipe: EchoTask(PROBLEMS))
     monkeypatch.setattr(sweep_mod, "_open_generator", open_generator)
     return state
 

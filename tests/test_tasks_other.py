@@ -120,7 +120,7 @@ def test_math_custom_file_and_errors(tmp_path):
         load_task("math", {"data": str(tmp_path / "missing.jsonl")}).problems("train", 1)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "x", "answer": "1"}\nnot json\n')
-    with pytest.raises(TaskError, match=r"bad.jsonl:2: invalid JSON"):
+    with pytest.raises(TaskError, match=r"task.data: .*bad.jsonl line 2: not valid JSON"):
         load_task("math", {"data": str(bad)}).problems("train", 1)
     with pytest.raises(TaskError, match=r"^task.eval_fraction: "):
         load_task("math", {"eval_fraction": 1.5})

@@ -6,7 +6,7 @@ completion lives in the problem dict (e.g. countdown: numbers and target; math: 
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -59,3 +59,15 @@ class Task(Protocol):
     #                  ) -> list[dict[str, str]]:
     #     """[{"prompt", "completion", "kind": "search" | "aggregate"}] from TRAIN problems, built
     #     with the same `search_prompt` / `aggregate_prompt` a model sees at inference."""
+
+
+def candidate_view(trace: str, agg_view: str, max_chars: int, extract: Callable[[str], str | None]) -> str:
+    """How a candidate trace appears inside an aggregation prompt: its final answer ("answer"
+    view; "none" when it gives none) or its text, cut to the last `max_chars` ("full" view)."""
+    if agg_view == "answer":
+        ans = extract(trace)
+        return ans if ans is not None else "none"
+    text = trace.strip()
+    if len(text) > max_chars:
+        text = "..." + text[-(max_chars - 3) :]
+    return text

@@ -26,7 +26,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from .base import TaskConfig, TaskError
+from .base import TaskConfig, TaskError, candidate_view
+from ..jsonl import InputError, iter_jsonl
 from .countdown import extract_answer_text
 
 SAMPLE_DATA = str(Path(__file__).parent / "data" / "math_sample.jsonl")
@@ -123,19 +124,11 @@ class MathTask:
         data = os.path.expanduser(c.data)
         if os.path.exists(data):
             if data.endswith(".jsonl") and os.path.isfile(data):
-                rows = []
-                with open(data, encoding="utf-8") as f:
-                    for lineno, line in enumerate(f, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            row = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise TaskError(f"task.data: {data}:{lineno}: invalid JSON ({e.msg})") from None
-                        if not isinstance(row, dict):
-                            raise TaskError(f"task.data: {data}:{lineno}: expected a JSON object")
-                        rows.append(row)
-                return rows
+                try:
+                    with open(data, encoding="utf-8") as f:
+                        return [row for _, row in iter_jsonl(f, data)]
+                except InputError as e:
+                    raise TaskError(f"task.data: {e}") from None
             fmt = "parquet" if data.endswith(".parquet") else "json"
             return self._load_hf(fmt, data_files=data, split="train")
         if data.endswith(_LOCAL_SUFFIXES) or data.startswith((".", "/", "~")):
@@ -220,13 +213,7 @@ class MathTask:
         return q + "\n\n" + _VERBOSE_SUFFIX + "\n"
 
     def _candidate_view(self, trace: str) -> str:
-        if self.config.agg_view == "answer":
-            ans = self.extract_answer(trace)
-            return ans if ans is not None else "none"
-        text = trace.strip()
-        if len(text) > self.config.agg_max_chars:
-            text = "..." + text[-(self.config.agg_max_chars - 3) :]
-        return text
+        return candidate_view(trace, self.config.agg_view, self.config.agg_max_chars, self.extract_answer)
 
     def aggregate_prompt(self, problem: dict[str, Any], traces: list[str]) -> str:
         parts = [problem["problem"].rstrip(), f"Here are {len(traces)} candidate solutions:"]

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from ._sandbox import SandboxScorer
-from .base import TaskConfig, TaskError
+from .base import TaskConfig, TaskError, candidate_view
 from .countdown import extract_answer_text
 
 EVAL_SEED_OFFSET = 100_000_000
@@ -178,13 +178,7 @@ class ReasoningGymTask:
         return q + _VERBOSE_SUFFIX + "\n"
 
     def _candidate_view(self, trace: str) -> str:
-        if self.config.agg_view == "answer":
-            ans = self.extract_answer(trace)
-            return ans if ans is not None else "none"
-        text = trace.strip()
-        if len(text) > self.config.agg_max_chars:
-            text = "..." + text[-(self.config.agg_max_chars - 3) :]
-        return text
+        return candidate_view(trace, self.config.agg_view, self.config.agg_max_chars, self.extract_answer)
 
     def aggregate_prompt(self, problem: dict[str, Any], traces: list[str]) -> str:
         parts = [problem["question"].rstrip(), f"Here are {len(traces)} candidate solutions:"]

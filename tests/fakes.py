@@ -1,0 +1,34 @@
+"""Test doubles shared by the pipeline and sweep tests."""
+from __future__ import annotations
+
+
+class EchoTask:
+    """answer: X on the last 'answer:' line; right when X == problem['target']."""
+
+    name = "echo"
+
+    def __init__(self, problems: list[dict] | None = None):
+        self._problems = problems or []
+
+    def problems(self, split, n, seed=0):
+        assert split == "eval"
+        return [dict(p) for p in self._problems[:n]]
+
+    def search_prompt(self, p):
+        return f"S {p['id']}\n"
+
+    def aggregate_prompt(self, p, traces):
+        return f"A {p['id']}\n" + "".join(f"#answer: {self.extract_answer(t)}\n" for t in traces)
+
+    def extract_answer(self, text):
+        lines = [l for l in text.splitlines() if l.startswith("answer:")]
+        return lines[-1][len("answer:"):].strip() if lines else None
+
+    def is_correct(self, p, text):
+        return self.extract_answer(text) == p["target"]
+
+    def reward(self, p, text):
+        return float(self.is_correct(p, text))
+
+    def stop_strings(self):
+        return []
