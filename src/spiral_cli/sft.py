@@ -165,7 +165,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     step, tokens_seen = 0, 0
     if resuming:
-        state = torch.load(state_dir / "trainer_state.pt", weights_only=False)
+        state = torch.load(state_dir / "trainer_state.pt", weights_only=True)  # our own file, but never unpickle arbitrary objects
         optimizer.load_state_dict(state["optimizer"])
         step, tokens_seen = state["step"], state.get("tokens_seen", 0)
         torch.set_rng_state(state["torch_rng"])

@@ -246,7 +246,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
 
     state = RunState()
     if resuming:
-        saved = torch.load(state_dir / "trainer_state.pt", weights_only=False)
+        saved = torch.load(state_dir / "trainer_state.pt", weights_only=True)  # our own file, but never unpickle arbitrary objects
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = RunState(**saved["run"])
