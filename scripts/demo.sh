@@ -21,7 +21,7 @@ done
 import json
 sft = json.load(open("out/sft.json"))
 rl = json.load(open("out/train-set.json"))
-print(f"\nsft: {sft['steps']} steps in {sft['train_seconds']:.0f}s; held-out (200 problems):")
+print(f"\nsft: {sft['step']} steps in {sft['train_seconds']:.0f}s; held-out (200 problems):")
 for k, v in sft["metrics"].items():
     if "/" in k and "tokens" not in k:
         print(f"  {k:32s} {v:.3f}")
