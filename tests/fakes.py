@@ -1,6 +1,14 @@
 """Test doubles shared by the pipeline and sweep tests."""
 from __future__ import annotations
 
+from spiral_cli.generation.base import Completion
+
+
+def completion(text: str, prompt: str) -> Completion:
+    """A finished completion whose token count is its length in characters (as bytes would be)."""
+    return Completion(text=text, token_ids=list(range(len(text))), logprobs=[0.0] * len(text),
+                      prompt_tokens=len(prompt), finish_reason="stop")
+
 
 class EchoTask:
     """answer: X on the last 'answer:' line; right when X == problem['target']."""

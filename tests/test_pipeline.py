@@ -1,8 +1,7 @@
 """The inference pipeline with a scripted generator: structure, voting and token accounting."""
 from __future__ import annotations
 
-from spiral_cli.generation.base import Completion
-from fakes import EchoTask
+from fakes import EchoTask, completion
 from spiral_cli.pipeline import PipelineConfig, draw_subsets, run_pipeline, vote_key
 from spiral_cli.evaluate import summarize
 
@@ -27,11 +26,7 @@ class ScriptedGenerator:
                 answers = [c.split("answer:")[-1].strip() for c in cands]
                 best = max(answers, key=answers.count)
                 texts = [f"checked\nanswer: {best}"] * n
-            out.append([
-                Completion(text=t, token_ids=list(range(len(t))), logprobs=[0.0] * len(t),
-                           prompt_tokens=len(prompt), finish_reason="stop")
-                for t in texts
-            ])
+            out.append([completion(t, prompt) for t in texts])
         return out
 
     def update_weights(self, model):

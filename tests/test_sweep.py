@@ -10,8 +10,7 @@ from fractions import Fraction
 import pytest
 
 from spiral_cli import sweep as sweep_mod
-from spiral_cli.generation.base import Completion
-from fakes import EchoTask
+from fakes import EchoTask, completion
 from spiral_cli.metrics import pass_at_k, scaling_efficiency
 from spiral_cli.recipe import Recipe, RecipeError
 
@@ -40,11 +39,7 @@ class ScriptedGenerator:
                 answers = [l.split("answer:")[-1].strip() for l in prompt.splitlines()[1:]]
                 best = max(answers, key=answers.count)
                 texts = [f"checked\nanswer: {best}"] * n
-            out.append([
-                Completion(text=t, token_ids=list(range(len(t))), logprobs=[0.0] * len(t),
-                           prompt_tokens=len(prompt), finish_reason="stop")
-                for t in texts
-            ])
+            out.append([completion(t, prompt) for t in texts])
         return out
 
     def update_weights(self, model):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spiral_cli.paths import checkpoint_path
+from spiral_cli.paths import checkpoint_path, checkpoints_dir, cleanup_stale_tmp
 from spiral_cli.registry import Entry, Registry, atomic_dir
 
 
@@ -57,3 +57,28 @@ def save_registered(
     return registry.register(
         name, stage, str(final), step=step, parent=parent, recipe=recipe, metrics=metrics or {}
     )
+
+
+def save_run_state(loaded: Any, state_dir: Path, trainer_state: dict[str, Any]) -> None:
+    """The resume state of a run (model + `trainer_state.pt`), written atomically as one directory."""
+    import torch
+
+    from spiral_cli.models import save_checkpoint
+
+    with atomic_dir(state_dir) as tmp:
+        save_checkpoint(loaded, tmp / "model", final_path=state_dir / "model")
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+
+
+def load_trainer_state(state_dir: Path) -> dict[str, Any]:
+    import torch
+
+    # our own file, but never unpickle arbitrary objects
+    return torch.load(state_dir / "trainer_state.pt", weights_only=True)
+
+
+def clean_leftovers(home: Path, name: str, run_dir: Path) -> None:
+    """Remove temporary directories a killed run left behind (their writers are dead)."""
+    for parent in (run_dir, checkpoints_dir(home) / name):
+        if parent.is_dir():
+            cleanup_stale_tmp(parent)

@@ -38,6 +38,15 @@ def summarize(results: list[ProblemResult], prefix: str = "") -> dict[str, float
     return out
 
 
+def _run_batched(task, generator, problems, cfg: PipelineConfig, batch_problems: int, progress) -> list[ProblemResult]:
+    results: list[ProblemResult] = []
+    for start in range(0, len(problems), batch_problems):
+        results += run_pipeline(task, generator, problems[start : start + batch_problems], cfg)
+        if progress:
+            progress(len(results), len(problems))
+    return results
+
+
 def evaluate(
     task: Task,
     generator: Generator,
@@ -60,20 +69,14 @@ def evaluate(
         agg_set_size=agg_set_size, aggregate="learned", agg_max_new_tokens=agg_max_new_tokens,
         temperature=temperature, seed=seed,
     )
-    results: list[ProblemResult] = []
-    for start in range(0, len(problems), batch_problems):
-        results += run_pipeline(task, generator, problems[start : start + batch_problems], cfg)
-        if progress:
-            progress(len(results), len(problems))
+    results = _run_batched(task, generator, problems, cfg, batch_problems, progress)
     metrics = summarize(results, prefix=f"T{seq_budget}/")
     if short_budget:
         short_cfg = PipelineConfig(
             parallel=parallel, seq_budget=short_budget, agg_rounds=0, aggregate="majority",
             temperature=temperature, seed=seed + 7,
         )
-        short: list[ProblemResult] = []
-        for start in range(0, len(problems), batch_problems):
-            short += run_pipeline(task, generator, problems[start : start + batch_problems], short_cfg)
+        short = _run_batched(task, generator, problems, short_cfg, batch_problems, None)
         m = summarize(short, prefix=f"T{short_budget}/")
         metrics.update({k: v for k, v in m.items() if "pass@1" in k or "majority" in k or "tokens" in k})
     metrics["eval_problems"] = float(len(problems))

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from spiral_cli.checkpoints import resolve_model
 from spiral_cli.jsonl import InputError, iter_jsonl, write_jsonl_line
-from spiral_cli.recipe import Recipe, RecipeError, apply_overrides, load_recipe
+from spiral_cli.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from spiral_cli.registry import Registry
 from spiral_cli.tasks import TaskError, load_task
 from spiral_cli.tasks.base import Task
@@ -40,16 +40,7 @@ def recipe_for_model(recipe_path: Path | None, overrides: list[str], entry) -> R
     if recipe_path is not None:
         return load_recipe(recipe_path, overrides)
     snapshot: dict[str, Any] = dict(entry.recipe) if entry is not None and entry.recipe else {}
-    try:
-        return Recipe.model_validate(apply_overrides(snapshot, overrides))
-    except Exception as e:  # pydantic error on an override: reuse the one-line formatting
-        from pydantic import ValidationError
-
-        from spiral_cli.recipe import _format_validation_error
-
-        if isinstance(e, ValidationError):
-            raise RecipeError(_format_validation_error(e)) from None
-        raise
+    return recipe_from_dict(apply_overrides(snapshot, overrides))
 
 
 def iter_problems(

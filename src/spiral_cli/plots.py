@@ -131,6 +131,10 @@ def plot_accuracy_vs_tokens(
     ax.set_title(title or "accuracy vs inference compute")
     if ax.has_data():
         ax.legend(fontsize=7, loc="lower right")
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
@@ -160,11 +164,7 @@ def plot_pass_at_k(cells: list[dict[str, Any]], path: str | Path, title: str = "
     ax.set_title(title or "pass@k of raw search traces")
     if ax.has_data():
         ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_accuracy_vs_rounds(cells: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
@@ -193,8 +193,4 @@ def plot_accuracy_vs_rounds(cells: list[dict[str, Any]], path: str | Path, title
     ax.set_title(title or "learned aggregation per round")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -294,13 +294,17 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(data, dict):
             raise RecipeError(f"{p}: a recipe must be a mapping of sections, got {type(data).__name__}")
         data.setdefault("name", p.stem)
-    data = apply_overrides(data, overrides or [])
+    return recipe_from_dict(apply_overrides(data, overrides or []), where=path)
+
+
+def recipe_from_dict(data: dict[str, Any], where: str | Path | None = None) -> Recipe:
+    """Validate a recipe mapping (a file's, or a checkpoint's snapshot); RecipeError on mistakes."""
+    prefix = f"{where}: " if where else ""
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        where = f"{path}: " if path else ""
-        raise RecipeError(where + _format_validation_error(e)) from None
-    _check_task_options(recipe, path)
+        raise RecipeError(prefix + _format_validation_error(e)) from None
+    _check_task_options(recipe, where)
     return recipe
 
 

@@ -20,11 +20,17 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from spiral_cli.checkpoints import resolve_model, save_registered
+from spiral_cli.checkpoints import (
+    clean_leftovers,
+    load_trainer_state,
+    resolve_model,
+    save_registered,
+    save_run_state,
+)
 from spiral_cli.jsonl import InputError, read_jsonl_file
 from spiral_cli.paths import runs_dir
 from spiral_cli.recipe import Recipe
-from spiral_cli.registry import Registry, atomic_dir
+from spiral_cli.registry import Registry
 from spiral_cli.tasks import load_task
 from spiral_cli.tasks.base import Task
 
@@ -108,20 +114,13 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 def _save_state(loaded, optimizer, step: int, state_dir: Path, extra: dict[str, Any]) -> None:
-    from spiral_cli.models import save_checkpoint
-
-    with atomic_dir(state_dir) as tmp:
-        save_checkpoint(loaded, tmp / "model", final_path=state_dir / "model")
-        torch.save(
-            {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(),
-                **extra,
-            },
-            tmp / "trainer_state.pt",
-        )
+    save_run_state(loaded, state_dir, {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        **extra,
+    })
 
 
 def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool = True, console: Console | None = None) -> dict[str, Any]:
@@ -136,9 +135,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     task = load_task(recipe.task.name, recipe.task.options())
     base = resolve_model(recipe.model.name, registry)
     state_dir = runs_dir(home) / name / "state"
-    from spiral_cli.rl.trainer import _clean_leftovers
-
-    _clean_leftovers(home, name, runs_dir(home) / name)
+    clean_leftovers(home, name, runs_dir(home) / name)
     resuming = resume and (state_dir / "trainer_state.pt").is_file()
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
@@ -165,7 +162,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     step, tokens_seen = 0, 0
     if resuming:
-        state = torch.load(state_dir / "trainer_state.pt", weights_only=True)  # our own file, but never unpickle arbitrary objects
+        state = load_trainer_state(state_dir)
         optimizer.load_state_dict(state["optimizer"])
         step, tokens_seen = state["step"], state.get("tokens_seen", 0)
         torch.set_rng_state(state["torch_rng"])

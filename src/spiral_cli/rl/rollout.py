@@ -11,6 +11,7 @@ The output is a flat list of `Sample`s that the loss consumes, plus per-prompt s
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,10 +89,10 @@ def spiral_rollouts(
     # aggregations of one set share their prompt (n=N2), so the prefill is done once.
     agg_prompts, owners, subsets_per_problem = [], [], []
     for i, (p, traces) in enumerate(zip(problems, search)):
-        search_correct = [task.is_correct(p, c.text) for c in traces]
         subsets = sample_subsets(len(traces), cfg.set_size, cfg.num_sets, rng)
         if cfg.balance:
-            subsets = _balanced(subsets, search_correct, len(traces), cfg, rng)
+            correct = [task.is_correct(p, c.text) for c in traces]
+            subsets = _balanced(subsets, correct, len(traces), cfg, rng)
         subsets_per_problem.append(subsets)
         for subset in subsets:
             order = list(subset)
@@ -138,7 +139,7 @@ def _balanced(subsets, correct: list[bool], n_traces: int, cfg: RolloutConfig, r
     def easy(s):
         return sum(correct[j] for j in s) * 2 > len(s)
 
-    pool = sample_subsets(n_traces, cfg.set_size, min(_comb(n_traces, cfg.set_size), 64), rng)
+    pool = sample_subsets(n_traces, cfg.set_size, min(math.comb(n_traces, cfg.set_size), 64), rng)
     easy_sets = [s for s in pool if easy(s)]
     hard_sets = [s for s in pool if not easy(s)]
     if not easy_sets or not hard_sets:
@@ -147,12 +148,6 @@ def _balanced(subsets, correct: list[bool], n_traces: int, cfg: RolloutConfig, r
     chosen = easy_sets[:half] + hard_sets[: cfg.num_sets - half]
     rest = [s for s in pool if s not in chosen]
     return (chosen + rest)[: cfg.num_sets]
-
-
-def _comb(n: int, k: int) -> int:
-    from math import comb
-
-    return comb(n, k)
 
 
 def grpo_rollouts(

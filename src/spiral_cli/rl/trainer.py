@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,12 +25,19 @@ from typing import Any, Callable
 import torch
 from rich.console import Console
 
-from spiral_cli.checkpoints import ModelRef, resolve_model, save_registered
+from spiral_cli.checkpoints import (
+    ModelRef,
+    clean_leftovers,
+    load_trainer_state,
+    resolve_model,
+    save_registered,
+    save_run_state,
+)
 from spiral_cli.generation.base import Completion
 from spiral_cli.models import encode_prompts
 from spiral_cli.paths import runs_dir
 from spiral_cli.recipe import Recipe, RecipeError
-from spiral_cli.registry import Registry, atomic_dir
+from spiral_cli.registry import Registry
 from spiral_cli.rl.loss import policy_loss
 from spiral_cli.rl.rollout import PromptRollout, RolloutConfig, Sample, grpo_rollouts, spiral_rollouts
 from spiral_cli.tasks import load_task
@@ -126,7 +134,6 @@ class RLSpec:
     stage: str  # "set" | "grpo" | "agg"
     name: str
     section: Any  # TrainSetSection | TrainAggSection
-    rollout_cfg: RolloutConfig
     collect: Callable[..., list[PromptRollout]]
 
 
@@ -172,7 +179,7 @@ def run_train_set(recipe: Recipe, *, home: Path, name: str | None = None, model:
     else:
         def collect(task, policy_gen, agg_gen, problems, rng, seed):
             return spiral_rollouts(task, policy_gen, agg_gen, problems, rcfg, rng, seed)
-    spec = RLSpec(stage=stage, name=name, section=ts, rollout_cfg=rcfg, collect=collect)
+    spec = RLSpec(stage=stage, name=name, section=ts, collect=collect)
     return _run(recipe, spec, home=home, model_ref=model or f"{recipe.name}-sft", console=console)
 
 
@@ -191,7 +198,7 @@ def run_train_agg(recipe: Recipe, *, home: Path, name: str | None = None, model:
         # the policy is the aggregator here; search traces come from the frozen search policy
         return spiral_rollouts(task, search_gen, policy_gen, problems, rcfg, rng, seed, train_search=False)
 
-    spec = RLSpec(stage="agg", name=name, section=ta, rollout_cfg=rcfg, collect=collect)
+    spec = RLSpec(stage="agg", name=name, section=ta, collect=collect)
     return _run(recipe, spec, home=home, model_ref=model or f"{recipe.name}-sft", console=console,
                 frozen_search_ref=ta.search_model)
 
@@ -213,7 +220,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
     start_ref: ModelRef = resolve_model(model_ref, registry)
     run_dir = runs_dir(home) / spec.name
     state_dir = run_dir / "state"
-    _clean_leftovers(home, spec.name, run_dir)
+    clean_leftovers(home, spec.name, run_dir)
     resuming = (state_dir / "trainer_state.pt").is_file()
 
     # -- models: the policy (trained), and optionally a frozen aggregator or search policy
@@ -246,7 +253,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
 
     state = RunState()
     if resuming:
-        saved = torch.load(state_dir / "trainer_state.pt", weights_only=True)  # our own file, but never unpickle arbitrary objects
+        saved = load_trainer_state(state_dir)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = RunState(**saved["run"])
@@ -351,15 +358,6 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
 # ---------------------------------------------------------------- pieces of the loop
 
 
-def _clean_leftovers(home: Path, name: str, run_dir: Path) -> None:
-    """Remove temporary directories a killed run left behind (their writers are dead)."""
-    from spiral_cli.paths import checkpoints_dir, cleanup_stale_tmp
-
-    for parent in (run_dir, checkpoints_dir(home) / name):
-        if parent.is_dir():
-            cleanup_stale_tmp(parent)
-
-
 def _take(pool: list[dict[str, Any]], start: int, n: int) -> list[dict[str, Any]]:
     return [pool[(start + i) % len(pool)] for i in range(n)]
 
@@ -406,7 +404,7 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
             _zero_backward(model, accelerator)
         for ci, chunk in enumerate(chunks):
             batch = build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache)
-            sync_ctx = accelerator.no_sync(model) if accelerator is not None and ci < len(chunks) - 1 else _null()
+            sync_ctx = accelerator.no_sync(model) if accelerator is not None and ci < len(chunks) - 1 else nullcontext()
             with sync_ctx:
                 with loaded.autocast_ctx():
                     logp, ent = token_logprobs(model, batch, with_entropy=True)
@@ -449,14 +447,6 @@ def _ref_logprobs(model, ref_model, batch: TokenBatch) -> torch.Tensor:
 def _zero_backward(model, accelerator) -> None:
     loss = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
     accelerator.backward(loss) if accelerator is not None else loss.backward()
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _mean(xs) -> float | None:
@@ -528,12 +518,8 @@ def _checkpoint(recipe, spec: RLSpec, loaded, optimizer, scheduler, state: RunSt
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if _is_main(accelerator):
-        from spiral_cli.models import save_checkpoint
-
-        with atomic_dir(state_dir) as tmp:
-            save_checkpoint(loaded, tmp / "model", final_path=state_dir / "model")
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "run": state.to_dict()}, tmp / "trainer_state.pt")
+        save_run_state(loaded, state_dir, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                           "run": state.to_dict()})
         _register(recipe, spec, loaded, state, registry, home, start_ref)
     if accelerator is not None:
         accelerator.wait_for_everyone()
