@@ -24,15 +24,13 @@ from spiral_cli.tasks.base import Task
 
 
 def make_generator(recipe: Recipe, loaded):
-    if recipe.generation.backend == "vllm":
-        try:
-            from spiral_cli.generation.vllm import VLLMGenerator
-        except ImportError as e:
-            raise RecipeError(f"generation.backend=vllm: {e}") from None
-        return VLLMGenerator(loaded, recipe.generation)
-    from spiral_cli.generation.hf import HFGenerator
+    """The recipe's generation backend for `loaded`; a missing backend is a recipe error."""
+    from spiral_cli import generation
 
-    return HFGenerator(loaded, batch_size=recipe.generation.batch_size)
+    try:
+        return generation.make_generator(loaded, recipe.generation)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
 
 
 def recipe_for_model(recipe_path: Path | None, overrides: list[str], entry) -> Recipe:

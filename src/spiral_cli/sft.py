@@ -125,7 +125,7 @@ def _save_state(loaded, optimizer, step: int, state_dir: Path, extra: dict[str, 
 
 def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool = True, console: Console | None = None) -> dict[str, Any]:
     from spiral_cli.evaluate import evaluate
-    from spiral_cli.generation.hf import HFGenerator
+    from spiral_cli.infer import make_generator
     from spiral_cli.models import count_parameters, load_model
 
     console = console or Console(stderr=True)
@@ -216,7 +216,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     if cfg.eval_problems > 0 and not cfg.data:
         problems = task.problems("eval", cfg.eval_problems, seed=recipe.seed)
         gen = recipe.generation
-        generator = HFGenerator(loaded, batch_size=gen.batch_size)
+        generator = make_generator(recipe, loaded)
         console.print(f"  evaluating on {len(problems)} held-out problems (N={recipe.infer.parallel}, T={gen.max_new_tokens})")
         t_eval = time.time()
         metrics.update(

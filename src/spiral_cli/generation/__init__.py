@@ -32,7 +32,7 @@ def make_generator(loaded, section) -> Generator:
     if section.backend == "hf":
         from spiral_cli.generation.hf import HFGenerator
 
-        return HFGenerator(loaded, batch_size=section.batch_size)
+        return HFGenerator(loaded, batch_size=section.batch_size, fast_decode=section.fast_decode)
     if section.backend == "vllm":
         try:
             from spiral_cli.generation.vllm import VLLMGenerator  # type: ignore[import-not-found]

@@ -11,9 +11,14 @@ Per chunk of at most ``batch_size`` sequences (prompts x samples):
      completed a stop string or hit max_new_tokens, run one decoding step for the rest.
 Position ids follow the attention mask (left padding does not shift positions), so results do
 not depend on which prompts share a batch (up to float rounding of different batch shapes).
+
+The forward pass is either transformers' (any model, peft adapters, quantized weights) or, for
+plain Qwen2 models, the lean path in `lean_qwen2.py` (``fast_decode``): same math, much less
+per-step overhead, its own copy of the weights refreshed by `update_weights`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -21,13 +26,15 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from spiral_cli.generation.base import Completion, cut_at_stop
+from spiral_cli.generation.lean_qwen2 import LeanQwen2
+from spiral_cli.generation.lean_qwen2 import supports as lean_supports
 from spiral_cli.models import LoadedModel, encode_prompts, eos_token_ids
 
 
 class HFGenerator:
     """Generator backed by the in-memory model (shares its weights: `update_weights` is a no-op)."""
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 64):
+    def __init__(self, loaded: LoadedModel, batch_size: int = 64, fast_decode: bool = True):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.loaded = loaded
@@ -37,13 +44,25 @@ class HFGenerator:
         self.batch_size = int(batch_size)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self._backend_tok = getattr(self.tokenizer, "backend_tokenizer", None)
+        self.lean: LeanQwen2 | None = None
+        if fast_decode and lean_supports(self.model):
+            compute = torch.bfloat16 if loaded.autocast else next(self.model.parameters()).dtype
+            self.lean = LeanQwen2(self.model, compute)
+
+    @property
+    def engine(self) -> str:
+        """Which forward pass samples: "lean" (spiral's Qwen2 path) or "transformers"."""
+        return "lean" if self.lean is not None else "transformers"
 
     # -- protocol ------------------------------------------------------------------------------
 
     def update_weights(self, model=None) -> None:
-        """Weights are shared with the trainer; a different model object may be passed in."""
+        """The transformers path shares the trainer's weights; the lean path copies them again.
+        A different model object may be passed in."""
         if model is not None:
             self.model = model
+        if self.lean is not None:
+            self.lean.load_weights(self.model)
 
     def generate(
         self,
@@ -84,13 +103,15 @@ class HFGenerator:
         model = self.model
         training = [m for m in model.modules() if m.training]  # restored exactly afterwards
         model.eval()
+        decoder = _LeanDecoder(self.lean) if self.lean is not None else _TransformersDecoder(model)
+        context = contextlib.nullcontext() if self.lean is not None else self.loaded.autocast_ctx()
         try:
-            with torch.inference_mode(), self.loaded.autocast_ctx():
+            with torch.inference_mode(), context:
                 for start in range(0, len(rows), self.batch_size):
                     chunk = rows[start:start + self.batch_size]
                     for (i, j), comp in zip(
                         chunk,
-                        self._run_chunk(model, chunk, prompt_ids, max_new_tokens, temperature, top_p, top_k, stop, gen),
+                        self._run_chunk(decoder, chunk, prompt_ids, max_new_tokens, temperature, top_p, top_k, stop, gen),
                     ):
                         results[i][j] = comp
         finally:
@@ -108,7 +129,7 @@ class HFGenerator:
             return self._backend_tok.decode_batch(seqs, skip_special_tokens=True)
         return self.tokenizer.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def _run_chunk(self, model, chunk, prompt_ids, max_new_tokens, temperature, top_p, top_k, stop, gen) -> list[Completion]:
+    def _run_chunk(self, decoder, chunk, prompt_ids, max_new_tokens, temperature, top_p, top_k, stop, gen) -> list[Completion]:
         dev = self.device
         # unique prompts of this chunk, in order, and how many rows (samples) each gets
         uniq: list[int] = []
@@ -131,21 +152,12 @@ class HFGenerator:
         input_ids, attn = input_ids.to(dev), attn.to(dev)
         pos = (attn.cumsum(-1) - 1).clamp_(min=0)
 
-        cache = _make_cache(model, capacity=L + max_new_tokens)
-        kw = dict(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
-        try:
-            out = model(**kw, logits_to_keep=1)  # only the last position's logits are needed
-        except TypeError:  # a (remote-code) model without logits_to_keep
-            kw["past_key_values"] = cache = _make_cache(model, capacity=L + max_new_tokens)
-            out = model(**kw)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :]
+        logits = decoder.prefill(input_ids, attn, pos, capacity=L + max_new_tokens)
         next_pos = pos[:, -1] + 1
         if any(c > 1 for c in counts):
             idx = torch.repeat_interleave(torch.arange(len(uniq), device=dev), torch.tensor(counts, device=dev))
-            cache.batch_select_indices(idx)
+            decoder.select(idx)
             logits, attn, next_pos = logits[idx], attn[idx], next_pos[idx]
-        del out
 
         B = len(chunk)
         out_tok = torch.zeros((B, max_new_tokens), dtype=torch.long, device=dev)
@@ -194,25 +206,16 @@ class HFGenerator:
             if n_dead and n_dead * 8 >= len(active_list):
                 keep_list = [b for b in range(len(active_list)) if alive[b]]
                 keep = torch.tensor(keep_list, dtype=torch.long, device=dev)
-                cache.batch_select_indices(keep)
+                decoder.select(keep)
                 attn, next_pos, tok, active = attn[keep], next_pos[keep], tok[keep], active[keep]
                 active_list = [active_list[b] for b in keep_list]
                 alive = [True] * len(active_list)
                 n_dead = 0
             attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
-            out = model(
-                input_ids=tok[:, None],
-                attention_mask=attn,
-                position_ids=next_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = out.logits[:, -1, :]
-            cache = out.past_key_values
+            logits = decoder.step(tok, attn, next_pos)
             next_pos = next_pos + 1
-            del out
 
-        del cache
+        decoder.release()
         toks = out_tok.cpu().tolist()
         lps = out_lp.cpu().tolist()
         ids_list = [toks[r][: lengths[r]] for r in range(B)]
@@ -234,6 +237,63 @@ class HFGenerator:
                 )
             )
         return comps
+
+
+class _TransformersDecoder:
+    """One chunk's forward passes through the transformers model and a buffered DynamicCache."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = None
+
+    def prefill(self, input_ids, attn, pos, capacity: int) -> torch.Tensor:
+        self.cache = _make_cache(self.model, capacity=capacity)
+        kw = dict(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=self.cache, use_cache=True)
+        try:
+            out = self.model(**kw, logits_to_keep=1)  # only the last position's logits are needed
+        except TypeError:  # a (remote-code) model without logits_to_keep
+            kw["past_key_values"] = self.cache = _make_cache(self.model, capacity=capacity)
+            out = self.model(**kw)
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :]
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+
+    def step(self, tok, attn, pos) -> torch.Tensor:
+        out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None],
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :]
+
+    def release(self) -> None:
+        self.cache = None
+
+
+class _LeanDecoder:
+    """The same three calls on `LeanQwen2`; masks are built from the 0/1 attention mask."""
+
+    def __init__(self, lean: LeanQwen2):
+        self.lean = lean
+        self.cache = None
+
+    def prefill(self, input_ids, attn, pos, capacity: int) -> torch.Tensor:
+        B, L = input_ids.shape
+        self.cache = self.lean.new_cache(B, capacity)
+        causal = torch.ones((L, L), dtype=torch.bool, device=attn.device).tril()
+        mask = causal[None] & attn.bool()[:, None, :]
+        # left-padding queries see nothing else: let them see themselves (no NaN rows)
+        mask |= torch.eye(L, dtype=torch.bool, device=attn.device)[None]
+        return self.lean.forward(input_ids, pos, mask[:, None], self.cache)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.select(rows)
+
+    def step(self, tok, attn, pos) -> torch.Tensor:
+        return self.lean.forward(tok[:, None], pos[:, None], attn.bool()[:, None, None, :], self.cache)
+
+    def release(self) -> None:
+        self.cache = None
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator):
@@ -263,7 +323,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
         filt = torch.full_like(filt, -math.inf).scatter(-1, order, sorted_lp)
     # Gumbel-max via exponential races: argmax p_i / E_i, E_i ~ Exp(1), samples from softmax(filt)
     probs = torch.softmax(filt, dim=-1) if filt is not logp else logp.exp()
-    q = torch.empty_like(probs).exponential_(1.0, generator=gen)
+    # -log(U) is Exp(1); on the CPU this is ~5x cheaper than Tensor.exponential_ with a generator
+    q = torch.rand(probs.shape, generator=gen, device=probs.device, dtype=probs.dtype).log_().neg_()
     tok = (probs / q).argmax(dim=-1)
     lp = logp.gather(-1, tok[:, None]).squeeze(-1)
     return tok, lp

@@ -209,7 +209,6 @@ def run_train_agg(recipe: Recipe, *, home: Path, name: str | None = None, model:
 def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: Console | None,
          frozen_search_ref: str | None = None) -> dict[str, Any]:
     from spiral_cli.evaluate import evaluate
-    from spiral_cli.generation.hf import HFGenerator
     from spiral_cli.infer import make_generator
     from spiral_cli.models import count_parameters, load_model
 
@@ -240,12 +239,12 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
     agg_mode = getattr(getattr(sec, "aggregator", None), "mode", "shared")
     if spec.stage == "agg" and frozen_search_ref:
         frozen = load_model(recipe.model, source=resolve_model(frozen_search_ref, registry).source, for_training=False)
-        other_gen = TimedGenerator(HFGenerator(frozen, batch_size=recipe.generation.batch_size))
+        other_gen = TimedGenerator(_frozen_generator(recipe, frozen))
     elif spec.stage == "set" and agg_mode == "frozen":
         if not sec.aggregator.checkpoint:
             raise RecipeError("train_set.aggregator.checkpoint: required when aggregator.mode is frozen")
         frozen = load_model(recipe.model, source=resolve_model(sec.aggregator.checkpoint, registry).source, for_training=False)
-        other_gen = TimedGenerator(HFGenerator(frozen, batch_size=recipe.generation.batch_size))
+        other_gen = TimedGenerator(_frozen_generator(recipe, frozen))
     elif agg_mode == "adapter":
         raise RecipeError("train_set.aggregator.mode=adapter is not supported yet (use shared or frozen)")
     second_gen = other_gen or policy_gen
@@ -274,7 +273,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
 
     def run_eval(step: int) -> dict[str, float]:
         model.eval()
-        m = evaluate(task, HFGenerator(loaded, batch_size=recipe.generation.batch_size), eval_problems,
+        m = evaluate(task, policy_gen.inner, eval_problems,  # holds the current weights
                      parallel=recipe.infer.parallel, seq_budget=recipe.generation.max_new_tokens,
                      population=recipe.infer.population, agg_set_size=recipe.infer.agg_set_size,
                      agg_max_new_tokens=recipe.generation.agg_max_new_tokens, seed=recipe.seed)
@@ -356,6 +355,14 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
 
 
 # ---------------------------------------------------------------- pieces of the loop
+
+
+def _frozen_generator(recipe: Recipe, frozen):
+    """A frozen model samples through the transformers backend (one vLLM engine per process:
+    the policy's)."""
+    from spiral_cli.generation.hf import HFGenerator
+
+    return HFGenerator(frozen, batch_size=recipe.generation.batch_size, fast_decode=recipe.generation.fast_decode)
 
 
 def _take(pool: list[dict[str, Any]], start: int, n: int) -> list[dict[str, Any]]:
