@@ -185,3 +185,67 @@ def test_train_agg_trains_only_aggregations(tmp_path):
 
     assert math.isnan(row["entropy_search"])
     assert 0 < row["trained_sequences"] <= 4 * 4 * 2
+
+
+@pytest.mark.slow
+def test_aggregator_adapter_mode_trains_two_adapters_and_resumes(tmp_path):
+    """aggregator.mode=adapter: search samples train peft's default adapter, aggregation samples
+    the `aggregator` adapter; the checkpoint carries both (plain peft loads them) and resumes."""
+    from safetensors.torch import load_file
+
+    lora = ["model.lora.r=4", "model.lora.alpha=8", "train_set.aggregator.mode=adapter", "train_set.lr=1.0e-2"]
+    home = tmp_path / "home"
+    train(tmp_path, home, lora + ["train_set.steps=2"])
+    path = Registry(home).resolve("toy-set@2").entry.path
+    search = load_file(str(path / "adapter_model.safetensors"))
+    agg = load_file(str(path / "aggregator" / "adapter_model.safetensors"))
+    assert search.keys() == agg.keys()
+    b_keys = [k for k in search if "lora_B" in k]
+    # both started as the same (zero-B) adapter; each moved, and differently
+    assert any(search[k].abs().sum() > 0 for k in b_keys) and any(agg[k].abs().sum() > 0 for k in b_keys)
+    assert any(not torch.equal(search[k], agg[k]) for k in b_keys)
+
+    # plain peft: the default adapter and the aggregator adapter, without spiral
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(path / "base"))
+    model = PeftModel.from_pretrained(base, str(path))
+    model.load_adapter(str(path / "aggregator"), adapter_name="aggregator")
+    assert set(model.peft_config) == {"default", "aggregator"}
+
+    # spiral loads both, and inference routes aggregation through the aggregator adapter
+    from spiral_cli.generation import make_generator
+    from spiral_cli.generation.roles import AdapterGenerator, for_aggregation
+    from spiral_cli.models import load_model
+    from spiral_cli.recipe import ModelSection
+
+    loaded = load_model(ModelSection(name=str(path), autocast="off"), for_training=False)
+    gen = make_generator(loaded, load_recipe(recipe_file(tmp_path)).generation)
+    assert isinstance(for_aggregation(gen), AdapterGenerator)
+    assert loaded.model.active_adapter == "default"
+    prompts = ["1 2 ->", "3 4 ->"]
+    a = gen.generate(prompts, max_new_tokens=6, temperature=0)
+    b = for_aggregation(gen).generate(prompts, max_new_tokens=6, temperature=0)
+    assert loaded.model.active_adapter == "default"  # restored after the aggregator generated
+    with torch.no_grad():
+        ids = loaded.tokenizer(prompts[0], return_tensors="pt").input_ids
+        l_default = loaded.model(input_ids=ids).logits
+        loaded.model.set_adapter("aggregator")
+        l_agg = loaded.model(input_ids=ids).logits
+        loaded.model.set_adapter("default")
+    assert not torch.allclose(l_default, l_agg)  # two different policies
+    assert len(a) == len(b) == 2
+
+    # resume from the step-2 state to step 3: both adapters come back and keep training
+    train(tmp_path, home, lora + ["train_set.steps=3"])
+    path3 = Registry(home).resolve("toy-set@3").entry.path
+    agg3 = load_file(str(path3 / "aggregator" / "adapter_model.safetensors"))
+    assert any(not torch.equal(agg[k], agg3[k]) for k in b_keys)
+
+
+def test_aggregator_adapter_mode_needs_lora(tmp_path):
+    from spiral_cli.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="aggregator.mode=adapter: needs a LoRA policy"):
+        train(tmp_path, tmp_path / "home", ["train_set.aggregator.mode=adapter", "train_set.steps=1"])

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from spiral_cli.generation.roles import AGGREGATOR_ADAPTER
 from spiral_cli.recipe import ModelSection
 
 log = logging.getLogger(__name__)
@@ -603,7 +604,9 @@ def load_model(
         _prepare_training(model, section, for_training)
 
     if not for_training:
-        if is_lora and section.quantization == "none":
+        # merged = a plain model for sampling; a second (aggregator) adapter keeps the adapters
+        # separate so each role samples with its own
+        if is_lora and section.quantization == "none" and AGGREGATOR_ADAPTER not in model.peft_config:
             model = model.merge_and_unload()
             is_lora = False
         model.eval()
@@ -668,6 +671,11 @@ def _load_adapter_dir(path: Path, section: ModelSection, device, dtype, for_trai
             log.warning("continuing the adapter in %s (r=%s, alpha=%s); model.lora's r/alpha are ignored", path, *cur)
     try:
         model = PeftModel.from_pretrained(model, str(path), is_trainable=for_training)
+        agg_dir = path / AGGREGATOR_ADAPTER  # a second adapter for the aggregation role, if any
+        if (agg_dir / "adapter_config.json").is_file():
+            model.load_adapter(str(agg_dir), adapter_name=AGGREGATOR_ADAPTER, is_trainable=for_training)
+            if for_training:
+                model.set_requires_grad(list(model.peft_config), requires_grad=True)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"could not attach the LoRA adapter in {path}: {_one_line(e)}") from None
     meta = _read_meta(path)
@@ -738,10 +746,11 @@ def save_checkpoint(
                 base_ref = str(final / BASE_SUBDIR)
             else:
                 base_ref = str(src)
-        cfg_file = path / "adapter_config.json"
-        cfg = json.loads(cfg_file.read_text())
-        cfg["base_model_name_or_path"] = base_ref
-        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        for cfg_file in (path / "adapter_config.json", path / AGGREGATOR_ADAPTER / "adapter_config.json"):
+            if cfg_file.is_file():  # the aggregator adapter, when there is one, sits in a subdir
+                cfg = json.loads(cfg_file.read_text())
+                cfg["base_model_name_or_path"] = base_ref
+                cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         meta["base"] = base_ref
     else:
         model.save_pretrained(str(path))

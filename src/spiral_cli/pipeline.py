@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from spiral_cli.generation.base import Completion, Generator
+from spiral_cli.generation.roles import for_aggregation
 from spiral_cli.metrics import majority_vote
 from spiral_cli.tasks.base import Task
 
@@ -205,7 +206,7 @@ def run_pipeline(
         results.append(r)
 
     rounds = cfg.agg_rounds if cfg.aggregate == "learned" else 0
-    populations = aggregate_rounds(task, generator, results, cfg, rounds, rng)
+    populations = aggregate_rounds(task, for_aggregation(generator), results, cfg, rounds, rng)
     for r, lab, pop in zip(results, labelled, populations):
         if cfg.aggregate == "none":
             chosen = r.search[0] if r.search else None  # a single trace: no aggregation at all

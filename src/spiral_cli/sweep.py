@@ -86,6 +86,7 @@ from spiral_cli.metrics import (
     scaling_efficiency,
     wilson_interval,
 )
+from spiral_cli.generation.roles import for_aggregation
 from spiral_cli.pipeline import PipelineConfig, ProblemResult, Trace, aggregate_rounds, run_pipeline, vote_key
 from spiral_cli.recipe import Recipe, RecipeError
 from spiral_cli.registry import Registry
@@ -418,7 +419,7 @@ def _run_learned(ctx: _Context, w: _ModelWork, t: int, n: int, generator: Callab
                 ]
                 seed = _seed("agg", ctx.grid.seed, t, n, r, c)
                 cfg = PipelineConfig(parallel=n, seq_budget=t, agg_rounds=1, seed=seed, **cfg_base)
-                aggregate_rounds(ctx.task, generator(), results, cfg, 1, random.Random(seed))
+                aggregate_rounds(ctx.task, for_aggregation(generator()), results, cfg, 1, random.Random(seed))
                 rows = [
                     {
                         "id": pid, "labelled": res.labelled,

@@ -29,14 +29,21 @@ def __getattr__(name: str) -> Any:  # lazy: importing the protocol does not impo
 
 def make_generator(loaded, section) -> Generator:
     """The backend named by a `GenerationSection` (`backend`, `batch_size`, `vllm`)."""
+    from spiral_cli.generation.roles import attach_aggregator, has_aggregator_adapter
+
     if section.backend == "hf":
         from spiral_cli.generation.hf import HFGenerator
 
-        return HFGenerator(loaded, batch_size=section.batch_size, fast_decode=section.fast_decode)
-    if section.backend == "vllm":
+        generator = HFGenerator(loaded, batch_size=section.batch_size, fast_decode=section.fast_decode)
+    elif section.backend == "vllm":
         try:
             from spiral_cli.generation.vllm import VLLMGenerator  # type: ignore[import-not-found]
         except ImportError as e:
             raise ValueError(f"generation.backend=vllm is not available: {e}") from None
-        return VLLMGenerator(loaded, section)
-    raise ValueError(f"generation.backend: unknown backend {section.backend!r} (hf or vllm)")
+        if has_aggregator_adapter(loaded.model):
+            raise ValueError("a model with an aggregator adapter needs generation.backend=hf")
+        generator = VLLMGenerator(loaded, section)
+    else:
+        raise ValueError(f"generation.backend: unknown backend {section.backend!r} (hf or vllm)")
+    attach_aggregator(loaded, generator)  # a second LoRA adapter plays the aggregation role
+    return generator

@@ -38,6 +38,14 @@ from spiral_cli.models import encode_prompts
 from spiral_cli.paths import runs_dir
 from spiral_cli.recipe import Recipe, RecipeError
 from spiral_cli.registry import Registry
+from spiral_cli.generation.roles import (
+    AGGREGATOR_ADAPTER,
+    SEARCH_ADAPTER,
+    adapter_active,
+    add_aggregator_adapter,
+    for_aggregation,
+    has_aggregator_adapter,
+)
 from spiral_cli.rl.loss import policy_loss
 from spiral_cli.rl.rollout import PromptRollout, RolloutConfig, Sample, grpo_rollouts, spiral_rollouts
 from spiral_cli.tasks import load_task
@@ -225,6 +233,8 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
     # -- models: the policy (trained), and optionally a frozen aggregator or search policy
     loaded = load_model(recipe.model, source=str(state_dir / "model") if resuming else start_ref.source,
                         for_training=True, seed=recipe.seed)
+    agg_mode = getattr(getattr(sec, "aggregator", None), "mode", "shared")
+    adapter_roles = _setup_aggregator_adapter(loaded) if spec.stage == "set" and agg_mode == "adapter" else None
     accelerator = _make_accelerator(loaded.device)
     rank, world = _rank_world(accelerator)
     model = loaded.model
@@ -236,8 +246,9 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         model, optimizer = accelerator.prepare(model, optimizer)
     policy_gen = TimedGenerator(make_generator(recipe, loaded))
     other_gen = None
-    agg_mode = getattr(getattr(sec, "aggregator", None), "mode", "shared")
-    if spec.stage == "agg" and frozen_search_ref:
+    if adapter_roles:  # the aggregator adapter on the same base plays the aggregation role
+        other_gen = TimedGenerator(for_aggregation(policy_gen.inner))
+    elif spec.stage == "agg" and frozen_search_ref:
         frozen = load_model(recipe.model, source=resolve_model(frozen_search_ref, registry).source, for_training=False)
         other_gen = TimedGenerator(_frozen_generator(recipe, frozen))
     elif spec.stage == "set" and agg_mode == "frozen":
@@ -245,8 +256,6 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
             raise RecipeError("train_set.aggregator.checkpoint: required when aggregator.mode is frozen")
         frozen = load_model(recipe.model, source=resolve_model(sec.aggregator.checkpoint, registry).source, for_training=False)
         other_gen = TimedGenerator(_frozen_generator(recipe, frozen))
-    elif agg_mode == "adapter":
-        raise RecipeError("train_set.aggregator.mode=adapter is not supported yet (use shared or frozen)")
     second_gen = other_gen or policy_gen
     ref_model = _reference(recipe, sec, loaded, start_ref)
 
@@ -320,7 +329,8 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         # 3. update
         t_upd = time.perf_counter()
         samples = [s for r in kept for s in r.samples]
-        loss_stats = _update(model, ref_model, optimizer, scheduler, samples, sec, loaded, prompt_cache, accelerator)
+        loss_stats = _update(model, ref_model, optimizer, scheduler, samples, sec, loaded, prompt_cache, accelerator,
+                             adapter_roles)
         policy_gen.update_weights(loaded.model)  # 4. the generator samples from the new weights
         update_seconds = time.perf_counter() - t_upd
         state.step += 1
@@ -357,6 +367,22 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
 # ---------------------------------------------------------------- pieces of the loop
 
 
+def _setup_aggregator_adapter(loaded) -> dict[str, str]:
+    """aggregator.mode=adapter: a second LoRA adapter (a copy of the policy's at the start) is
+    trained on the aggregation samples, the default adapter on the search samples."""
+    import os
+
+    if not loaded.is_lora:
+        raise RecipeError("train_set.aggregator.mode=adapter: needs a LoRA policy (set model.lora, "
+                          "or start from a LoRA checkpoint)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RecipeError("train_set.aggregator.mode=adapter: runs in a single process (DDP would see "
+                          "one adapter unused in each backward pass)")
+    if not has_aggregator_adapter(loaded.model):  # resumed runs and adapter checkpoints carry it
+        add_aggregator_adapter(loaded.model)
+    return {"search": SEARCH_ADAPTER, "aggregate": AGGREGATOR_ADAPTER}
+
+
 def _frozen_generator(recipe: Recipe, frozen):
     """A frozen model samples through the transformers backend (one vLLM engine per process:
     the policy's)."""
@@ -382,10 +408,13 @@ def _reference(recipe: Recipe, sec, loaded, start_ref: ModelRef):
     return ref.model
 
 
-def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, loaded, prompt_cache, accelerator) -> dict[str, float]:
+def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, loaded, prompt_cache, accelerator,
+            adapter_roles: dict[str, str] | None = None) -> dict[str, float]:
     """updates_per_batch passes over the samples, each one optimizer step of micro-batches.
     The normaliser is the whole batch's token count (token_mean) or sequence count
-    (seq_mean), so accumulating micro-batches gives exactly the full-batch gradient."""
+    (seq_mean), so accumulating micro-batches gives exactly the full-batch gradient.
+    `adapter_roles` (aggregator.mode=adapter) maps each role to the LoRA adapter it trains;
+    micro-batches then hold one role each."""
     # Zero-advantage sequences contribute no policy gradient; with beta = 0 they can be skipped.
     # They still count in the normaliser so the loss scale does not depend on the skipping.
     normalizer_tokens = sum(len(s.completion_ids) for s in samples)
@@ -396,23 +425,33 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
     stats: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "entropy_search": float("nan"), "grad_norm": 0.0}
     passes = getattr(sec, "updates_per_batch", 1)
     micro = sec.micro_batch_size
-    # Sort by length so micro-batches carry little padding.
-    active = sorted(active, key=lambda s: len(s.completion_ids) + len(s.prompt))
+    # Sort by length so micro-batches carry little padding (and by role when roles have adapters).
+    groups: list[tuple[str | None, list[Sample]]] = [(None, active)]
+    if adapter_roles:
+        groups = [(adapter_roles[role], [s for s in active if s.role == role]) for role in sorted(adapter_roles)]
+    chunks: list[tuple[str | None, list[Sample]]] = []
+    for adapter, group in groups:
+        group = sorted(group, key=lambda s: len(s.completion_ids) + len(s.prompt))
+        chunks += [(adapter, group[i : i + micro]) for i in range(0, len(group), micro)]
+
+    def role_adapter(adapter: str | None):
+        return adapter_active(getattr(model, "module", model), adapter) if adapter else nullcontext()
+
     old_logps: list[torch.Tensor] | None = None
-    if passes > 1 and active:  # the behaviour policy's log-probs, fixed across passes
-        with torch.no_grad(), loaded.autocast_ctx():
-            old_logps = [token_logprobs(model, build_batch(active[i : i + micro], loaded.tokenizer, loaded.device, prompt_cache))[0]
-                         for i in range(0, len(active), micro)]
+    if passes > 1 and chunks:  # the behaviour policy's log-probs, fixed across passes
+        old_logps = []
+        for adapter, chunk in chunks:
+            with torch.no_grad(), loaded.autocast_ctx(), role_adapter(adapter):
+                old_logps.append(token_logprobs(model, build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache))[0])
     ent_sum = ent_count = 0.0
     for _ in range(passes):
         optimizer.zero_grad(set_to_none=True)
-        chunks = [active[i : i + micro] for i in range(0, len(active), micro)]
         if not chunks:  # nothing to learn from in this batch; keep DDP ranks in step anyway
             _zero_backward(model, accelerator)
-        for ci, chunk in enumerate(chunks):
+        for ci, (adapter, chunk) in enumerate(chunks):
             batch = build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache)
             sync_ctx = accelerator.no_sync(model) if accelerator is not None and ci < len(chunks) - 1 else nullcontext()
-            with sync_ctx:
+            with sync_ctx, role_adapter(adapter):
                 with loaded.autocast_ctx():
                     logp, ent = token_logprobs(model, batch, with_entropy=True)
                     logp_ref = None
