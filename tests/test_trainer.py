@@ -249,3 +249,22 @@ def test_aggregator_adapter_mode_needs_lora(tmp_path):
 
     with pytest.raises(RecipeError, match="aggregator.mode=adapter: needs a LoRA policy"):
         train(tmp_path, tmp_path / "home", ["train_set.aggregator.mode=adapter", "train_set.steps=1"])
+
+
+@pytest.mark.slow
+def test_eval_points_and_curves_are_written(tmp_path):
+    home = tmp_path / "home"
+    train(tmp_path, home, ["train_set.steps=2", "train_set.eval_every=1", "train_set.eval_problems=4"])
+    run = home / "runs" / "toy-set"
+    points = [json.loads(l) for l in (run / "eval.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in points] == [0, 1, 2]
+    assert points[0]["generated_tokens"] == 0 < points[1]["generated_tokens"] < points[2]["generated_tokens"]
+    assert any(k.endswith("/pass@1") for k in points[0])
+    assert (run / "curves.png").stat().st_size > 1000
+    # the CLI overlays runs; an unknown run is a one-line error
+    cmd = [sys.executable, "-m", "spiral_cli", "--home", str(home), "curves", "toy-set", "-o", str(tmp_path / "c.png")]
+    ok = subprocess.run(cmd, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run(cmd[:6] + ["nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no evaluations recorded for run 'nope'" in bad.stderr

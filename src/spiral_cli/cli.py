@@ -233,6 +233,26 @@ def sweep(
     typer.echo(json.dumps(summary, default=str))
 
 
+@app.command()
+@friendly
+def curves(
+    runs: list[str] = typer.Argument(..., help="RL run names (directories under $SPIRAL_HOME/runs)."),
+    out: Path = typer.Option(Path("curves.png"), "--out", "-o", help="Image to write."),
+) -> None:
+    """Plot held-out accuracy against step and generated tokens for one or more RL runs."""
+    from spiral_cli.jsonl import InputError, read_jsonl_file
+    from spiral_cli.paths import runs_dir
+    from spiral_cli.plots import plot_training_curves
+
+    histories = {}
+    for name in runs:
+        path = runs_dir(_home()) / name / "eval.jsonl"
+        if not path.is_file():
+            raise InputError(f"no evaluations recorded for run {name!r} ({path} not found)")
+        histories[name] = [row for _, row in read_jsonl_file(path)]
+    typer.echo(str(plot_training_curves(histories, out)))
+
+
 # ---------------------------------------------------------------- registry
 
 

@@ -194,3 +194,43 @@ def plot_accuracy_vs_rounds(cells: list[dict[str, Any]], path: str | Path, title
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _save(plt, fig, path)
+
+
+CURVE_METRICS = {"pass@1": ("-", "o", "pass@1"), "learned_agg@": ("-.", "^", "learned agg")}
+
+
+def _curve(history: list[dict[str, Any]], metric: str) -> tuple[list[float], list[float], list[float]]:
+    """(steps, generated tokens, values) of the first eval key containing `metric`."""
+    keys = [k for k in (history[0] if history else {}) if metric in k and "/" in k]
+    if not keys:
+        return [], [], []
+    key = sorted(keys)[0]
+    pts = [h for h in history if key in h]
+    return [h["step"] for h in pts], [h["generated_tokens"] for h in pts], [100 * h[key] for h in pts]
+
+
+def plot_training_curves(runs: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> Path:
+    """Held-out accuracy of RL runs against optimizer step and against generated tokens.
+
+    `runs` maps a run name to its eval points (``runs/<name>/eval.jsonl``: step,
+    generated_tokens and the eval metrics such as ``T256/pass@1``)."""
+    plt = _pyplot()
+    colors = _colors(list(runs))
+    fig, (ax_step, ax_tok) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for name, history in runs.items():
+        for metric, (style, marker, label) in CURVE_METRICS.items():
+            steps, tokens, values = _curve(history, metric)
+            if not values:
+                continue
+            kw = dict(color=colors[name], linestyle=style, marker=marker, label=f"{name} {label}")
+            ax_step.plot(steps, values, **kw)
+            ax_tok.plot([t / 1e3 for t in tokens], values, **kw)
+    ax_step.set_xlabel("optimizer step")
+    ax_tok.set_xlabel("generated tokens (thousands)")
+    ax_step.set_ylabel("held-out accuracy (%)")
+    for ax in (ax_step, ax_tok):
+        ax.grid(alpha=0.3)
+    ax_tok.legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title)
+    return _save(plt, fig, path)

@@ -15,6 +15,8 @@ the main process writes checkpoints, the registry and the metrics file.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -49,6 +51,8 @@ from spiral_cli.generation.roles import (
 from spiral_cli.rl.loss import policy_loss
 from spiral_cli.rl.rollout import PromptRollout, RolloutConfig, Sample, grpo_rollouts, spiral_rollouts
 from spiral_cli.tasks import load_task
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- timing of generation vs scoring
@@ -151,8 +155,6 @@ def _is_main(accelerator) -> bool:
 
 def _make_accelerator(device: torch.device):
     """accelerate handles DDP (torchrun / accelerate launch); a single process runs without it."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import Accelerator
@@ -293,6 +295,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         m0 = run_eval(0)
         state.history.append({"step": 0, "generated_tokens": 0, **m0})
         console.print("  eval step 0: " + _fmt_eval(m0))
+        _write_curves(run_dir, spec.name, state.history)
 
     model.train()
     while state.step < sec.steps:
@@ -344,6 +347,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
                 m = run_eval(state.step)
                 state.history.append({"step": state.step, "generated_tokens": state.generated_tokens, **m})
                 row["eval"] = m
+                _write_curves(run_dir, spec.name, state.history)
                 console.print(f"  eval step {state.step}: " + _fmt_eval(m))
         if _is_main(accelerator):
             _log(run_dir / "metrics.jsonl", row, tb)
@@ -370,8 +374,6 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
 def _setup_aggregator_adapter(loaded) -> dict[str, str]:
     """aggregator.mode=adapter: a second LoRA adapter (a copy of the policy's at the start) is
     trained on the aggregation samples, the default adapter on the search samples."""
-    import os
-
     if not loaded.is_lora:
         raise RecipeError("train_set.aggregator.mode=adapter: needs a LoRA policy (set model.lora, "
                           "or start from a LoRA checkpoint)")
@@ -521,6 +523,20 @@ def _step_metrics(state: RunState, kept: list[PromptRollout], drawn: int, loss_s
         **loss_stats,
         "seconds": seconds,
     }
+
+
+def _write_curves(run_dir: Path, name: str, history: list[dict[str, Any]]) -> None:
+    """runs/<name>/eval.jsonl (every eval point so far, step 0 included) and curves.png."""
+    from spiral_cli.plots import plot_training_curves
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "eval.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    os.replace(tmp, run_dir / "eval.jsonl")  # atomic: a resumed run rewrites it from its state
+    try:
+        plot_training_curves({name: history}, run_dir / "curves.png", title=name)
+    except Exception as e:  # noqa: BLE001 - a plot must never stop training
+        log.warning("could not draw %s/curves.png: %s", run_dir, e)
 
 
 def _fmt_eval(m: dict[str, float]) -> str:
