@@ -177,9 +177,12 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     start_time, start_tokens, last_loss = time.time(), tokens_seen, float("nan")
     deadline = start_time + cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
     stopped_early = False
+    schedule: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches): built once per epoch
     while step < cfg.steps:
         epoch, pos = divmod(step, batches_per_epoch)
-        batch_ids = batch_schedule(len(examples), cfg.batch_size, epoch, recipe.seed, lengths)[pos % batches_per_epoch]
+        if schedule[0] != epoch:
+            schedule = (epoch, batch_schedule(len(examples), cfg.batch_size, epoch, recipe.seed, lengths))
+        batch_ids = schedule[1][pos % batches_per_epoch]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
         optimizer.zero_grad(set_to_none=True)
@@ -187,7 +190,9 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
         for micro in _split(batch_ids, cfg.grad_accum):
             batch = collate([examples[i] for i in micro], pad_id, loaded.device)
             with loaded.autocast_ctx():
-                loss = model(**batch).loss / cfg.grad_accum
+                # right padding + causal attention: real tokens never see the pads, so no mask is
+                # needed (same logits), and the maskless attention kernel is much faster on the CPU
+                loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss / cfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
             tokens_seen += int(batch["attention_mask"].sum())
