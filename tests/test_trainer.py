@@ -90,7 +90,7 @@ def test_spiral_step_logs_and_registers_with_lineage(tmp_path):
     for key in ["reward_search", "reward_aggregate", "set_score", "adv_abs_mean", "entropy_search",
                 "len_search", "len_aggregate", "generated_tokens", "total_tokens", "prompts_kept"]:
         assert key in row, key
-    assert set(row["seconds"]) == {"generation", "scoring", "update", "total"}
+    assert set(row["seconds"]) == {"generation", "scoring", "update", "sync", "total"}
     # 4 prompts x (8 search + 4 sets x 2 aggregations) = 64 sequences of <= 6 tokens, at least once
     assert row["generated_tokens"] <= row["prompts_drawn"] * 16 * 6
     assert row["total_tokens"] > row["generated_tokens"]

@@ -31,6 +31,11 @@ err = Console(stderr=True, soft_wrap=True)
 _state: dict[str, Any] = {"home": None}
 
 SetOpt = typer.Option(None, "--set", help="Override a recipe field, e.g. --set train_set.lr=1e-5 (repeatable).")
+BackendOpt = typer.Option(None, "--backend", help="Generation backend: hf | vllm (generation.backend).")
+
+
+def _with_backend(overrides: Optional[list[str]], backend: Optional[str]) -> list[str]:
+    return list(overrides or []) + ([f"generation.backend={backend}"] if backend else [])
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -129,9 +134,10 @@ def sft(
     model: Optional[str] = typer.Option(None, help="Start from this model instead of the recipe's model.name."),
     data: Optional[Path] = typer.Option(None, help="JSONL of {prompt, completion} instead of the task's examples."),
     resume: bool = typer.Option(True, help="Resume from the run's last checkpoint if there is one."),
+    backend: Optional[str] = BackendOpt,
 ) -> None:
     """Supervised warm start: the search format and the aggregation format."""
-    r = _load(recipe, overrides)
+    r = _load(recipe, _with_backend(overrides, backend))
     if data is not None:
         r.sft.data = str(data)
     if model is not None:
@@ -150,9 +156,10 @@ def train_set(
     objective: Optional[str] = typer.Option(None, help="spiral (set RL, default) or grpo (baseline)."),
     name: Optional[str] = typer.Option(None, help="Registry name (default: <recipe>-set or <recipe>-grpo)."),
     model: Optional[str] = typer.Option(None, help="Start from this checkpoint (default: <recipe>-sft)."),
+    backend: Optional[str] = BackendOpt,
 ) -> None:
     """SPIRAL set RL on search + aggregation traces (or --objective grpo)."""
-    r = _load(recipe, list(overrides or []) + ([f"train_set.objective={objective}"] if objective else []))
+    r = _load(recipe, _with_backend(overrides, backend) + ([f"train_set.objective={objective}"] if objective else []))
     try:
         from spiral_cli.rl.trainer import run_train_set
     except ImportError:
@@ -168,9 +175,10 @@ def train_agg(
     overrides: Optional[list[str]] = SetOpt,
     name: Optional[str] = typer.Option(None, help="Registry name (default: <recipe>-agg)."),
     model: Optional[str] = typer.Option(None, help="Aggregator to train (default: <recipe>-sft)."),
+    backend: Optional[str] = BackendOpt,
 ) -> None:
     """RL on the aggregation role only, over sets from a frozen search policy."""
-    r = _load(recipe, overrides)
+    r = _load(recipe, _with_backend(overrides, backend))
     try:
         from spiral_cli.rl.trainer import run_train_agg
     except ImportError:
@@ -197,7 +205,7 @@ def infer(
     prompt: Optional[str] = typer.Option(None, help="One problem given as a raw search prompt."),
     eval_split: Optional[int] = typer.Option(None, "--eval", help="Use N problems of the task's eval split."),
     traces: bool = typer.Option(False, "--traces", help="Include every trace in the output."),
-    backend: Optional[str] = typer.Option(None, help="hf | vllm"),
+    backend: Optional[str] = BackendOpt,
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -225,11 +233,12 @@ def sweep(
     models: str = typer.Option(..., help="Comma-separated models (registry names or paths)."),
     overrides: Optional[list[str]] = SetOpt,
     out: Optional[Path] = typer.Option(None, help="Output directory."),
+    backend: Optional[str] = BackendOpt,
 ) -> None:
     """Inference-compute scaling curves over N x T x R, with plots and scaling efficiency."""
     from spiral_cli.sweep import run_sweep
 
-    summary = run_sweep(_load(recipe, overrides), models=models.split(","), out=out, home=_home(), console=err)
+    summary = run_sweep(_load(recipe, _with_backend(overrides, backend)), models=models.split(","), out=out, home=_home(), console=err)
     typer.echo(json.dumps(summary, default=str))
 
 

@@ -148,6 +148,9 @@ def run_infer(
         rate = done / max(time.time() - t0, 1e-9)
         acc = f", accuracy {correct}/{labelled} = {correct / labelled:.1%}" if labelled else ""
         console.print(f"  {done} problems ({rate:.2f}/s){acc}")
+    close = getattr(generator, "close", None)
+    if close is not None:  # a vLLM engine frees its memory and temporary model directory
+        close()
     summary = {
         "problems": done, "labelled": labelled, "accuracy": correct / labelled if labelled else None,
         "generated_tokens": generated, "total_tokens": total, "seconds": round(time.time() - t0, 2),

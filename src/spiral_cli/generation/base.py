@@ -58,6 +58,22 @@ class Generator(Protocol):
         ...
 
 
+def check_generate_args(prompts, n: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+    """The argument checks every backend's `generate` makes (same messages everywhere)."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not a string")
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0")
+    if not 0 < top_p <= 1:
+        raise ValueError("top_p must be in (0, 1]")
+    if top_k < 0:
+        raise ValueError("top_k must be >= 0")
+
+
 def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, str | None]:
     """Cut `text` before the earliest occurrence of any stop string -> (text, matched stop)."""
     if not stop:

@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from spiral_cli.generation.base import Completion, cut_at_stop
+from spiral_cli.generation.base import Completion, check_generate_args, cut_at_stop
 from spiral_cli.generation.lean_qwen2 import LeanQwen2
 from spiral_cli.generation.lean_qwen2 import supports as lean_supports
 from spiral_cli.models import LoadedModel, encode_prompts, eos_token_ids
@@ -76,18 +76,7 @@ class HFGenerator:
         stop: list[str] | None = None,
         seed: int | None = None,
     ) -> list[list[Completion]]:
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not a string")
-        if n < 1:
-            raise ValueError("n must be >= 1")
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if top_k < 0:
-            raise ValueError("top_k must be >= 0")
+        check_generate_args(prompts, n, max_new_tokens, temperature, top_p, top_k)
         if not prompts:
             return []
         stop = [s for s in (stop or []) if s]

@@ -338,13 +338,15 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         samples = [s for r in kept for s in r.samples]
         loss_stats = _update(model, ref_model, optimizer, scheduler, samples, sec, loaded, prompt_cache, accelerator,
                              adapter_roles)
-        policy_gen.update_weights(loaded.model)  # 4. the generator samples from the new weights
         update_seconds = time.perf_counter() - t_upd
+        t_sync = time.perf_counter()
+        policy_gen.update_weights(loaded.model)  # 4. the generator samples from the new weights
+        sync_seconds = time.perf_counter() - t_sync
         state.step += 1
 
         row = _step_metrics(state, kept, drawn, loss_stats, {
             "generation": gen_seconds, "scoring": rollout_seconds - gen_seconds,
-            "update": update_seconds, "total": time.perf_counter() - t_step,
+            "update": update_seconds, "sync": sync_seconds, "total": time.perf_counter() - t_step,
         })
         if state.step % sec.eval_every == 0 or state.step == sec.steps:
             if eval_problems and _is_main(accelerator):
@@ -360,11 +362,14 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
                 + (f" agg {row['reward_aggregate']:.3f}" if row.get("reward_aggregate") is not None else "")
                 + f" kept {len(kept)}/{drawn} entropy {row['entropy_search']:.3f} "
                 f"| {row['seconds']['total']:.1f}s (gen {gen_seconds:.1f}, score {row['seconds']['scoring']:.2f}, "
-                f"update {update_seconds:.1f}) | {state.generated_tokens:,} gen tokens"
+                f"update {update_seconds:.1f}, sync {sync_seconds:.2f}) | {state.generated_tokens:,} gen tokens"
             )
         if state.step % sec.save_every == 0 or state.step == sec.steps:
             _checkpoint(recipe, spec, loaded, optimizer, scheduler, state, registry, home, state_dir, start_ref, accelerator)
 
+    close = getattr(policy_gen.inner, "close", None)
+    if close is not None:  # a vLLM engine frees its memory and temporary model directory
+        close()
     final = registry.latest(spec.name)
     result = {"name": spec.name, "stage": spec.stage, "steps": state.step,
               "generated_tokens": state.generated_tokens, "total_tokens": state.total_tokens,
