@@ -1,0 +1,68 @@
+"""How well does a countdown aggregator verify its candidates? (a diagnostic, not a test)
+
+For held-out problems: N=8 search traces per problem, then P=8 aggregation prompts per problem,
+each over a random subset of k=4 of those traces (as `spiral infer` builds them). Each
+aggregation writes one verdict line per candidate ("<i>: <check> ok|no"); this script compares
+every verdict with the candidate's true correctness and prints the confusion counts, how often
+the aggregation's final answer is right (overall and when at least one candidate was right), and
+how often it rejected every candidate.
+
+    .venv/bin/python scripts/agg_diagnosis.py <checkpoint dir or registry path> [temperature] [problems]
+"""
+from __future__ import annotations
+
+import collections
+import random
+import re
+import sys
+
+
+def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100) -> None:
+    from spiral_cli.generation.hf import HFGenerator
+    from spiral_cli.models import load_model
+    from spiral_cli.pipeline import PipelineConfig, draw_subsets, run_pipeline
+    from spiral_cli.recipe import load_recipe
+    from spiral_cli.tasks import load_task
+
+    recipe = load_recipe("recipes/countdown.yaml", [])
+    task = load_task(recipe.task.name, recipe.task.options())
+    gen = HFGenerator(load_model(recipe.model, source=ckpt, for_training=False), batch_size=256)
+    problems = task.problems("eval", n_problems, seed=0)
+    cfg = PipelineConfig(parallel=8, seq_budget=256, agg_rounds=0, aggregate="majority", seed=0)
+    results = run_pipeline(task, gen, problems, cfg)
+    rng = random.Random(0)
+    prompts, sets = [], []
+    for i, r in enumerate(results):
+        for subset in draw_subsets(8, 4, 8, rng):
+            cands = [r.search[j] for j in subset]
+            prompts.append(task.aggregate_prompt(problems[i], [c.text for c in cands]))
+            sets.append((i, cands))
+    outs = gen.generate(prompts, n=1, max_new_tokens=256, temperature=temperature, stop=task.stop_strings(), seed=1)
+    c = collections.Counter()
+    for (i, cands), out in zip(sets, outs):
+        text = out[0].text
+        right = task.is_correct(problems[i], text)
+        any_right = any(t.correct for t in cands)
+        c["sets"] += 1
+        c["sets with a right candidate"] += any_right
+        c["aggregation right"] += right
+        c["aggregation right | a right candidate"] += right and any_right
+        verdicts = {int(m.group(1)): m.group(2).rstrip() for m in re.finditer(r"^(\d+): (.*)$", text, re.M)}
+        if not any(v.endswith(" ok") for v in verdicts.values()):
+            c["rejected every candidate"] += 1
+        for k, t in enumerate(cands, 1):
+            if t.answer is None or k not in verdicts:
+                continue
+            ok = verdicts[k].endswith(" ok")
+            c[("accepted" if ok else "rejected") + (" right" if t.correct else " wrong") + " candidate"] += 1
+    pass1 = sum(t.correct for r in results for t in r.search) / (8 * len(results))
+    for k, v in c.items():
+        print(f"{k:40s} {v}")
+    acc_wrong = c["accepted wrong candidate"] / max(1, c["accepted wrong candidate"] + c["rejected wrong candidate"])
+    acc_right = c["accepted right candidate"] / max(1, c["accepted right candidate"] + c["rejected right candidate"])
+    print(f"pass@1 of the search traces {pass1:.3f}; aggregation accuracy {c['aggregation right'] / c['sets']:.3f}")
+    print(f"accepts {acc_right:.0%} of right candidates and {acc_wrong:.0%} of wrong ones")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 1.0, int(sys.argv[3]) if len(sys.argv) > 3 else 100)
