@@ -279,10 +279,13 @@ task: {name: "toy_task:ToyTask"}
 model: {name: "scratch:nano", max_seq_len: 128, autocast: "off"}
 generation: {max_new_tokens: 6, agg_max_new_tokens: 6, batch_size: 128, backend: vllm, vllm: {gpu_memory_utilization: 0.2}}
 train_set:
-  objective: grpo
+  objective: spiral             # set RL: search traces, then aggregations of sets sharing a prompt
   steps: 2
   prompts_per_step: 4
-  num_generations: 8
+  num_search: 8
+  num_sets: 4
+  set_size: 4
+  num_aggregations: 2
   lr: 1.0e-3
   eval_every: 100
   eval_problems: 0
@@ -318,12 +321,14 @@ def test_train_set_with_vllm_backend_registers_a_checkpoint(trained_run):
 
     home, _, result = trained_run
     assert result["steps"] == 2
-    entries = Registry(home).ls("toyv-grpo")
-    assert [(e.step, e.stage) for e in entries] == [(2, "grpo")]
+    entries = Registry(home).ls("toyv-set")
+    assert [(e.step, e.stage) for e in entries] == [(2, "set")]
     assert entries[0].recipe["generation"]["backend"] == "vllm"
-    rows = [json.loads(line) for line in (home / "runs" / "toyv-grpo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (home / "runs" / "toyv-set" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(0 < r["generated_tokens"] for r in rows)
+    assert all(r["reward_aggregate"] is not None for r in rows)  # aggregations were sampled by vLLM too
+    assert all(r["seconds"]["sync"] > 0 for r in rows)  # the new weights were pushed after each step
 
 
 def _spiral(args, home: Path) -> subprocess.CompletedProcess:
@@ -335,7 +340,7 @@ def _spiral(args, home: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_cli_infer_with_vllm_backend_matches_hf(trained_run):
     home, _, _ = trained_run
-    args = ["infer", "--model", "toyv-grpo", "--eval", "6", "--parallel", "2", "--agg-rounds", "0",
+    args = ["infer", "--model", "toyv-set", "--eval", "6", "--parallel", "2", "--agg-rounds", "0",
             "--aggregate", "majority", "--traces", "--set", "generation.temperature=0"]
     outs = {}
     for backend in ("vllm", "hf"):
