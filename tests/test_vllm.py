@@ -188,6 +188,16 @@ def _check_n_samples_and_seeds(lm, engine):
 
 
 @pytest.mark.slow
+def test_many_long_seeded_prompts_in_one_call(trained, engine):
+    """More prompt tokens than one engine step takes: with chunked prefill, vLLM 0.32 on the CPU
+    rewound a seeded request's generator and crashed ("CPU Generator does not use offset")."""
+    prompts = [f"{i} " + "12 7 3 9 25 -> 61, " * 20 for i in range(64)]  # ~24k prompt tokens
+    outs = engine.generate(prompts, n=2, max_new_tokens=4, temperature=1.0, seed=3)
+    assert len(outs) == 64 and all(len(s) == 2 and all(c.token_ids for c in s) for s in outs)
+    again = engine.generate(prompts, n=2, max_new_tokens=4, temperature=1.0, seed=3)
+    assert [[c.token_ids for c in s] for s in outs] == [[c.token_ids for c in s] for s in again]
+
+
 def test_full_weight_update_serves_the_new_weights(trained, engine):
     ft = copy.deepcopy(trained)
     for p in ft.model.parameters():

@@ -114,6 +114,12 @@ def _remove_dirs(dirs: list[str]) -> None:
         shutil.rmtree(dirs.pop(), ignore_errors=True)
 
 
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 def _refresh_cpu_weight_gemms(worker) -> int:
     """Run in the vLLM worker after `reload_weights`: on the CPU, re-pack the GEMMs that keep
     their weight tensor (the embedding and the LM head). vLLM 0.32's CPU backend packs the LM
@@ -183,6 +189,14 @@ class VLLMGenerator:
         )
         if vs.max_model_len is not None:
             kwargs["max_model_len"] = int(vs.max_model_len)
+        if _on_cpu():
+            # vLLM 0.32 on the CPU crashes ("CPU Generator does not use offset") when a seeded
+            # request's prefill is split over steps: it rewinds the request's generator, which
+            # CPU generators cannot do. Whole prefills avoid that; the budget must then hold the
+            # longest prompt.
+            kwargs["enable_chunked_prefill"] = False
+            longest = vs.max_model_len or getattr(model.config, "max_position_embeddings", 0) or 0
+            kwargs["max_num_batched_tokens"] = max(16384, int(longest))
         self.sleep_mode = bool(vs.enable_sleep_mode) and self._sleep_supported()
         if vs.enable_sleep_mode and not self.sleep_mode:
             log.warning("generation.vllm.enable_sleep_mode: not supported by vLLM on this platform; ignored")
