@@ -97,3 +97,30 @@ def test_sft_resumes_from_its_last_state(trained, tmp_path):
     assert json.loads(out.stdout)["step"] == 130
     steps = [e.step for e in __import__("spiral_cli.registry", fromlist=["Registry"]).Registry(home).ls("tiny-sft")]
     assert steps == [120, 130]
+
+
+@pytest.mark.slow
+def test_sft_adds_aggregation_examples_over_its_own_candidates(tmp_path):
+    """sft.self_aggregate_examples: halfway through, the model samples candidates for new train
+    problems; the verifier writes the targets; training continues on the mixed pool."""
+    from spiral_cli.recipe import load_recipe
+    from spiral_cli.sft import run_sft
+    from rich.console import Console
+
+    recipe_path = tmp_path / "tiny.yaml"
+    recipe_path.write_text(RECIPE)
+    recipe = load_recipe(recipe_path, [
+        "sft.steps=8", "sft.save_every=4", "sft.num_search_examples=32", "sft.num_aggregate_examples=8",
+        "sft.self_aggregate_examples=6", "sft.self_aggregate_after=0.5", "generation.temperature=1.0",
+    ])
+    home = tmp_path / "home"
+    result = run_sft(recipe, home=home, console=Console(stderr=True, quiet=True))
+    assert result["step"] == 8
+    rows = [json.loads(line) for line in (home / "runs" / "tiny-sft" / "self_aggregate.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(r["kind"] == "self_aggregate" for r in rows)
+    for r in rows:
+        assert r["prompt"].startswith("agg ")
+        # one verdict line per candidate, written by the verifier, not by the model
+        verdicts = [line for line in r["completion"].splitlines() if line[:2] in ("1:", "2:", "3:", "4:")]
+        assert [v[:2] for v in verdicts] == ["1:", "2:", "3:", "4:"]
+        assert all(v.endswith((" ok", " no", "none")) for v in verdicts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -105,12 +106,51 @@ def collate(examples: list[Example], pad_id: int, device: torch.device) -> dict[
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
+def self_aggregate_pairs(task: Task, generator, n: int, set_size: int, recipe: Recipe) -> list[dict[str, str]]:
+    """Aggregation examples whose candidates are the model's own samples (its real kinds of
+    wrong answers, which a solver's corrupted expressions do not cover) and whose targets come
+    from the task's verifier (`aggregate_completion`): check every candidate, keep a verified one."""
+    make = getattr(task, "aggregate_completion", None)
+    if make is None:
+        raise InputError(f"sft.self_aggregate_examples: task {task.name!r} has no aggregate_completion to build targets")
+    problems = task.problems("train", n, seed=recipe.seed + 104_729)
+    gen = recipe.generation
+    outs = generator.generate(
+        [task.search_prompt(p) for p in problems], n=set_size, max_new_tokens=gen.max_new_tokens,
+        temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, stop=task.stop_strings(), seed=recipe.seed,
+    )
+    rng = random.Random(f"self-aggregate/{recipe.seed}")
+    pairs = []
+    for p, samples in zip(problems, outs):
+        texts = [c.text for c in samples]
+        pairs.append({"prompt": task.aggregate_prompt(p, texts), "completion": make(p, texts, rng), "kind": "self_aggregate"})
+    return pairs
+
+
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _self_aggregate_examples(task: Task, loaded, recipe: Recipe, path: Path, console: Console) -> list[Example]:
+    """Phase-2 examples: read back on resume (the same ones), else sampled now and saved."""
+    from spiral_cli.infer import make_generator
+
+    cfg = recipe.sft
+    if path.is_file():
+        pairs = [row for _, row in read_jsonl_file(path)]
+    else:
+        t0 = time.time()
+        pairs = self_aggregate_pairs(task, make_generator(recipe, loaded), cfg.self_aggregate_examples, cfg.set_size, recipe)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        os.replace(tmp, path)
+        console.print(f"  built {len(pairs)} aggregation examples over the model's own candidates ({time.time() - t0:.0f}s)")
+    out, _ = tokenize_examples(pairs, loaded.tokenizer, cfg.max_len)
+    return out
 
 
 def _save_state(loaded, optimizer, step: int, state_dir: Path, extra: dict[str, Any]) -> None:
@@ -170,7 +210,13 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
         console.print(f"  resumed from {state_dir} at step {step}" + (" (already finished; --no-resume starts over)" if step >= cfg.steps else ""))
 
     pad_id = loaded.tokenizer.pad_token_id
-    batches_per_epoch = max(1, len(examples) // cfg.batch_size)
+    # Phase 2 (sft.self_aggregate_examples): from step `switch` on, the pool also holds
+    # aggregation examples over the model's own candidates, kept in the run dir for resume.
+    switch = int(cfg.steps * cfg.self_aggregate_after) if cfg.self_aggregate_examples and not cfg.data else None
+    self_agg_file = runs_dir(home) / name / "self_aggregate.jsonl"
+    if not resuming:
+        self_agg_file.unlink(missing_ok=True)
+    pool, pool_start = examples, 0  # the examples of the current phase, and the step it began
     log_path = runs_dir(home) / name / "metrics.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     model.train()
@@ -179,16 +225,21 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     stopped_early = False
     schedule: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches): built once per epoch
     while step < cfg.steps:
-        epoch, pos = divmod(step, batches_per_epoch)
+        if switch is not None and step >= switch and pool is examples:
+            pool = examples + _self_aggregate_examples(task, loaded, recipe, self_agg_file, console)
+            pool_start, schedule = switch, (-1, [])
+            lengths = [len(e.input_ids) for e in pool]
+        batches_per_epoch = max(1, len(pool) // cfg.batch_size)
+        epoch, pos = divmod(step - pool_start, batches_per_epoch)
         if schedule[0] != epoch:
-            schedule = (epoch, batch_schedule(len(examples), cfg.batch_size, epoch, recipe.seed, lengths))
+            schedule = (epoch, batch_schedule(len(pool), cfg.batch_size, epoch, recipe.seed, lengths))
         batch_ids = schedule[1][pos % batches_per_epoch]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for micro in _split(batch_ids, cfg.grad_accum):
-            batch = collate([examples[i] for i in micro], pad_id, loaded.device)
+            batch = collate([pool[i] for i in micro], pad_id, loaded.device)
             with loaded.autocast_ctx():
                 # right padding + causal attention: real tokens never see the pads, so no mask is
                 # needed (same logits), and the maskless attention kernel is much faster on the CPU
