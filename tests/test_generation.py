@@ -52,7 +52,11 @@ def test_protocol_and_factory(loaded):
     gen = make_generator(loaded, GenerationSection(batch_size=8))
     assert isinstance(gen, HFGenerator) and isinstance(gen, Generator)
     assert gen.batch_size == 8
-    gen.update_weights(loaded.model)  # no-op for HF
+    gen.update_weights(loaded.model)
+    # fast_decode: auto = the lean engine on the CPU; off (or false) = transformers' forward
+    assert make_generator(loaded, GenerationSection()).engine == "lean"
+    assert make_generator(loaded, GenerationSection(fast_decode="off")).engine == "transformers"
+    assert make_generator(loaded, GenerationSection(fast_decode=False)).engine == "transformers"
 
 
 @pytest.mark.parametrize("fast_decode", [True, False], ids=["lean", "transformers"])

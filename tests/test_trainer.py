@@ -243,6 +243,21 @@ def test_aggregator_adapter_mode_trains_two_adapters_and_resumes(tmp_path):
     agg3 = load_file(str(path3 / "aggregator" / "adapter_model.safetensors"))
     assert any(not torch.equal(agg[k], agg3[k]) for k in b_keys)
 
+    # train-agg from that checkpoint trains its aggregator adapter, not the search adapter
+    from spiral_cli.rl.trainer import run_train_agg
+
+    recipe = load_recipe(recipe_file(tmp_path), ["train_agg.steps=1", "train_agg.prompts_per_step=4",
+                                                 "train_agg.num_aggregations=2", "train_agg.eval_problems=0",
+                                                 "train_agg.save_every=1", "train_agg.lr=1.0e-2",
+                                                 f"train_agg.search_model={path3}"])
+    run_train_agg(recipe, home=home, model=str(path3), console=quiet())
+    path_agg = Registry(home).resolve("toy-agg@1").entry.path
+    search3 = load_file(str(path3 / "adapter_model.safetensors"))
+    search_a = load_file(str(path_agg / "adapter_model.safetensors"))
+    agg_a = load_file(str(path_agg / "aggregator" / "adapter_model.safetensors"))
+    assert all(torch.equal(search3[k], search_a[k]) for k in search3)  # untouched
+    assert any(not torch.equal(agg3[k], agg_a[k]) for k in b_keys)  # trained
+
 
 def test_aggregator_adapter_mode_needs_lora(tmp_path):
     from spiral_cli.recipe import RecipeError

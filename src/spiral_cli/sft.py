@@ -144,13 +144,23 @@ def _self_aggregate_examples(task: Task, loaded, recipe: Recipe, path: Path, con
         pairs = [row for _, row in read_jsonl_file(path)]
     else:
         t0 = time.time()
-        pairs = self_aggregate_pairs(task, make_generator(recipe, loaded), cfg.self_aggregate_examples, cfg.set_size, recipe)
+        generator = make_generator(recipe, loaded)
+        try:
+            pairs = self_aggregate_pairs(task, generator, cfg.self_aggregate_examples, cfg.set_size, recipe)
+        finally:
+            _close(generator)
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         os.replace(tmp, path)
         console.print(f"  built {len(pairs)} aggregation examples over the model's own candidates ({time.time() - t0:.0f}s)")
     out, _ = tokenize_examples(pairs, loaded.tokenizer, cfg.max_len)
     return out
+
+
+def _close(generator) -> None:
+    close = getattr(generator, "close", None)
+    if close is not None:  # a vLLM engine frees its memory before training goes on
+        close()
 
 
 def _save_state(loaded, optimizer, step: int, state_dir: Path, extra: dict[str, Any]) -> None:
@@ -261,6 +271,9 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
             _save_state(loaded, optimizer, step, state_dir, {"tokens_seen": tokens_seen})
         if deadline and time.time() > deadline:
             console.print(f"  time budget of {cfg.time_budget_minutes} min reached at step {step}")
+            if switch is not None and step < switch:
+                console.print(f"  [yellow]warning:[/] stopped before step {switch}, where sft.self_aggregate_examples "
+                              "would have been added; raise the budget or lower self_aggregate_after")
             stopped_early = True
             break
     train_seconds = time.time() - start_time
@@ -283,6 +296,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
                 short_budget=max(1, gen.max_new_tokens // 4),
             )
         )
+        _close(generator)
         metrics["eval_seconds"] = time.time() - t_eval
     entry = save_registered(
         loaded, registry, home, name=name, stage="sft", step=step, parent=base.lineage,

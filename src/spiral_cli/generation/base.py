@@ -54,7 +54,7 @@ class Generator(Protocol):
         ...
 
     def update_weights(self, model) -> None:
-        """Backends holding their own copy of the weights (vLLM) reload them; HF: no-op."""
+        """Backends holding their own copy of the weights (vLLM, the lean hf path) reload them."""
         ...
 
 

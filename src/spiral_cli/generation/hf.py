@@ -32,9 +32,10 @@ from spiral_cli.models import LoadedModel, encode_prompts, eos_token_ids
 
 
 class HFGenerator:
-    """Generator backed by the in-memory model (shares its weights: `update_weights` is a no-op)."""
+    """Generator backed by the in-memory model. The transformers engine shares its weights; the
+    lean engine holds a copy, which `update_weights` refreshes after each optimizer step."""
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 64, fast_decode: bool = True):
+    def __init__(self, loaded: LoadedModel, batch_size: int = 64, fast_decode: str | bool = "auto"):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.loaded = loaded
@@ -45,7 +46,9 @@ class HFGenerator:
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self._backend_tok = getattr(self.tokenizer, "backend_tokenizer", None)
         self.lean: LeanQwen2 | None = None
-        if fast_decode and lean_supports(self.model):
+        mode = {True: "on", False: "off"}.get(fast_decode, fast_decode)  # type: ignore[arg-type]
+        wanted = mode == "on" or (mode == "auto" and self.device.type == "cpu")
+        if wanted and lean_supports(self.model):
             compute = torch.bfloat16 if loaded.autocast else next(self.model.parameters()).dtype
             self.lean = LeanQwen2(self.model, compute)
 

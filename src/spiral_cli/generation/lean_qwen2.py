@@ -12,6 +12,9 @@ Numerics follow transformers' module under the same settings: RMSNorm in float32
 stream in the parameters' dtype, matrix products in bf16 when the model runs under bf16 autocast
 (as `torch.autocast` would), rotary in float32 before the cast (as autocast's SDPA would).
 
+(For a bf16 model without autocast transformers rounds cos/sin to bf16; here rotary stays in
+float32, slightly more precise, so those two differ by bf16 rounding.)
+
 Only plain `Qwen2ForCausalLM` models with default RoPE and full attention are supported
 (`supports`); everything else (peft adapters, quantized weights, sliding windows, other
 architectures) uses the transformers forward.

@@ -9,6 +9,7 @@ default adapter), so `PeftModel.from_pretrained(base, ckpt)` gives the search po
 from __future__ import annotations
 
 import contextlib
+import copy
 
 from spiral_cli.generation.base import Completion
 
@@ -25,7 +26,7 @@ def add_aggregator_adapter(model) -> None:
     same warm start), both trainable."""
     import torch
 
-    model.add_adapter(AGGREGATOR_ADAPTER, model.peft_config[SEARCH_ADAPTER])
+    model.add_adapter(AGGREGATOR_ADAPTER, copy.deepcopy(model.peft_config[SEARCH_ADAPTER]))
     with torch.no_grad():
         params = dict(model.named_parameters())
         for name, p in params.items():

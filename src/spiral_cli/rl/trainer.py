@@ -45,6 +45,7 @@ from spiral_cli.generation.roles import (
     SEARCH_ADAPTER,
     adapter_active,
     add_aggregator_adapter,
+    attach_aggregator,
     for_aggregation,
     has_aggregator_adapter,
 )
@@ -240,7 +241,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
     loaded = load_model(recipe.model, source=str(state_dir / "model") if resuming else start_ref.source,
                         for_training=True, seed=recipe.seed)
     agg_mode = getattr(getattr(sec, "aggregator", None), "mode", "shared")
-    adapter_roles = _setup_aggregator_adapter(loaded) if spec.stage == "set" and agg_mode == "adapter" else None
+    adapter_roles = _aggregator_adapter_roles(loaded, spec.stage, agg_mode)
     accelerator = _make_accelerator(loaded.device)
     rank, world = _rank_world(accelerator)
     model = loaded.model
@@ -250,10 +251,12 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     if accelerator is not None:
         model, optimizer = accelerator.prepare(model, optimizer)
-    policy_gen = TimedGenerator(make_generator(recipe, loaded))
+    generator = make_generator(recipe, loaded)  # evaluation uses it as is (both roles)
+    # train-agg trains the aggregation role: with an aggregator adapter, that adapter samples
+    policy_gen = TimedGenerator(for_aggregation(generator) if spec.stage == "agg" else generator)
     other_gen = None
-    if adapter_roles:  # the aggregator adapter on the same base plays the aggregation role
-        other_gen = TimedGenerator(for_aggregation(policy_gen.inner))
+    if adapter_roles and spec.stage == "set":  # the aggregator adapter plays the aggregation role
+        other_gen = TimedGenerator(for_aggregation(generator))
     elif spec.stage == "agg" and frozen_search_ref:
         frozen = load_model(recipe.model, source=resolve_model(frozen_search_ref, registry).source, for_training=False)
         other_gen = TimedGenerator(_frozen_generator(recipe, frozen))
@@ -261,7 +264,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         if not sec.aggregator.checkpoint:
             raise RecipeError("train_set.aggregator.checkpoint: required when aggregator.mode is frozen")
         frozen = load_model(recipe.model, source=resolve_model(sec.aggregator.checkpoint, registry).source, for_training=False)
-        other_gen = TimedGenerator(_frozen_generator(recipe, frozen))
+        other_gen = TimedGenerator(for_aggregation(_frozen_generator(recipe, frozen)))
     second_gen = other_gen or policy_gen
     ref_model = _reference(recipe, sec, loaded, start_ref)
 
@@ -288,7 +291,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
 
     def run_eval(step: int) -> dict[str, float]:
         model.eval()
-        m = evaluate(task, policy_gen.inner, eval_problems,  # holds the current weights
+        m = evaluate(task, generator, eval_problems,  # holds the current weights
                      parallel=recipe.infer.parallel, seq_budget=recipe.generation.max_new_tokens,
                      population=recipe.infer.population, agg_set_size=recipe.infer.agg_set_size,
                      agg_max_new_tokens=recipe.generation.agg_max_new_tokens, seed=recipe.seed)
@@ -367,7 +370,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         if state.step % sec.save_every == 0 or state.step == sec.steps:
             _checkpoint(recipe, spec, loaded, optimizer, scheduler, state, registry, home, state_dir, start_ref, accelerator)
 
-    close = getattr(policy_gen.inner, "close", None)
+    close = getattr(generator, "close", None)
     if close is not None:  # a vLLM engine frees its memory and temporary model directory
         close()
     final = registry.latest(spec.name)
@@ -380,26 +383,46 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
 # ---------------------------------------------------------------- pieces of the loop
 
 
-def _setup_aggregator_adapter(loaded) -> dict[str, str]:
-    """aggregator.mode=adapter: a second LoRA adapter (a copy of the policy's at the start) is
-    trained on the aggregation samples, the default adapter on the search samples."""
-    if not loaded.is_lora:
-        raise RecipeError("train_set.aggregator.mode=adapter: needs a LoRA policy (set model.lora, "
-                          "or start from a LoRA checkpoint)")
+def _aggregator_adapter_roles(loaded, stage: str, agg_mode: str) -> dict[str, str] | None:
+    """Which LoRA adapter each trained role updates, or None (one set of weights for all).
+
+    aggregator.mode=adapter: a second adapter (a copy of the policy's at the start) learns from
+    the aggregation samples, the default adapter from the search samples. A starting checkpoint
+    that already carries an aggregator adapter keeps that form in set RL (mode shared) and in
+    train-agg (which then trains the aggregator adapter); GRPO trains the search adapter only."""
+    carries = has_aggregator_adapter(loaded.model)
+    if stage == "set" and (agg_mode == "adapter" or (carries and agg_mode == "shared")):
+        return _setup_aggregator_adapter(loaded)
+    if stage == "agg" and carries:
+        _check_single_process()
+        return {"aggregate": AGGREGATOR_ADAPTER}
+    return None
+
+
+def _check_single_process() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RecipeError("train_set.aggregator.mode=adapter: runs in a single process (DDP would see "
                           "one adapter unused in each backward pass)")
+
+
+def _setup_aggregator_adapter(loaded) -> dict[str, str]:
+    if not loaded.is_lora:
+        raise RecipeError("train_set.aggregator.mode=adapter: needs a LoRA policy (set model.lora, "
+                          "or start from a LoRA checkpoint)")
+    _check_single_process()
     if not has_aggregator_adapter(loaded.model):  # resumed runs and adapter checkpoints carry it
         add_aggregator_adapter(loaded.model)
     return {"search": SEARCH_ADAPTER, "aggregate": AGGREGATOR_ADAPTER}
 
 
 def _frozen_generator(recipe: Recipe, frozen):
-    """A frozen model samples through the transformers backend (one vLLM engine per process:
-    the policy's)."""
+    """A frozen model samples through the hf backend (one vLLM engine per process: the
+    policy's); a frozen checkpoint with an aggregator adapter aggregates with it."""
     from spiral_cli.generation.hf import HFGenerator
 
-    return HFGenerator(frozen, batch_size=recipe.generation.batch_size, fast_decode=recipe.generation.fast_decode)
+    gen = HFGenerator(frozen, batch_size=recipe.generation.batch_size, fast_decode=recipe.generation.fast_decode)
+    attach_aggregator(frozen, gen)
+    return gen
 
 
 def _take(pool: list[dict[str, Any]], start: int, n: int) -> list[dict[str, Any]]:
