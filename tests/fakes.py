@@ -1,4 +1,4 @@
-"""Test doubles shared by the pipeline and sweep tests."""
+"""Test doubles and reference computations shared by several test modules."""
 from __future__ import annotations
 
 from spiral_cli.generation.base import Completion
@@ -40,3 +40,20 @@ class EchoTask:
 
     def stop_strings(self):
         return []
+
+
+def teacher_forced_logprobs(lm, prompt: str, token_ids: list[int], temperature: float) -> list[float]:
+    """Reference logprobs of `token_ids` after `prompt`: one forward pass of the transformers
+    model, log_softmax(logits / T) (T = 1 for greedy), the prompt encoded as generators do."""
+    import torch
+
+    from spiral_cli.models import encode_prompts
+
+    p = encode_prompts(lm.tokenizer, [prompt])[0]
+    ids = torch.tensor([p + token_ids])
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids).logits[0].float()
+    t = temperature if temperature > 0 else 1.0
+    lp = torch.log_softmax(logits / t, dim=-1)
+    pos = torch.arange(len(p) - 1, len(p) - 1 + len(token_ids))
+    return lp[pos, torch.tensor(token_ids)].tolist()

@@ -10,6 +10,8 @@ from spiral_cli.generation.hf import _sample
 from spiral_cli.models import encode_prompts, load_model
 from spiral_cli.recipe import GenerationSection, LoraSection, ModelSection
 
+from fakes import teacher_forced_logprobs
+
 PROMPTS = ["3 7 12 -> ", "hi", "a much longer prompt, with spaces and symbols: (1+2)*3 = 9\n", ""]
 TRAINED_TEXT = "Q: 12 + 30 = 42\n"
 
@@ -34,18 +36,6 @@ def trained():
     assert loss.item() < 0.05
     lm.model.eval()
     return lm
-
-
-def _teacher_forced_logprobs(lm, prompt: str, token_ids: list[int], temperature: float) -> list[float]:
-    tok = lm.tokenizer
-    p = tok(prompt)["input_ids"] or [tok.eos_token_id]
-    ids = torch.tensor([p + token_ids])
-    with torch.no_grad():
-        logits = lm.model(input_ids=ids).logits[0].float()
-    t = temperature if temperature > 0 else 1.0
-    lp = torch.log_softmax(logits / t, dim=-1)
-    pos = torch.arange(len(p) - 1, len(p) - 1 + len(token_ids))
-    return lp[pos, torch.tensor(token_ids)].tolist()
 
 
 def test_protocol_and_factory(loaded):
@@ -88,7 +78,7 @@ def test_logprobs_match_teacher_forced_forward(loaded, temperature, top_k, top_p
     for prompt, samples in zip(PROMPTS, outs):
         for c in samples:
             assert len(c.logprobs) == len(c.token_ids) > 0
-            ref = _teacher_forced_logprobs(loaded, prompt, c.token_ids, temperature)
+            ref = teacher_forced_logprobs(loaded, prompt, c.token_ids, temperature)
             assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 1e-4
 
 
@@ -104,7 +94,7 @@ def test_logprobs_match_with_lora_model():
     lm.model.eval()
     for prompt, samples in zip(PROMPTS[:2], outs):
         for c in samples:
-            ref = _teacher_forced_logprobs(lm, prompt, c.token_ids, 1.0)
+            ref = teacher_forced_logprobs(lm, prompt, c.token_ids, 1.0)
             assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 1e-4
 
 
@@ -213,7 +203,7 @@ def test_bf16_autocast_generation_runs():
     lm.autocast = False
     for prompt, s in zip(PROMPTS[:2], outs):
         for c in s:
-            ref = _teacher_forced_logprobs(lm, prompt, c.token_ids, 1.0)
+            ref = teacher_forced_logprobs(lm, prompt, c.token_ids, 1.0)
             assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 0.1  # bf16 vs fp32
 
 
@@ -228,7 +218,7 @@ def test_bf16_autocast_lean_and_transformers_agree():
     with torch.no_grad(), lm.autocast_ctx():
         for prompt, s in zip(PROMPTS, outs):
             for c in s:
-                tf = _teacher_forced_logprobs(lm, prompt, c.token_ids, 1.0)
+                tf = teacher_forced_logprobs(lm, prompt, c.token_ids, 1.0)
                 assert max(abs(a - b) for a, b in zip(c.logprobs, tf)) < 0.05
     g_lean = lean.generate(PROMPTS, max_new_tokens=12, temperature=0)
     g_ref = ref.generate(PROMPTS, max_new_tokens=12, temperature=0)
@@ -249,7 +239,7 @@ def test_lean_engine_samples_from_its_copy_until_update_weights():
     fresh = gen.generate(PROMPTS[:2], n=2, max_new_tokens=10, seed=1)
     for prompt, s in zip(PROMPTS[:2], fresh):
         for c in s:
-            ref = _teacher_forced_logprobs(lm, prompt, c.token_ids, 1.0)
+            ref = teacher_forced_logprobs(lm, prompt, c.token_ids, 1.0)
             assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 1e-4
 
 

@@ -32,6 +32,8 @@ from spiral_cli.generation.vllm import VLLMGenerator  # noqa: E402
 from spiral_cli.models import encode_prompts, load_model  # noqa: E402
 from spiral_cli.recipe import GenerationSection, LoraSection, ModelSection, VllmSection  # noqa: E402
 
+from fakes import teacher_forced_logprobs  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 PROMPTS = ["3 7 12 -> ", "hi", "a much longer prompt, with spaces and symbols: (1+2)*3 = 9\n", ""]
@@ -72,23 +74,12 @@ def engine(trained):
     gen.close()
 
 
-def _teacher_forced(lm, prompt: str, token_ids: list[int], temperature: float) -> list[float]:
-    p = encode_prompts(lm.tokenizer, [prompt])[0]
-    ids = torch.tensor([p + token_ids])
-    with torch.no_grad():
-        logits = lm.model(input_ids=ids).logits[0].float()
-    t = temperature if temperature > 0 else 1.0
-    lp = torch.log_softmax(logits / t, dim=-1)
-    pos = torch.arange(len(p) - 1, len(p) - 1 + len(token_ids))
-    return lp[pos, torch.tensor(token_ids)].tolist()
-
-
 def _max_err(lm, prompts, outs, temperature) -> float:
     err = 0.0
     for prompt, samples in zip(prompts, outs):
         for c in samples:
             assert len(c.logprobs) == len(c.token_ids) > 0
-            ref = _teacher_forced(lm, prompt, c.token_ids, temperature)
+            ref = teacher_forced_logprobs(lm, prompt, c.token_ids, temperature)
             err = max(err, max(abs(a - b) for a, b in zip(c.logprobs, ref)))
     return err
 

@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from spiral_cli.checkpoints import resolve_model
+from spiral_cli.generation import close_generator
 from spiral_cli.jsonl import InputError, iter_jsonl, write_jsonl_line
 from spiral_cli.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from spiral_cli.registry import Registry
@@ -148,9 +149,7 @@ def run_infer(
         rate = done / max(time.time() - t0, 1e-9)
         acc = f", accuracy {correct}/{labelled} = {correct / labelled:.1%}" if labelled else ""
         console.print(f"  {done} problems ({rate:.2f}/s){acc}")
-    close = getattr(generator, "close", None)
-    if close is not None:  # a vLLM engine frees its memory and temporary model directory
-        close()
+    close_generator(generator)
     summary = {
         "problems": done, "labelled": labelled, "accuracy": correct / labelled if labelled else None,
         "generated_tokens": generated, "total_tokens": total, "seconds": round(time.time() - t0, 2),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from spiral_cli.checkpoints import (
     save_run_state,
 )
 from spiral_cli.jsonl import InputError, read_jsonl_file
-from spiral_cli.paths import runs_dir
+from spiral_cli.generation import close_generator
+from spiral_cli.paths import atomic_write_text, runs_dir
 from spiral_cli.recipe import Recipe
 from spiral_cli.registry import Registry
 from spiral_cli.tasks import load_task
@@ -148,19 +148,11 @@ def _self_aggregate_examples(task: Task, loaded, recipe: Recipe, path: Path, con
         try:
             pairs = self_aggregate_pairs(task, generator, cfg.self_aggregate_examples, cfg.set_size, recipe)
         finally:
-            _close(generator)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-        os.replace(tmp, path)
+            close_generator(generator)
+        atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in pairs))
         console.print(f"  built {len(pairs)} aggregation examples over the model's own candidates ({time.time() - t0:.0f}s)")
     out, _ = tokenize_examples(pairs, loaded.tokenizer, cfg.max_len)
     return out
-
-
-def _close(generator) -> None:
-    close = getattr(generator, "close", None)
-    if close is not None:  # a vLLM engine frees its memory before training goes on
-        close()
 
 
 def _save_state(loaded, optimizer, step: int, state_dir: Path, extra: dict[str, Any]) -> None:
@@ -296,7 +288,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
                 short_budget=max(1, gen.max_new_tokens // 4),
             )
         )
-        _close(generator)
+        close_generator(generator)
         metrics["eval_seconds"] = time.time() - t_eval
     entry = save_registered(
         loaded, registry, home, name=name, stage="sft", step=step, parent=base.lineage,

@@ -86,7 +86,9 @@ from spiral_cli.metrics import (
     scaling_efficiency,
     wilson_interval,
 )
+from spiral_cli.generation import close_generator
 from spiral_cli.generation.roles import for_aggregation
+from spiral_cli.paths import atomic_write_text, current_umask
 from spiral_cli.pipeline import PipelineConfig, ProblemResult, Trace, aggregate_rounds, run_pipeline, vote_key
 from spiral_cli.recipe import Recipe, RecipeError
 from spiral_cli.registry import Registry
@@ -124,9 +126,7 @@ def _open_generator(recipe: Recipe, model_ref: ModelRef, registry: Registry):
 
 
 def _close_generator(generator: Any) -> None:
-    close = getattr(generator, "close", None)
-    if callable(close):
-        close()
+    close_generator(generator)
     del generator
     import gc
     import sys
@@ -149,32 +149,8 @@ def _seed(*parts: Any) -> int:
     return int(_hash(list(parts), 8), 16) & 0x7FFFFFFF
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
 
 
 def _read_rows(path: Path, ids: list[str]) -> list[dict[str, Any]] | None:
@@ -671,8 +647,8 @@ def _write_outputs(out: Path, recipe: Recipe, cells: list[dict[str, Any]], eff: 
     from spiral_cli import plots
 
     _write_jsonl(out / "cells.jsonl", [{k: c[k] for k in CELL_FIELDS} for c in cells])
-    _atomic_write_text(out / "cells.csv", _csv_text(cells))
-    _atomic_write_text(out / "efficiency.json", json.dumps(eff, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / "cells.csv", _csv_text(cells))
+    atomic_write_text(out / "efficiency.json", json.dumps(eff, indent=2, sort_keys=True) + "\n")
     files = ["cells.jsonl", "cells.csv", "efficiency.json"]
     title = f"{recipe.name}: {recipe.task.name}"
     for name, draw in (
@@ -686,7 +662,7 @@ def _write_outputs(out: Path, recipe: Recipe, cells: list[dict[str, Any]], eff: 
             if draw(Path(tmp)) is None:
                 os.unlink(tmp)
                 continue
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~current_umask())
             os.replace(tmp, out / name)
             files.append(name)
         except BaseException:
@@ -748,7 +724,7 @@ def run_sweep(
         "grid": grid.to_dict(), "task": recipe.task.name, "task_options": recipe.task.options(), "problems": ids,
         "pool_chunk": ctx.pool_chunk, "agg_chunk": ctx.agg_chunk, "recipe_snapshot": recipe.snapshot(),
     }
-    _atomic_write_text(out / "sweep.json", json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(out / "sweep.json", json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     missing = _plan_missing(ctx, works)
     if "learned" in grid.methods and not grid.learned_rounds:
         console.print("[yellow]note:[/] method learned needs some sweep.agg_rounds >= 1; no learned cells")

@@ -16,7 +16,7 @@ from spiral_cli.generation.base import Completion, Generator, cut_at_stop
 if TYPE_CHECKING:  # pragma: no cover
     from spiral_cli.generation.hf import HFGenerator
 
-__all__ = ["Completion", "Generator", "HFGenerator", "cut_at_stop", "make_generator"]
+__all__ = ["Completion", "Generator", "HFGenerator", "close_generator", "cut_at_stop", "make_generator"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing the protocol does not import torch
@@ -47,3 +47,11 @@ def make_generator(loaded, section) -> Generator:
         raise ValueError(f"generation.backend: unknown backend {section.backend!r} (hf or vllm)")
     attach_aggregator(loaded, generator)  # a second LoRA adapter plays the aggregation role
     return generator
+
+
+def close_generator(generator) -> None:
+    """Release a backend's resources (a vLLM engine's memory and temporary model directory);
+    backends without a `close` hold nothing beyond the model."""
+    close = getattr(generator, "close", None)
+    if callable(close):
+        close()

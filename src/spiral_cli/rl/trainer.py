@@ -35,9 +35,10 @@ from spiral_cli.checkpoints import (
     save_registered,
     save_run_state,
 )
+from spiral_cli.generation import close_generator
 from spiral_cli.generation.base import Completion
 from spiral_cli.models import encode_prompts
-from spiral_cli.paths import runs_dir
+from spiral_cli.paths import atomic_write_text, runs_dir
 from spiral_cli.recipe import Recipe, RecipeError
 from spiral_cli.registry import Registry
 from spiral_cli.generation.roles import (
@@ -370,9 +371,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         if state.step % sec.save_every == 0 or state.step == sec.steps:
             _checkpoint(recipe, spec, loaded, optimizer, scheduler, state, registry, home, state_dir, start_ref, accelerator)
 
-    close = getattr(generator, "close", None)
-    if close is not None:  # a vLLM engine frees its memory and temporary model directory
-        close()
+    close_generator(generator)
     final = registry.latest(spec.name)
     result = {"name": spec.name, "stage": spec.stage, "steps": state.step,
               "generated_tokens": state.generated_tokens, "total_tokens": state.total_tokens,
@@ -562,9 +561,8 @@ def _write_curves(run_dir: Path, name: str, history: list[dict[str, Any]]) -> No
     from spiral_cli.plots import plot_training_curves
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "eval.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    os.replace(tmp, run_dir / "eval.jsonl")  # atomic: a resumed run rewrites it from its state
+    # atomic: a resumed run rewrites it from its state
+    atomic_write_text(run_dir / "eval.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     try:
         plot_training_curves({name: history}, run_dir / "curves.png", title=name)
     except Exception as e:  # noqa: BLE001 - a plot must never stop training
