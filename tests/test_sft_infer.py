@@ -124,3 +124,45 @@ def test_sft_adds_aggregation_examples_over_its_own_candidates(tmp_path):
         verdicts = [line for line in r["completion"].splitlines() if line[:2] in ("1:", "2:", "3:", "4:")]
         assert [v[:2] for v in verdicts] == ["1:", "2:", "3:", "4:"]
         assert all(v.endswith((" ok", " no", "none")) for v in verdicts)
+
+
+def test_sft_trains_on_search_examples_alone_until_aggregate_after(tmp_path, monkeypatch):
+    """sft.aggregate_after=0.5: the first half of the steps sees only search examples, the second
+    half the whole pool; a run interrupted in the second half resumes with the same batches."""
+    import spiral_cli.sft as sft
+    from rich.console import Console
+    from spiral_cli.recipe import load_recipe
+
+    batches: list[list] = []  # per step: the (kind, token ids) of its examples
+    crash_at = [None]
+    real_collate = sft.collate
+
+    def recording_collate(examples, pad_id, device):
+        if crash_at[0] is not None and len(batches) == crash_at[0]:
+            raise RuntimeError("simulated crash")
+        batches.append([(e.kind, tuple(e.input_ids)) for e in examples])
+        return real_collate(examples, pad_id, device)
+
+    monkeypatch.setattr(sft, "collate", recording_collate)
+    recipe_path = tmp_path / "tiny.yaml"
+    recipe_path.write_text(RECIPE)
+    recipe = load_recipe(recipe_path, [
+        "sft.steps=12", "sft.save_every=9", "sft.batch_size=8", "sft.num_search_examples=24",
+        "sft.num_aggregate_examples=24", "sft.aggregate_after=0.5", "model.max_seq_len=512", "sft.max_len=512",
+    ])
+    quiet = Console(stderr=True, quiet=True)
+    assert sft.run_sft(recipe, home=tmp_path / "a", console=quiet)["step"] == 12
+    uninterrupted = list(batches)
+    kinds = [{kind for kind, _ in batch} for batch in uninterrupted]
+    assert kinds[:6] == [{"search"}] * 6
+    assert sum("aggregate" in k for k in kinds[6:]) >= 3  # 24 of the 48 examples are aggregation ones
+
+    batches.clear()
+    crash_at[0] = 10  # dies in step 11, after the state of step 9 was saved
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sft.run_sft(recipe, home=tmp_path / "b", console=quiet)
+    assert batches == uninterrupted[:10]
+    batches.clear()
+    crash_at[0] = None
+    assert sft.run_sft(recipe, home=tmp_path / "b", console=quiet)["step"] == 12
+    assert batches == uninterrupted[9:]

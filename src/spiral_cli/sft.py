@@ -212,29 +212,43 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
         console.print(f"  resumed from {state_dir} at step {step}" + (" (already finished; --no-resume starts over)" if step >= cfg.steps else ""))
 
     pad_id = loaded.tokenizer.pad_token_id
-    # Phase 2 (sft.self_aggregate_examples): from step `switch` on, the pool also holds
-    # aggregation examples over the model's own candidates, kept in the run dir for resume.
-    switch = int(cfg.steps * cfg.self_aggregate_after) if cfg.self_aggregate_examples and not cfg.data else None
+    # Phases along the steps: search examples alone until `aggregate_after` (the arithmetic the
+    # aggregator checks with is learned there first), then every example; from
+    # `self_aggregate_after` on (sft.self_aggregate_examples), also aggregation examples over the
+    # model's own candidates, kept in the run dir for resume.
+    search_only = [e for e in examples if e.kind != "aggregate"]
+    aggregate_from = int(cfg.steps * cfg.aggregate_after) if search_only and len(search_only) < len(examples) else 0
+    self_agg_from = int(cfg.steps * cfg.self_aggregate_after) if cfg.self_aggregate_examples and not cfg.data else None
     self_agg_file = runs_dir(home) / name / "self_aggregate.jsonl"
     if not resuming:
         self_agg_file.unlink(missing_ok=True)
-    pool, pool_start = examples, 0  # the examples of the current phase, and the step it began
+    self_agg_pool: list[Example] | None = None
+
+    def phase_at(at: int) -> tuple[int, list[Example]]:
+        """(the step the phase began, its example pool) for step `at`."""
+        nonlocal self_agg_pool
+        if self_agg_from is not None and at >= self_agg_from:
+            if self_agg_pool is None:
+                self_agg_pool = examples + _self_aggregate_examples(task, loaded, recipe, self_agg_file, console)
+            return self_agg_from, self_agg_pool
+        if at < aggregate_from:
+            return 0, search_only
+        return aggregate_from, examples
+
     log_path = runs_dir(home) / name / "metrics.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     model.train()
     start_time, start_tokens, last_loss = time.time(), tokens_seen, float("nan")
     deadline = start_time + cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
     stopped_early = False
-    schedule: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches): built once per epoch
+    schedule: tuple[tuple[int, int], list[list[int]]] = ((-1, -1), [])  # ((phase start, epoch), its batches)
     while step < cfg.steps:
-        if switch is not None and step >= switch and pool is examples:
-            pool = examples + _self_aggregate_examples(task, loaded, recipe, self_agg_file, console)
-            pool_start, schedule = switch, (-1, [])
-            lengths = [len(e.input_ids) for e in pool]
+        pool_start, pool = phase_at(step)
         batches_per_epoch = max(1, len(pool) // cfg.batch_size)
         epoch, pos = divmod(step - pool_start, batches_per_epoch)
-        if schedule[0] != epoch:
-            schedule = (epoch, batch_schedule(len(pool), cfg.batch_size, epoch, recipe.seed, lengths))
+        if schedule[0] != (pool_start, epoch):
+            lengths = [len(e.input_ids) for e in pool]
+            schedule = ((pool_start, epoch), batch_schedule(len(pool), cfg.batch_size, epoch, recipe.seed, lengths))
         batch_ids = schedule[1][pos % batches_per_epoch]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
@@ -263,9 +277,11 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
             _save_state(loaded, optimizer, step, state_dir, {"tokens_seen": tokens_seen})
         if deadline and time.time() > deadline:
             console.print(f"  time budget of {cfg.time_budget_minutes} min reached at step {step}")
-            if switch is not None and step < switch:
-                console.print(f"  [yellow]warning:[/] stopped before step {switch}, where sft.self_aggregate_examples "
-                              "would have been added; raise the budget or lower self_aggregate_after")
+            for at, what, knob in ((aggregate_from, "the aggregation examples", "aggregate_after"),
+                                   (self_agg_from, "sft.self_aggregate_examples", "self_aggregate_after")):
+                if at is not None and step < at:
+                    console.print(f"  [yellow]warning:[/] stopped before step {at}, where {what} would have been "
+                                  f"added; raise the budget or lower sft.{knob}")
             stopped_early = True
             break
     train_seconds = time.time() - start_time
