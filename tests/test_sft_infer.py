@@ -166,3 +166,43 @@ def test_sft_trains_on_search_examples_alone_until_aggregate_after(tmp_path, mon
     crash_at[0] = None
     assert sft.run_sft(recipe, home=tmp_path / "b", console=quiet)["step"] == 12
     assert batches == uninterrupted[9:]
+
+
+def test_sft_moves_the_aggregation_phase_forward_when_the_clock_runs_short(tmp_path, monkeypatch):
+    """On a machine slower than the recipe was sized for, the aggregation examples join once
+    aggregate_after of the time budget is spent, so they are learned before the budget ends; the
+    moved boundary is saved, and a resumed run keeps it."""
+    import spiral_cli.sft as sft
+    from rich.console import Console
+    from spiral_cli.checkpoints import load_trainer_state
+    from spiral_cli.recipe import load_recipe
+
+    class Clock:  # every reading of the clock is one more second
+        now = 1_000_000.0
+
+        def time(self):
+            self.now += 1.0
+            return self.now
+
+        def __getattr__(self, name):
+            return getattr(__import__("time"), name)
+
+    monkeypatch.setattr(sft, "time", Clock())
+    kinds: list[set[str]] = []
+    real_collate = sft.collate
+    monkeypatch.setattr(sft, "collate", lambda ex, pad, dev: (kinds.append({e.kind for e in ex}), real_collate(ex, pad, dev))[1])
+    recipe_path = tmp_path / "tiny.yaml"
+    recipe_path.write_text(RECIPE)
+    recipe = load_recipe(recipe_path, [
+        "sft.steps=1000", "sft.save_every=5", "sft.log_every=1000", "sft.batch_size=8", "sft.num_search_examples=24",
+        "sft.num_aggregate_examples=24", "sft.aggregate_after=0.5", "sft.time_budget_minutes=1",
+        "model.max_seq_len=512", "sft.max_len=512",
+    ])
+    result = sft.run_sft(recipe, home=tmp_path / "home", console=Console(stderr=True, quiet=True))
+    assert result["stopped_early"] and result["step"] < 100  # 60 clock seconds, a few per step
+    switch = next(i for i, k in enumerate(kinds) if k != {"search"})
+    assert 5 <= switch < result["step"] - 3  # long before the planned step 500
+    assert all(k == {"search"} for k in kinds[:switch])
+    assert any("aggregate" in k for k in kinds[switch:])
+    state = load_trainer_state(tmp_path / "home" / "runs" / "tiny-sft" / "state")
+    assert switch - 1 <= state["aggregate_moved_to"] <= switch
