@@ -126,15 +126,12 @@ def test_sft_adds_aggregation_examples_over_its_own_candidates(tmp_path):
         assert all(v.endswith((" ok", " no", "none")) for v in verdicts)
 
 
-def test_sft_trains_on_search_examples_alone_until_aggregate_after(tmp_path, monkeypatch):
-    """sft.aggregate_after=0.5: the first half of the steps sees only search examples, the second
-    half the whole pool; a run interrupted in the second half resumes with the same batches."""
+def record_sft_batches(monkeypatch, crash_at: list):
+    """Wrap sft.collate: every batch it builds is appended to the returned list as the (kind, token
+    ids) of its examples; when `crash_at[0]` batches are recorded, the next call raises."""
     import spiral_cli.sft as sft
-    from rich.console import Console
-    from spiral_cli.recipe import load_recipe
 
-    batches: list[list] = []  # per step: the (kind, token ids) of its examples
-    crash_at = [None]
+    batches: list[list] = []
     real_collate = sft.collate
 
     def recording_collate(examples, pad_id, device):
@@ -144,6 +141,18 @@ def test_sft_trains_on_search_examples_alone_until_aggregate_after(tmp_path, mon
         return real_collate(examples, pad_id, device)
 
     monkeypatch.setattr(sft, "collate", recording_collate)
+    return batches
+
+
+def test_sft_trains_on_search_examples_alone_until_aggregate_after(tmp_path, monkeypatch):
+    """sft.aggregate_after=0.5: the first half of the steps sees only search examples, the second
+    half the whole pool; a run interrupted in the second half resumes with the same batches."""
+    import spiral_cli.sft as sft
+    from rich.console import Console
+    from spiral_cli.recipe import load_recipe
+
+    crash_at = [None]
+    batches = record_sft_batches(monkeypatch, crash_at)  # per step: the (kind, token ids) of its examples
     recipe_path = tmp_path / "tiny.yaml"
     recipe_path.write_text(RECIPE)
     recipe = load_recipe(recipe_path, [
@@ -188,9 +197,7 @@ def test_sft_moves_the_aggregation_phase_forward_when_the_clock_runs_short(tmp_p
             return getattr(__import__("time"), name)
 
     monkeypatch.setattr(sft, "time", Clock())
-    kinds: list[set[str]] = []
-    real_collate = sft.collate
-    monkeypatch.setattr(sft, "collate", lambda ex, pad, dev: (kinds.append({e.kind for e in ex}), real_collate(ex, pad, dev))[1])
+    batches = record_sft_batches(monkeypatch, [None])
     recipe_path = tmp_path / "tiny.yaml"
     recipe_path.write_text(RECIPE)
     recipe = load_recipe(recipe_path, [
@@ -200,6 +207,7 @@ def test_sft_moves_the_aggregation_phase_forward_when_the_clock_runs_short(tmp_p
     ])
     result = sft.run_sft(recipe, home=tmp_path / "home", console=Console(stderr=True, quiet=True))
     assert result["stopped_early"] and result["step"] < 100  # 60 clock seconds, a few per step
+    kinds = [{kind for kind, _ in batch} for batch in batches]
     switch = next(i for i, k in enumerate(kinds) if k != {"search"})
     assert 5 <= switch < result["step"] - 3  # long before the planned step 500
     assert all(k == {"search"} for k in kinds[:switch])

@@ -94,12 +94,12 @@ class SftSection(_Section):
     save_every: int = Field(200, gt=0)
     eval_problems: int = Field(200, ge=0)
     log_every: int = Field(20, gt=0)
-    # aggregation examples over the model's OWN sampled candidates (targets from the task's
-    # verifier), built when `self_aggregate_after` of the steps are done, then mixed in; 0 = off
-    self_aggregate_examples: int = Field(0, ge=0)
     # fraction of the steps trained on search examples alone before the task's aggregation
     # examples join (0 = mixed from the start)
     aggregate_after: float = Field(0.0, ge=0.0, lt=1.0)
+    # aggregation examples over the model's OWN sampled candidates (targets from the task's
+    # verifier), built when `self_aggregate_after` of the steps are done, then mixed in; 0 = off
+    self_aggregate_examples: int = Field(0, ge=0)
     self_aggregate_after: float = Field(0.5, gt=0.0, lt=1.0)
 
 

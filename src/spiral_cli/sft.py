@@ -218,8 +218,9 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     # model's own candidates, kept in the run dir for resume.
     search_only = [e for e in examples if e.kind != "aggregate"]
     aggregate_from = int(cfg.steps * cfg.aggregate_after) if search_only and len(search_only) < len(examples) else 0
-    aggregate_from = state.get("aggregate_moved_to", aggregate_from)  # kept when the clock moved it
-    phase_extra = {"aggregate_moved_to": aggregate_from} if "aggregate_moved_to" in state else {}
+    aggregate_moved_to = state.get("aggregate_moved_to")  # set when the clock moved the boundary; kept on resume
+    if aggregate_moved_to is not None:
+        aggregate_from = aggregate_moved_to
     self_agg_from = int(cfg.steps * cfg.self_aggregate_after) if cfg.self_aggregate_examples and not cfg.data else None
     self_agg_file = runs_dir(home) / name / "self_aggregate.jsonl"
     if not resuming:
@@ -245,13 +246,12 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     stopped_early = False
     schedule: tuple[tuple[int, int], list[list[int]]] = ((-1, -1), [])  # ((phase start, epoch), its batches)
     while step < cfg.steps:
-        if deadline and step < aggregate_from and time.time() - start_time >= cfg.aggregate_after * (deadline - start_time):
+        if deadline and step < aggregate_from and time.time() - start_time >= cfg.aggregate_after * cfg.time_budget_minutes * 60:
             # a slower machine than the recipe was sized for: keep the time split, so the
             # aggregation examples are still learned before the budget ends
             console.print(f"  {cfg.aggregate_after:.0%} of the time budget spent at step {step}: "
                           f"aggregation examples join now (planned at step {aggregate_from})")
-            aggregate_from = step
-            phase_extra = {"aggregate_moved_to": step}
+            aggregate_from = aggregate_moved_to = step
         pool_start, pool = phase_at(step)
         batches_per_epoch = max(1, len(pool) // cfg.batch_size)
         epoch, pos = divmod(step - pool_start, batches_per_epoch)
@@ -283,7 +283,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
             with log_path.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": last_loss, "tokens": tokens_seen, "tok_per_s": tps, "time": elapsed}) + "\n")
         if step % cfg.save_every == 0 and step < cfg.steps:
-            _save_state(loaded, optimizer, step, state_dir, {"tokens_seen": tokens_seen, **phase_extra})
+            _save_state(loaded, optimizer, step, state_dir, {"tokens_seen": tokens_seen, "aggregate_moved_to": aggregate_moved_to})
         if deadline and time.time() > deadline:
             console.print(f"  time budget of {cfg.time_budget_minutes} min reached at step {step}")
             for at, what, knob in ((aggregate_from, "the aggregation examples", "aggregate_after"),
@@ -295,7 +295,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
             break
     train_seconds = time.time() - start_time
     if train_seconds > 1 or not resuming:  # the final state too, so a rerun does not retrain
-        _save_state(loaded, optimizer, step, state_dir, {"tokens_seen": tokens_seen, **phase_extra})
+        _save_state(loaded, optimizer, step, state_dir, {"tokens_seen": tokens_seen, "aggregate_moved_to": aggregate_moved_to})
     model.eval()
 
     metrics: dict[str, Any] = {"train_loss": last_loss, "steps": step, "train_tokens": tokens_seen}
