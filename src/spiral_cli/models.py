@@ -225,7 +225,8 @@ def _sdpa_gqa_forward(module, query, key, value, attention_mask, dropout: float 
     """transformers' "sdpa" attention, but grouped-query heads go to torch's `enable_gqa` even
     with a padding mask. transformers only does that without a mask (a CUDA kernel constraint)
     and otherwise copies K/V `num_key_value_groups` times per layer per step (`repeat_kv`),
-    which on the CPU cost a third of the decoding time of scratch:tiny. Same math, same mask."""
+    which on the CPU cost a third of the decoding time of scratch:tiny. Same math, same mask.
+    With gradients on (training), `_matmul_attention` instead: same math, a faster backward."""
     if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -233,11 +234,36 @@ def _sdpa_gqa_forward(module, query, key, value, attention_mask, dropout: float 
     groups = getattr(module, "num_key_value_groups", 1)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
+    if torch.is_grad_enabled() and dropout == 0.0:
+        return _matmul_attention(query, key, value, attention_mask, scaling, causal), None
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
         enable_gqa=groups > 1,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _matmul_attention(query, key, value, attention_mask, scaling, causal: bool) -> torch.Tensor:
+    """Attention as two matmuls and a float32 softmax, for training on the CPU: torch's CPU
+    flash-attention backward took 7 ms per layer where this takes ~1 (scratch:tiny, 16x84 tokens;
+    a training step 129 -> 116 ms). Grouped heads are folded into the query rows (no K/V copies).
+    query (B, H, Lq, d); key, value (B, Hkv, Lk, d); a boolean mask (B, 1, Lq, Lk), True = attend.
+    Returns (B, Lq, H, d) like the sdpa path."""
+    b, h, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    groups = h // hkv
+    q = query.reshape(b, hkv, groups * lq, d)  # head i uses K/V head i // groups, as repeat_kv
+    scores = torch.matmul(q, key.transpose(-1, -2)) * (scaling if scaling is not None else d**-0.5)
+    keep = None
+    if attention_mask is not None:
+        keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        keep = keep.repeat(1, 1, groups, 1)
+    elif causal:
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq).repeat(groups, 1)
+    if keep is not None:  # the dtype's minimum, not -inf: a fully masked (padding) row stays finite
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.matmul(probs, value).view(b, h, lq, d).transpose(1, 2).contiguous()
 
 
 def _register_cpu_attention() -> None:

@@ -28,6 +28,7 @@ from spiral_cli.checkpoints import (
     save_run_state,
 )
 from spiral_cli.jsonl import InputError, read_jsonl_file
+from spiral_cli.optim import adamw, compile_for_training
 from spiral_cli.generation import close_generator
 from spiral_cli.paths import atomic_write_text, runs_dir
 from spiral_cli.recipe import Recipe
@@ -201,7 +202,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
 
     model = loaded.model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     step, tokens_seen, state = 0, 0, {}
     if resuming:
         state = load_trainer_state(state_dir)
@@ -241,9 +242,15 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     log_path = runs_dir(home) / name / "metrics.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     model.train()
-    start_time, start_tokens, last_loss = time.time(), tokens_seen, float("nan")
+    start_time, last_loss = time.time(), float("nan")
+    window = (start_time, tokens_seen)  # (time, tokens) at the last log line
     deadline = start_time + cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
     stopped_early = False
+    forward = model
+    if cfg.compile and step < cfg.steps:
+        # a full batch: compiled with dynamic shapes, a batch of 1 would be specialised and recompiled
+        first = collate(phase_at(step)[1][: cfg.batch_size // cfg.grad_accum], pad_id, loaded.device)
+        forward = compile_for_training(loaded, {"input_ids": first["input_ids"], "labels": first["labels"]}, console)
     schedule: tuple[tuple[int, int], list[list[int]]] = ((-1, -1), [])  # ((phase start, epoch), its batches)
     while step < cfg.steps:
         if deadline and step < aggregate_from and time.time() - start_time >= cfg.aggregate_after * cfg.time_budget_minutes * 60:
@@ -268,7 +275,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
             with loaded.autocast_ctx():
                 # right padding + causal attention: real tokens never see the pads, so no mask is
                 # needed (same logits), and the maskless attention kernel is much faster on the CPU
-                loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss / cfg.grad_accum
+                loss = forward(input_ids=batch["input_ids"], labels=batch["labels"]).loss / cfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
             tokens_seen += int(batch["attention_mask"].sum())
@@ -277,8 +284,10 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
         step += 1
         last_loss = loss_sum
         if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.time() - start_time
-            tps = (tokens_seen - start_tokens) / max(elapsed, 1e-9)
+            now = time.time()
+            elapsed = now - start_time
+            tps = (tokens_seen - window[1]) / max(now - window[0], 1e-9)  # since the last log line
+            window = (now, tokens_seen)
             console.print(f"  step {step}/{cfg.steps} loss {last_loss:.4f} lr {optimizer.param_groups[0]['lr']:.2e} {tps:,.0f} tok/s")
             with log_path.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": last_loss, "tokens": tokens_seen, "tok_per_s": tps, "time": elapsed}) + "\n")

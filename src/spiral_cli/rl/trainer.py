@@ -39,6 +39,7 @@ from spiral_cli.generation import close_generator
 from spiral_cli.generation.base import Completion
 from spiral_cli.models import encode_prompts
 from spiral_cli.paths import atomic_write_text, runs_dir
+from spiral_cli.optim import adamw
 from spiral_cli.recipe import Recipe, RecipeError
 from spiral_cli.registry import Registry
 from spiral_cli.generation.roles import (
@@ -247,7 +248,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
     rank, world = _rank_world(accelerator)
     model = loaded.model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=sec.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = adamw(params, lr=sec.lr, betas=(0.9, 0.99), weight_decay=0.0)
     warmup = getattr(sec, "warmup_steps", 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     if accelerator is not None:
