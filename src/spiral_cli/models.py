@@ -226,7 +226,8 @@ def _sdpa_gqa_forward(module, query, key, value, attention_mask, dropout: float 
     with a padding mask. transformers only does that without a mask (a CUDA kernel constraint)
     and otherwise copies K/V `num_key_value_groups` times per layer per step (`repeat_kv`),
     which on the CPU cost a third of the decoding time of scratch:tiny. Same math, same mask.
-    With gradients on (training), `_matmul_attention` instead: same math, a faster backward."""
+    With gradients on (training) and up to MATMUL_ATTENTION_MAX_LEN keys (or compiled),
+    `_matmul_attention` instead: same math, a faster backward."""
     if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -234,7 +235,7 @@ def _sdpa_gqa_forward(module, query, key, value, attention_mask, dropout: float 
     groups = getattr(module, "num_key_value_groups", 1)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
-    if torch.is_grad_enabled() and dropout == 0.0:
+    if torch.is_grad_enabled() and dropout == 0.0 and (key.shape[2] <= MATMUL_ATTENTION_MAX_LEN or torch.compiler.is_compiling()):
         return _matmul_attention(query, key, value, attention_mask, scaling, causal), None
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
@@ -243,10 +244,17 @@ def _sdpa_gqa_forward(module, query, key, value, attention_mask, dropout: float 
     return out.transpose(1, 2).contiguous(), None
 
 
+# Up to this many keys the matmul attention trains faster than SDPA on the CPU; beyond it its
+# L x L scores cost more than flash attention's slow backward (forward + backward of 64 sequences:
+# 498 vs 601 ms at 128 tokens, 1161 vs 1103 ms at 256, 6334 vs 2861 ms at 512). Compiled, inductor
+# fuses it and it stays faster (bench/sft_step.py), and one graph must serve every length.
+MATMUL_ATTENTION_MAX_LEN = 192
+
+
 def _matmul_attention(query, key, value, attention_mask, scaling, causal: bool) -> torch.Tensor:
     """Attention as two matmuls and a float32 softmax, for training on the CPU: torch's CPU
     flash-attention backward took 7 ms per layer where this takes ~1 (scratch:tiny, 16x84 tokens;
-    a training step 129 -> 116 ms). Grouped heads are folded into the query rows (no K/V copies).
+    a training step 117 -> 106 ms). Grouped heads are folded into the query rows (no K/V copies).
     query (B, H, Lq, d); key, value (B, Hkv, Lk, d); a boolean mask (B, 1, Lq, Lk), True = attend.
     Returns (B, Lq, H, d) like the sdpa path."""
     b, h, lq, d = query.shape

@@ -2,9 +2,9 @@
 optionally compiled forward.
 
 Measured on the 2-core CPU with scratch:tiny, 16 sequences of 84 tokens per step (bf16
-autocast): 147 ms per step with the for-each AdamW and torch's CPU flash attention; 129 ms with
-the fused AdamW; ~116 ms with the matmul attention for training (models.py); ~90 ms with
-`torch.compile` (after a one-off compile of ~50 s). bench/README.md has the command.
+autocast, `bench/sft_step.py`, figures in bench/README.md): 139 ms per step with the for-each
+AdamW and torch's CPU flash attention; 117 ms with the fused AdamW; 106 ms with the matmul
+attention for training (models.py); 69 ms with `torch.compile`, after a one-off compile of ~60 s.
 """
 from __future__ import annotations
 
