@@ -8,6 +8,7 @@ attention for training (models.py); 69 ms with `torch.compile`, after a one-off 
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import torch
@@ -26,8 +27,6 @@ def compile_for_training(loaded, sample: dict[str, torch.Tensor], console: Conso
     backward) so that a machine where it cannot run (no C compiler, an unsupported model) falls
     back to the plain model with a one-line warning instead of failing mid-run. The sample's
     gradients are discarded. Returns the callable to use in place of `loaded.model`."""
-    import time
-
     model = loaded.model
     t0 = time.time()
     try:
