@@ -19,6 +19,7 @@ from spiral_cli.recipe import ModelSection
 
 
 def sdpa(query, key, value, attention_mask, scaling, causal):
+    """`_matmul_attention`'s signature over torch's SDPA: what training used before it."""
     groups = query.shape[1] // key.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, scale=scaling, is_causal=causal, enable_gqa=groups > 1)

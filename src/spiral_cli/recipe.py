@@ -94,8 +94,8 @@ class SftSection(_Section):
     save_every: int = Field(200, gt=0)
     eval_problems: int = Field(200, ge=0)
     log_every: int = Field(20, gt=0)
-    # torch.compile the training forward: ~1.3x the tokens/s on the CPU after a one-off compile
-    # (~50 s there), so it pays on runs of minutes, not on short ones; falls back if it cannot run
+    # torch.compile the training forward: ~1.4x the tokens/s on the CPU after a one-off compile
+    # (~60 s on 2 cores), so it pays on runs of minutes, not on short ones; falls back if it cannot run
     compile: bool = False
     # fraction of the steps trained on search examples alone before the task's aggregation
     # examples join (0 = mixed from the start)
