@@ -19,6 +19,7 @@ from spiral_cli.models import (
     build_byte_tokenizer,
     count_parameters,
     load_model,
+    resolve_autocast,
     resolve_device,
     save_checkpoint,
     scratch_config,
@@ -138,6 +139,51 @@ def test_devices_dtypes_autocast():
     assert out.dtype == torch.bfloat16
     lm = load_model(_section(gradient_checkpointing=True))
     assert lm.model.is_gradient_checkpointing
+
+
+def _fake_timer(bf16_seconds: float, fp32_seconds: float):
+    """The clock of measure_cpu_autocast's steps, which alternate fp32, bf16: each step reads it
+    at its start and its end."""
+    calls = [0]
+
+    def timer() -> float:
+        k = calls[0]
+        calls[0] += 1
+        step, is_end = divmod(k, 2)
+        seconds = bf16_seconds if step % 2 else fp32_seconds
+        return 10.0 * step + (seconds if is_end else 0.0)
+
+    return timer
+
+
+@pytest.mark.parametrize("bf16,fp32,chosen", [(0.14, 0.25, True), (0.336, 0.235, False), (0.24, 0.25, False)])
+def test_autocast_auto_measures_this_cpu(monkeypatch, bf16, fp32, chosen):
+    """On a CPU "auto" times the model in both precisions and keeps the faster; a near tie
+    (bf16 less than 10% faster) keeps fp32. Weights, gradients and the RNG are left untouched."""
+    import spiral_cli.models as models
+
+    assert resolve_autocast("auto", torch.device("cpu"), torch.float32) == models.MEASURE
+    assert resolve_autocast("auto", torch.device("cpu"), torch.float16) is False
+    lm = load_model(_section(autocast="off"), for_training=True)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    monkeypatch.setattr(models, "_AUTOCAST_MEASURED", {})
+    use, note = models.measure_cpu_autocast(lm.model, for_training=True, timer=_fake_timer(bf16, fp32))
+    assert use is chosen
+    assert f"bf16 {bf16 * 1e3:.0f} ms vs fp32 {fp32 * 1e3:.0f} ms" in note and note.endswith("bf16" if chosen else "fp32")
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+    assert all(p.grad is None for p in lm.model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_autocast_auto_is_resolved_at_load(monkeypatch):
+    import spiral_cli.models as models
+
+    monkeypatch.setattr(models, "measure_cpu_autocast", lambda model, for_training: (True, "measured"))
+    lm = load_model(_section(autocast="auto"), for_training=False)
+    assert lm.autocast is True and lm.autocast_note == "measured"
+    lm = load_model(_section(autocast="off"))
+    assert lm.autocast is False and lm.autocast_note == ""
 
 
 # -- checkpoints ------------------------------------------------------------------------------

@@ -381,6 +381,45 @@ def test_sft_examples(cfg):
     assert any_right >= 20 and none_right >= 10 and wrong_claims >= 100
 
 
+def test_aggregation_until_ok_answers_right_after_the_check_it_copies():
+    """agg_checks=until_ok: the target checks candidates in order, stops at the first that
+    verifies and copies it as the answer on the next line; the verifier scores that answer right."""
+    t = task(number_rule="at_most_once", agg_checks="until_ok")
+    traces = [ans("25*3-12+7"), "fail\n", ans("(25+12)*3-7-34"), ans("25*3-12+7-25+25")]
+    prompt = t.aggregate_prompt(P70, traces)
+    assert prompt == "agg 3 7 12 25 -> 70\n1: 25*3-12+7\n2: none\n3: (25+12)*3-7-34\n4: 25*3-12+7-25+25\n--\n"
+    target = t.aggregate_completion(P70, traces, random.Random(0))
+    assert target == "1: 25*3=75 75-12=63 63+7=70 ok\nanswer: 25*3-12+7\n"
+    assert t.extract_answer(target) == "25*3-12+7" and t.is_correct(P70, target)
+    # the right candidate third: the wrong ones are checked first, the answer follows its own check
+    target = t.aggregate_completion(P70, [traces[1], ans("3+7"), traces[0], ans("12*7")], random.Random(0))
+    assert target == "1: none\n2: 3+7=10 no\n3: 25*3=75 75-12=63 63+7=70 ok\nanswer: 25*3-12+7\n"
+    # the default checks them all before answering with the first that verified
+    full = task(number_rule="at_most_once").aggregate_completion(P70, traces, random.Random(0))
+    assert full.startswith("1: 25*3=75 75-12=63 63+7=70 ok\n2: none\n3: ") and full.endswith("answer: 25*3-12+7\n")
+    # none verifies: both forms search on their own after the checks
+    wrong = [ans("3+7"), "fail\n"]
+    a = t.aggregate_completion(P70, wrong, random.Random(1))
+    assert a == task(number_rule="at_most_once").aggregate_completion(P70, wrong, random.Random(1))
+    assert a.startswith("1: 3+7=10 no\n2: none\n") and a.count("\n") > 3
+
+
+def test_sft_examples_until_ok():
+    t = task(number_rule="at_most_once", agg_checks="until_ok")
+    agg = [e for e in t.sft_examples(0, 200, seed=3, set_size=4) if e["kind"] == "aggregate"]
+    stopped_early = 0
+    for e in agg:
+        p = _problem_from_prompt(t, e["prompt"])
+        cands = _candidates_from_prompt(t, e["prompt"])
+        first_ok = next((i for i, c in enumerate(cands) if t.check(p, c)[0]), None)
+        lines = e["completion"].split("\n")
+        if first_ok is not None:
+            assert lines[first_ok].endswith(" ok") and lines[first_ok + 1] == f"answer: {cands[first_ok]}"
+            assert len(lines) == first_ok + 3 and t.is_correct(p, e["completion"])
+            stopped_early += first_ok < 3
+    assert stopped_early >= 50
+
+
 def _problem_from_prompt(t, prompt):
     if t.config.prompt_format == "compact":
         head = prompt.split("\n", 1)[0].removeprefix("agg ")

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,21 +186,16 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
 
 
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except Exception:  # noqa: BLE001 - private helpers; assume no
-        return False
+MEASURE = "measure"  # resolve_autocast's answer when only a timing on this CPU can tell
 
 
-def resolve_autocast(spec: str, device: torch.device, dtype: torch.dtype) -> bool:
+def resolve_autocast(spec: str, device: torch.device, dtype: torch.dtype) -> bool | str:
     """Whether forward/backward run under bf16 autocast (fp32 master weights).
 
-    "auto": on for CUDA with bf16 support, and on the CPU when it has bf16 matmul units
-    (AMX or AVX512-BF16). Measured on a 2-core Xeon with AMX, torch 2.13, fp32 weights:
-    a forward+backward step of 16x256 tokens took 0.27 s with autocast vs 1.5 s without
-    (scratch:tiny) and 1.4 s vs 3.3 s (scratch:small); sampling was ~1.15x faster for
-    scratch:small, about even for scratch:tiny. Never on for a float16 model.
+    "auto": on for CUDA with bf16 support; on a CPU, MEASURE: the CPU's flags do not tell.
+    A 2-core Xeon with AMX ran a scratch:tiny step 5x faster under bf16; a Xeon with
+    AVX512-BF16 and no AMX 1.4x slower (336 vs 235 ms); an AMD EPYC with AVX512-BF16 and no AMX
+    1.8x faster (bench/README.md, "bf16 autocast on the CPU"). Never on for a float16 model.
     """
     if dtype == torch.float16:
         return False
@@ -209,9 +205,58 @@ def resolve_autocast(spec: str, device: torch.device, dtype: torch.dtype) -> boo
         return False
     if device.type == "cuda":
         return _bf16_ok(device)
-    if device.type == "cpu":
-        return _cpu_has_fast_bf16()
+    if device.type == "cpu" and dtype == torch.float32:
+        return MEASURE
     return False
+
+
+# decisions already measured in this process, by model shape (a run loads its model more than once)
+_AUTOCAST_MEASURED: dict[tuple, tuple[bool, str]] = {}
+AUTOCAST_MARGIN = 0.9  # bf16 must be >10% faster: a near tie keeps fp32, so noise rarely flips it
+
+
+def measure_cpu_autocast(model, for_training: bool, timer=time.perf_counter) -> tuple[bool, str]:
+    """Time the model itself on a small batch (8 x 64 tokens) in fp32 and under bf16 autocast,
+    forward+backward when it will train, forward only when it will sample; alternate the two,
+    keep each one's fastest of 3 after a warm-up. Leaves weights, gradients and the torch RNG as
+    they were. Returns (use bf16, a one-line note with both timings)."""
+    cfg = model.config
+    key = (type(model).__name__, getattr(cfg, "hidden_size", None), getattr(cfg, "num_hidden_layers", None),
+           getattr(cfg, "vocab_size", None), for_training, torch.get_num_threads())
+    if key in _AUTOCAST_MEASURED:
+        return _AUTOCAST_MEASURED[key]
+    rng_state = torch.get_rng_state()
+    ids = torch.randint(0, min(int(getattr(cfg, "vocab_size", 256) or 256), 256), (8, 64),
+                        generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
+
+    def step(bf16: bool) -> float:
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        t = timer()
+        if for_training:
+            with ctx:
+                loss = model(input_ids=ids).logits.float().mean()
+            loss.backward()
+        else:
+            with torch.inference_mode(), ctx:
+                model(input_ids=ids)
+        return timer() - t
+
+    try:
+        best = {True: float("inf"), False: float("inf")}
+        for rep in range(4):
+            for bf16 in (False, True):
+                seconds = step(bf16)
+                if rep:  # the first of each is a warm-up
+                    best[bf16] = min(best[bf16], seconds)
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        torch.set_rng_state(rng_state)
+    use = best[True] < AUTOCAST_MARGIN * best[False]
+    note = (f"autocast auto: bf16 {best[True] * 1e3:.0f} ms vs fp32 {best[False] * 1e3:.0f} ms per "
+            f"{'training' if for_training else 'forward'} step on this CPU -> {'bf16' if use else 'fp32'}")
+    _AUTOCAST_MEASURED[key] = (use, note)
+    return use, note
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,6 +353,7 @@ class LoadedModel:
     source: str  # what was loaded: scratch:<preset>, a directory or a hub id
     dtype: torch.dtype
     autocast: bool = False  # resolved ModelSection.autocast
+    autocast_note: str = ""  # how "auto" decided, when it measured
     base_source: str | None = None  # for LoRA: where the base model came from
     scratch_preset: str | None = None  # set when the (base) model was built from a preset
     quantization: str = "none"
@@ -649,6 +695,11 @@ def load_model(
     else:
         model.train()
 
+    autocast_note = ""
+    if autocast == MEASURE:
+        autocast, autocast_note = measure_cpu_autocast(model, for_training)
+        log.info(autocast_note)
+
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -657,6 +708,7 @@ def load_model(
         source=src,
         dtype=dtype,
         autocast=autocast,
+        autocast_note=autocast_note,
         base_source=base_source,
         scratch_preset=scratch_preset,
         quantization=section.quantization,

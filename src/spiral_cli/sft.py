@@ -187,6 +187,8 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     loaded = load_model(recipe.model, source=source, for_training=True, seed=recipe.seed)
     total, trainable = count_parameters(loaded.model)
     console.print(f"[bold]sft[/] {name}: model {base.ref} ({total / 1e6:.2f}M params, {trainable / 1e6:.2f}M trainable) on {loaded.device}")
+    if loaded.autocast_note:
+        console.print(f"  {loaded.autocast_note}")
 
     t0 = time.time()
     pairs = load_examples(recipe, task)
@@ -217,11 +219,10 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     # aggregator checks with is learned there first), then every example; from
     # `self_aggregate_after` on (sft.self_aggregate_examples), also aggregation examples over the
     # model's own candidates, kept in the run dir for resume.
+    # The boundaries count steps, never seconds: the same recipe trains the same model on a
+    # fast and on a slow machine.
     search_only = [e for e in examples if e.kind != "aggregate"]
     aggregate_from = int(cfg.steps * cfg.aggregate_after) if search_only and len(search_only) < len(examples) else 0
-    aggregate_moved_to = state.get("aggregate_moved_to")  # set when the clock moved the boundary; kept on resume
-    if aggregate_moved_to is not None:
-        aggregate_from = aggregate_moved_to
     self_agg_from = int(cfg.steps * cfg.self_aggregate_after) if cfg.self_aggregate_examples and not cfg.data else None
     self_agg_file = runs_dir(home) / name / "self_aggregate.jsonl"
     if not resuming:
@@ -253,12 +254,6 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
         forward = compile_for_training(loaded, {"input_ids": first["input_ids"], "labels": first["labels"]}, console)
     schedule: tuple[tuple[int, int], list[list[int]]] = ((-1, -1), [])  # ((phase start, epoch), its batches)
     while step < cfg.steps:
-        if deadline and step < aggregate_from and time.time() - start_time >= cfg.aggregate_after * cfg.time_budget_minutes * 60:
-            # a slower machine than the recipe was sized for: keep the time split, so the
-            # aggregation examples are still learned before the budget ends
-            console.print(f"  {cfg.aggregate_after:.0%} of the time budget spent at step {step}: "
-                          f"aggregation examples join now (planned at step {aggregate_from})")
-            aggregate_from = aggregate_moved_to = step
         pool_start, pool = phase_at(step)
         batches_per_epoch = max(1, len(pool) // cfg.batch_size)
         epoch, pos = divmod(step - pool_start, batches_per_epoch)
@@ -292,22 +287,19 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
             with log_path.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": last_loss, "tokens": tokens_seen, "tok_per_s": tps, "time": elapsed}) + "\n")
         if step % cfg.save_every == 0 and step < cfg.steps:
-            _save_state(loaded, optimizer, step, state_dir, {"tokens_seen": tokens_seen, "aggregate_moved_to": aggregate_moved_to})
-        if deadline and time.time() > deadline:
-            console.print(f"  time budget of {cfg.time_budget_minutes} min reached at step {step}")
-            for at, what, knob in ((aggregate_from, "the aggregation examples", "aggregate_after"),
-                                   (self_agg_from, "sft.self_aggregate_examples", "self_aggregate_after")):
-                if at is not None and step < at:
-                    console.print(f"  [yellow]warning:[/] stopped before step {at}, where {what} would have been "
-                                  f"added; raise the budget or lower sft.{knob}")
+            _save_state(loaded, optimizer, step, state_dir, {"tokens_seen": tokens_seen})
+        if deadline and time.time() > deadline and step < cfg.steps:
+            _warn_time_budget(console, cfg, step, aggregate_from, self_agg_from)
             stopped_early = True
             break
     train_seconds = time.time() - start_time
     if train_seconds > 1 or not resuming:  # the final state too, so a rerun does not retrain
-        _save_state(loaded, optimizer, step, state_dir, {"tokens_seen": tokens_seen, "aggregate_moved_to": aggregate_moved_to})
+        _save_state(loaded, optimizer, step, state_dir, {"tokens_seen": tokens_seen})
     model.eval()
 
-    metrics: dict[str, Any] = {"train_loss": last_loss, "steps": step, "train_tokens": tokens_seen}
+    metrics: dict[str, Any] = {"train_loss": last_loss, "steps": step, "planned_steps": cfg.steps, "train_tokens": tokens_seen}
+    if step < cfg.steps:  # the registry says so too: this is not the recipe's model
+        metrics["stopped_by_time_budget"] = 1
     if cfg.eval_problems > 0 and not cfg.data:
         problems = task.problems("eval", cfg.eval_problems, seed=recipe.seed)
         gen = recipe.generation
@@ -332,6 +324,19 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
               "stopped_early": stopped_early, "metrics": metrics}
     _print_metrics(console, metrics)
     return result
+
+
+def _warn_time_budget(console: Console, cfg, step: int, aggregate_from: int, self_agg_from: int | None) -> None:
+    """The safety net fired: say loudly that this run's model is not the one its recipe defines."""
+    console.print(
+        f"[bold red]WARNING: sft.time_budget_minutes={cfg.time_budget_minutes} stopped the run at step "
+        f"{step} of {cfg.steps}.[/] The model is weaker than the recipe's, and on another machine this "
+        f"recipe trains a different one. Rerun the same command to train on from step {step} (the run "
+        f"resumes), or raise or drop sft.time_budget_minutes."
+    )
+    for at, what in ((aggregate_from, "the aggregation examples"), (self_agg_from, "sft.self_aggregate_examples")):
+        if at is not None and step < at:
+            console.print(f"[bold red]WARNING:[/] {what} (from step {at}) were never trained on.")
 
 
 def _split(ids: list[int], parts: int) -> list[list[int]]:

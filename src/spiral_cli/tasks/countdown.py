@@ -401,6 +401,10 @@ class CountdownConfig(TaskConfig):
     # often, so a model trained on a mix learns that spending more tokens pays (the T knob)
     sft_max_nodes: list[int] = Field(default_factory=lambda: [4, 8, 16, 32], min_length=1)
     agg_view: Literal["answer", "full"] = "answer"
+    # the aggregation target: "all" checks every candidate, then answers with the first that
+    # verified; "until_ok" stops at the first that verifies and answers at once, so the answer
+    # line follows the check of the candidate it copies (a small model miscopies across lines)
+    agg_checks: Literal["all", "until_ok"] = "all"
     agg_max_chars: int = Field(400, ge=20)
 
     @model_validator(mode="after")
@@ -680,8 +684,9 @@ class CountdownTask:
         return self._finish(lines, cexpr)
 
     def aggregate_completion(self, problem: dict[str, Any], traces: list[str], rng: random.Random) -> str:
-        """The target aggregation completion: check every candidate, answer from the first that
-        verifies; if none does, search (a solver trace) and end with its answer or fail."""
+        """The target aggregation completion: check the candidates in order, answer from the first
+        that verifies (checking the rest first unless `agg_checks` is until_ok); if none does,
+        search (a solver trace) and end with its answer or fail."""
         checks = []
         chosen = None
         for i, t in enumerate(traces, 1):
@@ -690,6 +695,8 @@ class CountdownTask:
             checks.append(f"{i}: {line}")
             if ok and chosen is None:
                 chosen = ans
+                if self.config.agg_checks == "until_ok":
+                    break
         if chosen is not None:
             return self._finish(checks, chosen)
         lines, ans, _ = _search(
