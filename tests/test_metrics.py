@@ -11,12 +11,15 @@ import pytest
 
 from spiral_cli.metrics import (
     accuracy_at_compute,
+    bootstrap_accuracy,
     bootstrap_ci,
     compute_to_reach,
     majority_at_k_expected,
     majority_vote,
+    paired_bootstrap_diff,
     pass_at_k,
     scaling_efficiency,
+    scaling_efficiency_interval,
     wilson_interval,
 )
 
@@ -278,14 +281,224 @@ def test_no_overlap_statuses():
     assert out["status"] == "no_overlap" and out["upper_bound"] == pytest.approx(10.0)
 
 
-def test_single_point_overlap_and_duplicates():
-    # Overlap is the single level 0.5; duplicate compute keeps the best accuracy.
+def test_single_point_overlap_is_not_measurable():
+    # Overlap is the single level 0.5; duplicate compute keeps the best accuracy (0.5 at 50).
+    # The candidate reaches 0.5 at its cheapest point, so C_c(0.5) = 50 is censored (it might
+    # need less): 400 / 50 = 8 is only a lower bound, never an efficiency. (This used to be
+    # status "ok" with max 8.)
     out = scaling_efficiency([(100, 0.3), (400, 0.5)], [(50, 0.5), (50, 0.4), (100, 0.7)])
+    assert out["status"] == "not_measurable" and out["overlap"] is True
     assert out["accuracy_range"] == (0.5, 0.5)
-    assert out["max"] == pytest.approx(400 / 50)
+    assert out["max"] is None and out["max_level"] is None and out["at_baseline_best"] is None
+    assert out["levels"] == []
+    assert out["censored_ratio"] == pytest.approx(400 / 50)
+    assert out["lower_bound"] == pytest.approx(8.0) and out["upper_bound"] is None
+
+
+def test_single_point_overlap_bound_directions():
+    # Baseline censored at its cheapest point (0.5 at 100, could need less), the candidate
+    # crosses 0.5 at 200 (its best): efficiency <= 100 / 200.
+    out = scaling_efficiency([(100, 0.5), (400, 0.7)], [(100, 0.3), (200, 0.5)])
+    assert out["status"] == "not_measurable" and out["max"] is None
+    assert out["upper_bound"] == pytest.approx(0.5) and out["lower_bound"] is None
+    # Flat baseline at 0.5, the candidate crosses 0.5 halfway from 100 to 400 (at 200).
+    out = scaling_efficiency([(100, 0.5)], [(100, 0.3), (400, 0.7)])
+    assert out["status"] == "not_measurable" and out["accuracy_range"] == (0.5, 0.5)
+    assert out["upper_bound"] == pytest.approx(100 / 200)
+    # Both flat at 0: both censored, the ratio 100 / 50 bounds nothing.
+    out = scaling_efficiency([(100, 0.0), (200, 0.0)], [(50, 0.0), (100, 0.0)])
+    assert out["status"] == "not_measurable" and out["censored_ratio"] == pytest.approx(2.0)
+    assert out["lower_bound"] is None and out["upper_bound"] is None and out["max"] is None
+
+
+def test_levels_match_scalar_compute_to_reach():
+    # The vectorised level evaluation follows the first crossing, dips included.
+    baseline = [(100, 0.2), (200, 0.5), (400, 0.3), (800, 0.7)]
+    candidate = [(50, 0.25), (100, 0.45), (400, 0.8)]
+    out = scaling_efficiency(baseline, candidate)
+    for a, ratio in out["levels"]:
+        assert ratio == pytest.approx(compute_to_reach(baseline, a) / compute_to_reach(candidate, a), rel=1e-12)
+    # a = 0.45 (a measured level): the baseline first reaches it on 100..200 at t = 0.25 / 0.3
+    # -> 100 * 2^(5/6) (not after its dip); the candidate at its point (100, 0.45).
+    (ratio,) = [r for a, r in out["levels"] if a == 0.45]
+    assert ratio == pytest.approx(2 ** (5 / 6))
+    # a = 0.7, the baseline's best (at 800); candidate on 100..400 at t = 0.25 / 0.35 -> 100 * 4^(5/7).
+    assert out["at_baseline_best"] == pytest.approx(800 / (100 * 4 ** (5 / 7)))
 
 
 @pytest.mark.parametrize("bad", [[], [(0, 0.5)], [(-1, 0.5)], [(10, float("nan"))], [(10,)]])
 def test_scaling_efficiency_rejects_bad_curves(bad):
     with pytest.raises(ValueError):
         scaling_efficiency(bad, [(10, 0.5)])
+
+
+# --------------------------------------------------------------------------- intervals over problems and seeds
+
+# numpy.random.default_rng(0).integers(0, 3, size=(4, 3)): the problem draws of the hand checks below.
+DRAWS_SEED0_P3_B4 = [[2, 1, 1], [0, 0, 0], [0, 0, 0], [2, 1, 2]]
+
+
+def test_problem_draws_are_the_documented_ones():
+    # The hand checks replay these draws; if numpy ever changes its generator, this says so first.
+    assert np.random.default_rng(0).integers(0, 3, size=(4, 3)).tolist() == DRAWS_SEED0_P3_B4
+
+
+def test_paired_diff_hand_percentile_with_seeds():
+    # Arm a: two seeds, arm b: one seed, on the same three problems.
+    a = [[1, 0, 1], [1, 1, 0]]  # seed-mean per problem: 1, 0.5, 0.5
+    b = [0, 0.5, 0]
+    # per-problem differences d = (1, 0, 0.5); estimate = mean d = 0.5 = 2/3 - 1/6
+    # resample means over the draws: [2,1,1] -> (0.5+0+0)/3 = 1/6, [0,0,0] -> 1, [0,0,0] -> 1,
+    # [2,1,2] -> (0.5+0+0.5)/3 = 1/3; sorted 1/6, 1/3, 1, 1.
+    # 2.5% quantile at position 0.025 * 3 = 0.075: 1/6 + 0.075 * (1/3 - 1/6) = 0.1791666...
+    # 97.5% quantile at position 2.925: 1 + 0.925 * (1 - 1) = 1
+    out = paired_bootstrap_diff(a, b, n_boot=4, seed=0)
+    assert out["estimate"] == pytest.approx(0.5)
+    assert out["mean_a"] == pytest.approx(2 / 3) and out["mean_b"] == pytest.approx(1 / 6)
+    assert out["per_seed_a"] == pytest.approx([2 / 3, 2 / 3]) and out["per_seed_b"] == pytest.approx([1 / 6])
+    assert out["interval"] == (pytest.approx(1 / 6 + 0.075 / 6), pytest.approx(1.0))
+    assert out["n_problems"] == 3 and out["n_seeds"] == (2, 1) and out["n_boot"] == 4
+
+
+def test_paired_constant_difference_has_zero_width():
+    # Exact binary fractions: every per-problem difference is exactly 0.5.
+    a = [1, 1, 0.5, 0.75]
+    b = [0.5, 0.5, 0, 0.25]
+    out = paired_bootstrap_diff(a, b)
+    assert out["estimate"] == 0.5 and out["interval"] == (0.5, 0.5)
+    # Each arm on its own varies with the problems drawn ...
+    wa = bootstrap_accuracy(a)["interval"]
+    wb = bootstrap_accuracy(b)["interval"]
+    assert wa[1] - wa[0] > 0.2 and wb[1] - wb[0] > 0.2
+    # ... and unpaired draws (independent problems per arm) would give a wide interval.
+    rng = np.random.default_rng(0)
+    ia, ib = rng.integers(0, 4, size=(2000, 4)), rng.integers(0, 4, size=(2000, 4))
+    unpaired = np.array(a)[ia].mean(axis=1) - np.array(b)[ib].mean(axis=1)
+    lo, hi = np.quantile(unpaired, [0.025, 0.975])
+    assert hi - lo > 0.4
+
+
+def test_bootstrap_accuracy_by_hand():
+    # Two problems, 0 and 1: a resample mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4, so
+    # the 2.5% / 97.5% quantiles are 0 and 1, and the 30% / 70% ones both 0.5 (the 25% mass at
+    # 0 ends more than 5 standard errors, 5 x 0.0097, before the 30% point with 2000 resamples).
+    out = bootstrap_accuracy([0, 1])
+    assert out["estimate"] == 0.5 and out["interval"] == (0.0, 1.0)
+    assert bootstrap_accuracy([0, 1], alpha=0.6)["interval"] == (0.5, 0.5)
+    # Seeds: mean over seeds and problems, seeds reported apart.
+    out = bootstrap_accuracy([[1, 0, 1, 1], [0, 0, 1, 1]])
+    assert out["estimate"] == pytest.approx(5 / 8) and out["per_seed"] == [0.75, 0.5]
+    assert out["n_seeds"] == 2 and out["n_problems"] == 4
+    # Reproducible; a different seed draws differently.
+    x = np.random.default_rng(3).random(30)
+    assert bootstrap_accuracy(x, seed=1) == bootstrap_accuracy(x, seed=1)
+    assert bootstrap_accuracy(x, seed=1)["interval"] != bootstrap_accuracy(x, seed=2)["interval"]
+
+
+@pytest.mark.parametrize("bad", [[], [[]], [[[1]]], [float("nan")]])
+def test_bootstrap_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        bootstrap_accuracy(bad)
+
+
+def test_paired_diff_rejects_different_problems():
+    with pytest.raises(ValueError):
+        paired_bootstrap_diff([1, 0, 1], [1, 0])
+    with pytest.raises(ValueError):
+        paired_bootstrap_diff([1, 0], [1, 0], alpha=0)
+
+
+def test_efficiency_interval_identical_problems_is_exact():
+    # Every problem the same: every resample is the data itself -> zero width at the exact value
+    # (the docstring example of scaling_efficiency: 4.0).
+    baseline = [(100, [0.2] * 5), (400, [0.6] * 5)]
+    candidate = [(50, [0.4] * 5), (200, [0.8] * 5)]
+    out = scaling_efficiency_interval(baseline, candidate, n_boot=200)
+    for key in ("max", "at_baseline_best"):
+        stat = out[key]
+        assert stat["estimate"] == pytest.approx(4.0)
+        assert stat["interval"] == (stat["estimate"], stat["estimate"])
+        assert stat["status"] == "ok" and stat["n_not_measurable"] == 0 and stat["n_measurable"] == 200
+    assert out["point"]["status"] == "ok" and out["n_problems"] == 5
+
+
+def test_efficiency_interval_is_paired():
+    # Per problem the candidate is the baseline shifted up by 0.2 at half the compute, with the
+    # same slope, so on any draw of problems the efficiency is 2 * 4^(0.2 / 0.4) = 4 -- although
+    # the accuracies themselves move from draw to draw.
+    baseline = [(100, [0.2, 0.4]), (400, [0.6, 0.8])]
+    candidate = [(50, [0.4, 0.6]), (200, [0.8, 1.0])]
+    out = scaling_efficiency_interval(baseline, candidate, n_boot=300)
+    assert out["max"]["interval"] == (pytest.approx(4.0), pytest.approx(4.0))
+    lo, hi = bootstrap_accuracy([0.2, 0.4])["interval"]
+    assert hi - lo == pytest.approx(0.2)
+    # Unpaired, a draw could pair the baseline on problem 0 with the candidate on problem 1:
+    # the curves would only touch at 0.6 and there would be no efficiency at all.
+    assert scaling_efficiency([(100, 0.2), (400, 0.6)], [(50, 0.6), (200, 1.0)])["status"] == "not_measurable"
+
+
+def test_efficiency_interval_hand_percentile():
+    # Per problem both curves rise by 0.4 (slope s = 0.4 per 2 doublings); the candidate starts
+    # delta_i higher at half the compute: delta = (0, 0.2, 0.4). On a draw with mean delta d the
+    # efficiency is the same at every level: 100 * 4^(d / 0.4) / 50 = 2 * 2^(5 d).
+    baseline = [(100, [0.2, 0.2, 0.2]), (400, [0.6, 0.6, 0.6])]
+    candidate = [(50, [0.2, 0.4, 0.6]), (200, [0.6, 0.8, 1.0])]
+    # point: d = 0.2 -> 4. Draws (DRAWS_SEED0_P3_B4): [2,1,1] d = 0.8/3 -> 2 * 2^(4/3);
+    # [0,0,0] d = 0 -> 2 (twice); [2,1,2] d = 1/3 -> 2 * 2^(5/3). Sorted: 2, 2, 5.040, 6.350.
+    # 2.5%: position 0.075 -> 2; 97.5%: position 2.925 -> s2 + 0.925 * (s3 - s2).
+    s2, s3 = 2 * 2 ** (4 / 3), 2 * 2 ** (5 / 3)
+    out = scaling_efficiency_interval(baseline, candidate, n_boot=4, seed=0)
+    for key in ("max", "at_baseline_best"):
+        assert out[key]["estimate"] == pytest.approx(4.0)
+        assert out[key]["interval"] == (pytest.approx(2.0), pytest.approx(s2 + 0.925 * (s3 - s2)))
+
+
+def _touching_share(baseline, candidate):
+    """Exact share of resamples without an efficiency: enumerate all n^n equally likely draws."""
+    n = len(baseline[0][1])
+    bad = 0
+    for draw in itertools.product(range(n), repeat=n):
+        acc = lambda v: sum(v[i] for i in draw) / n  # noqa: E731
+        res = scaling_efficiency([(c, acc(v)) for c, v in baseline], [(c, acc(v)) for c, v in candidate])
+        bad += res["status"] != "ok"
+    return bad / n**n
+
+
+def test_efficiency_interval_not_measurable():
+    # Point estimate: both curves 1/3 -> 2/3, the candidate at half the compute: efficiency 2.
+    # But on 3 problems many draws leave curves that do not overlap (e.g. draw [0,0,0]: the
+    # baseline is flat at 0, the candidate 0 -> 1).
+    baseline = [(100, [0, 0, 1]), (200, [0, 1, 1])]
+    candidate = [(50, [0, 1, 0]), (100, [1, 1, 0])]
+    share = _touching_share(baseline, candidate)
+    assert share > 0.05
+    out = scaling_efficiency_interval(baseline, candidate, n_boot=2000)
+    assert out["point"]["status"] == "ok" and out["max"]["estimate"] == pytest.approx(2.0)
+    stat = out["max"]
+    assert stat["status"] == "not_measurable" and stat["interval"] is None
+    assert stat["n_not_measurable"] + stat["n_measurable"] == 2000
+    sd = math.sqrt(share * (1 - share) / 2000)
+    assert stat["n_not_measurable"] / 2000 == pytest.approx(share, abs=4 * sd)
+    # Allowing that share of unmeasurable resamples gives a number again.
+    loose = scaling_efficiency_interval(baseline, candidate, n_boot=2000, max_not_measurable=0.99)
+    assert loose["max"]["status"] == "ok" and loose["max"]["interval"][0] <= 2.0 <= loose["max"]["interval"][1]
+
+
+def test_efficiency_interval_point_not_measurable():
+    # Touching curves: no point estimate, hence no interval, even if resamples had values.
+    baseline = [(100, [0.3, 0.3]), (400, [0.5, 0.5])]
+    candidate = [(50, [0.5, 0.5]), (100, [0.7, 0.7])]
+    out = scaling_efficiency_interval(baseline, candidate, n_boot=50)
+    assert out["point"]["status"] == "not_measurable"
+    for key in ("max", "at_baseline_best"):
+        assert out[key] == {"estimate": None, "interval": None, "status": "not_measurable",
+                            "n_measurable": 0, "n_not_measurable": 50}
+
+
+def test_efficiency_interval_rejects_mismatched_problems():
+    with pytest.raises(ValueError):
+        scaling_efficiency_interval([(100, [0, 1]), (200, [1, 1, 0])], [(100, [0, 1])])
+    with pytest.raises(ValueError):
+        scaling_efficiency_interval([(100, [0, 1])], [(100, [0, 1, 1])])
+    with pytest.raises(ValueError):
+        scaling_efficiency_interval([], [(100, [0, 1])])

@@ -77,6 +77,7 @@ def fake(monkeypatch):
 
     monkeypatch.setattr(sweep_mod, "_load_task", lambda recipe: EchoTask(PROBLEMS))
     monkeypatch.setattr(sweep_mod, "_open_generator", open_generator)
+    monkeypatch.setattr(sweep_mod, "EFFICIENCY_N_BOOT", 200)  # 2000 by default; keeps the tests quick
     return state
 
 
@@ -122,7 +123,122 @@ def test_outputs_of_a_two_model_sweep(tmp_path, fake):
         again = scaling_efficiency([tuple(p) for p in comp["baseline_curve"]], [tuple(p) for p in comp["candidate_curve"]])
         assert comp["status"] == again["status"] and comp["max"] == again["max"]
         assert comp["T"] == max(TS) and comp["R"] == (max(RS) if comp["method"] == "learned" else 0)
+    for comp in eff["comparisons"]:  # every comparison carries an interval, or says why not
+        for key in ("interval", "interval_at_baseline_best"):
+            assert comp[f"{key}_status"] in ("ok", "not_measurable")
+            assert (comp[key] is None) == (comp[f"{key}_status"] != "ok")
+        assert comp["bootstrap"]["n_boot"] == 200 and comp["bootstrap"]["n_problems"] == 3
+        if comp["status"] != "ok":  # no efficiency number, hence no interval
+            assert comp["max"] is None and comp["interval"] is None
     assert summary["efficiency"] and summary["out"] == str(out)
+    assert all("interval_status" in e for e in summary["efficiency"])
+
+
+def test_cells_keep_per_problem_values_and_efficiency_rebuilds_from_them(tmp_path, fake):
+    run(tmp_path, "a")
+    out = tmp_path / "a"
+    cells = [json.loads(l) for l in (out / "cells.jsonl").read_text().splitlines()]
+    for c in cells:
+        assert len(c["per_problem"]) == c["n_problems"] == 3
+        assert sum(c["per_problem"]) / 3 == c["accuracy"]
+    # pass@4 from a pool of 4 is 0/1 per problem, written as ints: base has the target in p1 and
+    # p2 only, cand in all three (SCRIPTS)
+    assert _cell(cells, "scratch:base", "pass", 4, 8)["per_problem"] == [1, 1, 0]
+    assert _cell(cells, "scratch:cand", "pass", 4, 8)["per_problem"] == [1, 1, 1]
+    # pass@1 = c / 4 per problem: base 1/4, 1/4, 0
+    assert _cell(cells, "scratch:base", "pass", 1, 8)["per_problem"] == [0.25, 0.25, 0]
+    assert "per_problem" not in (out / "cells.csv").read_text().splitlines()[0].split(",")
+    # efficiency.json, intervals included, rebuilt from cells.jsonl and sweep.json alone
+    manifest = json.loads((out / "sweep.json").read_text())
+    grid = sweep_mod.Grid(**manifest["grid"])
+    again = sweep_mod.efficiency(cells, grid, [m["ref"] for m in manifest["models"]])
+    assert json.loads(json.dumps(again)) == json.loads((out / "efficiency.json").read_text())
+
+    # cells.jsonl of an older version (no per-problem values): the interval is unavailable, no crash
+    old = [{k: v for k, v in c.items() if k != "per_problem"} for c in cells]
+    eff = sweep_mod.efficiency(old, grid, MODELS)
+    for comp in eff["comparisons"]:
+        assert comp["interval"] is None and comp["interval_status"] == "unavailable"
+        assert comp["interval_at_baseline_best_status"] == "unavailable"
+        assert "per-problem" in comp["bootstrap"]["reason"]
+        assert "no CI" in sweep_mod.describe(comp) or comp["status"] != "ok"
+    assert sweep_mod.efficiency(old, grid, MODELS)["comparisons"][0]["max"] == again["comparisons"][0]["max"]
+    from spiral_cli import plots
+
+    assert plots.plot_accuracy_vs_tokens(old, eff["comparisons"], tmp_path / "old.png").is_file()
+
+
+def _touching_cells():
+    """Two pass curves that meet at one accuracy level: the baseline's best (0.5 at 400 tokens) is
+    the candidate's cheapest point (0.5 at 50 tokens). Per-problem values over 2 problems."""
+    def cell(model, n, tokens, values):
+        return {"model": model, "method": "pass", "N": n, "T": 8, "R": 0, "accuracy": sum(values) / 2,
+                "ci_lo": 0.0, "ci_hi": 1.0, "ci_method": "wilson", "n_problems": 2,
+                "generated_tokens_per_problem": tokens, "total_tokens_per_problem": tokens,
+                "per_problem": values}
+    return [cell("base", 1, 100, [0.5, 0.0]), cell("base", 4, 400, [1, 0]),
+            cell("cand", 1, 50, [1, 0]), cell("cand", 2, 100, [1, 0.5])]
+
+
+def _grid(**kw):
+    return sweep_mod.Grid(parallel=[1, 2, 4], seq_budget=[8], agg_rounds=[0], methods=["pass"], max_problems=2,
+                          seed=0, population=2, agg_set_size=2, **kw)
+
+
+def test_touching_curves_are_not_measurable_everywhere(tmp_path, monkeypatch):
+    """Regression: efficiency.json said status "ok", max 8 where the table said "censored"."""
+    monkeypatch.setattr(sweep_mod, "EFFICIENCY_N_BOOT", 100)
+    eff = sweep_mod.efficiency(_touching_cells(), _grid(), ["base", "cand"])
+    (comp,) = eff["comparisons"]
+    assert comp["status"] == "not_measurable"
+    assert comp["max"] is None and comp["at_baseline_best"] is None and comp["max_level"] is None
+    assert comp["accuracy_range"] == [0.5, 0.5]
+    # The ratio there, 400 / 50 = 8, is kept as what it is: censored, a lower bound.
+    assert comp["censored_ratio"] == pytest.approx(8.0) and comp["lower_bound"] == pytest.approx(8.0)
+    assert comp["interval"] is None and comp["interval_status"] == "not_measurable"
+    assert comp["interval_at_baseline_best"] is None
+    assert "baseline_compute_at_max" not in comp
+    json.dumps(eff)  # plain JSON: null, not NaN
+    line = sweep_mod.describe(comp)
+    assert "not measurable" in line and "max" not in line and ">= 8.00x" in line
+    from spiral_cli import plots
+
+    note = plots.efficiency_note(comp)
+    assert "not measurable" in note and "8.00" not in note
+    # efficiency.json of the previous version (status "ok", max 8 at a single level): still "not measurable"
+    legacy = dict(comp, status="ok", max=8.0, max_level=0.5)
+    assert not plots.efficiency_is_measured(legacy) and "not measurable" in plots.efficiency_note(legacy)
+    assert plots.plot_accuracy_vs_tokens(_touching_cells(), [dict(comp, headline=True)], tmp_path / "t.png").is_file()
+
+
+def test_efficiency_interval_in_sweep_by_hand(monkeypatch):
+    """Identical problems: every resample equals the data, so the interval is the point: 4x."""
+    monkeypatch.setattr(sweep_mod, "EFFICIENCY_N_BOOT", 50)
+    cells = _touching_cells()
+    # base 0.2 -> 0.6 over 100 -> 400 tokens, cand 0.4 -> 0.8 over 50 -> 200 (metrics docstring example)
+    for c, v in zip(cells, ([0.2, 0.2], [0.6, 0.6], [0.4, 0.4], [0.8, 0.8])):
+        c.update(per_problem=v, accuracy=sum(v) / 2)
+    cells[3].update(generated_tokens_per_problem=200)
+    (comp,) = sweep_mod.efficiency(cells, _grid(), ["base", "cand"])["comparisons"]
+    assert comp["status"] == "ok" and comp["max"] == pytest.approx(4.0)
+    assert comp["interval"] == [pytest.approx(4.0)] * 2 and comp["interval_status"] == "ok"
+    assert comp["interval_at_baseline_best"] == [pytest.approx(4.0)] * 2
+    assert comp["bootstrap"]["n_not_measurable"] == {"max": 0, "at_baseline_best": 0}
+    assert "max 4.00x (95% CI 4.00..4.00x)" in sweep_mod.describe(comp)
+    from spiral_cli import plots
+
+    assert "[4.00..4.00]" in plots.efficiency_note(comp)
+    # The comparison's own status rules: cell accuracies (Python sums) and the bootstrap's numpy
+    # means can differ in the last bit, which must never give an interval without an efficiency.
+    base, cand = cells[:2], cells[2:]
+    keys = sweep_mod.efficiency_interval(base, cand, {"status": "not_measurable", "max": None}, seed=0)
+    assert keys["interval"] is None and keys["interval_status"] == "not_measurable"
+    keys = sweep_mod.efficiency_interval(base, cand, {"status": "ok", "max": 4.0, "at_baseline_best": None}, seed=0)
+    assert keys["interval_status"] == "ok" and keys["interval_at_baseline_best_status"] == "not_measurable"
+    # A comparison whose cells hold different problem counts gets no interval, not an error.
+    cells[0]["per_problem"] = [0.2, 0.2, 0.2]
+    (comp,) = sweep_mod.efficiency(cells, _grid(), ["base", "cand"])["comparisons"]
+    assert comp["interval_status"] == "unavailable" and comp["max"] == pytest.approx(4.0)
 
 
 def _cell(cells, model, method, n, t, r=0):

@@ -13,7 +13,11 @@ Public API
 - ``accuracy_at_compute(curve, compute)`` and ``compute_to_reach(curve, accuracy)``: the
   interpolated accuracy-vs-compute curve used by ``scaling_efficiency``.
 - ``scaling_efficiency(baseline, candidate)``: how many times more compute the baseline
-  needs to reach the candidate's accuracy (definition in its docstring).
+  needs to reach the candidate's accuracy (definition in its docstring); "not_measurable"
+  when the curves share no accuracy range of positive width.
+- Intervals over problems (and training seeds), percentile bootstrap with shared problem
+  draws: ``bootstrap_accuracy(values)``, ``paired_bootstrap_diff(a, b)`` and
+  ``scaling_efficiency_interval(baseline, candidate)``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ __all__ = [
     "accuracy_at_compute",
     "compute_to_reach",
     "scaling_efficiency",
+    "bootstrap_accuracy",
+    "paired_bootstrap_diff",
+    "scaling_efficiency_interval",
 ]
 
 
@@ -300,6 +307,28 @@ def compute_to_reach(curve: Curve, accuracy: float) -> float | None:
     return None
 
 
+def _compute_to_reach_many(pts: list[tuple[float, float]], levels: np.ndarray) -> np.ndarray:
+    """``compute_to_reach`` for many accuracy levels at once (NaN where never reached).
+
+    Same rule as the scalar version, vectorised because the bootstrap of ``scaling_efficiency``
+    evaluates ~200 levels thousands of times. The first crossing of level a is the first point
+    whose running-max accuracy reaches a (``searchsorted`` on the running max).
+    """
+    comp = np.array([c for c, _ in pts], dtype=float)
+    acc = np.array([a for _, a in pts], dtype=float)
+    out = np.full(levels.shape, np.nan)
+    at_first = levels <= acc[0]
+    out[at_first] = comp[0]
+    j = np.searchsorted(np.maximum.accumulate(acc), levels, side="left")
+    inner = ~at_first & (j < len(pts))
+    j = j[inner]
+    a0, a1 = acc[j - 1], acc[j]  # a0 < level <= a1 on the crossing segment
+    t = (levels[inner] - a0) / (a1 - a0)
+    log_c = np.log2(comp)
+    out[inner] = np.exp2(log_c[j - 1] + t * (log_c[j] - log_c[j - 1]))
+    return out
+
+
 def scaling_efficiency(
     baseline: Curve,
     candidate: Curve,
@@ -324,13 +353,21 @@ def scaling_efficiency(
     4. Overlap range: [max(lo_b, lo_c), min(hi_b, hi_c)]. For each a in it,
            efficiency(a) = C_baseline(a) / C_candidate(a)
        (> 1: the candidate needs less compute for the same accuracy).
-    5. Report, for status "ok" (overlap non-empty):
+    5. Report, for status "ok" (overlap of *positive width*, lo < hi):
        - ``levels``: [(a, efficiency(a))] on ``grid_points`` evenly spaced levels across the
          overlap range plus every measured accuracy of either curve that falls in it;
        - ``max`` (and ``max_level``): the largest efficiency among ``levels``;
        - ``at_baseline_best``: efficiency(hi_b), or None when the candidate never reaches
          the baseline's best accuracy (hi_c < hi_b).
-    6. Without overlap, no ratio is measured; a one-sided bound at the levels a in the gap:
+    6. Overlap of zero width (lo == hi: the curves only touch at one accuracy level a, e.g.
+       the candidate's cheapest point equals the baseline's best, or both curves are flat at
+       0): status "not_measurable"; ``max`` and ``at_baseline_best`` stay None because at
+       least one of C_b(a), C_c(a) is censored at its curve's c_min (a = that curve's lo), so
+       the ratio there is not a measured efficiency. It is kept as ``censored_ratio`` and,
+       where it is a valid one-sided bound, also as a bound: only the candidate censored
+       (its true C_c(a) <= c_min) -> efficiency >= ``lower_bound`` = censored_ratio; only the
+       baseline censored -> efficiency <= ``upper_bound`` = censored_ratio; both -> no bound.
+    7. Without overlap, no ratio is measured; a one-sided bound at the levels a in the gap:
        - lo_c > hi_b (the candidate at its lowest compute beats everything the baseline
          reached): the baseline needs more than its c_max, the candidate at most its c_min, so
          efficiency > ``lower_bound`` = c_max(baseline) / c_min(candidate).
@@ -339,13 +376,16 @@ def scaling_efficiency(
        - lo_b > hi_c (symmetric): efficiency < ``upper_bound`` = c_min(baseline) /
          c_max(candidate). Status "baseline_dominates" when that bound is <= 1, else
          "no_overlap".
+    Only status "ok" carries an efficiency number (``max``); every other status has
+    ``max`` = ``at_baseline_best`` = None.
 
     Worked example: baseline [(100, 0.2), (400, 0.6)], candidate [(50, 0.4), (200, 0.8)].
     Overlap [0.4, 0.6]. At a = 0.4 the baseline crosses halfway along log2 100 .. log2 400,
     so C_b = 2^(log2 100 + 1) = 200, C_c = 50: efficiency 4.0 (and 4.0 at every level).
 
-    Returns a dict with keys: status, overlap (bool), accuracy_range ((lo, hi) or None), max,
-    max_level, at_baseline_best, levels, lower_bound, upper_bound (None where not applicable).
+    Returns a dict with keys: status, overlap (bool: the accuracy ranges intersect, possibly
+    in one point), accuracy_range ((lo, hi) or None), max, max_level, at_baseline_best,
+    levels, lower_bound, upper_bound, censored_ratio (None where not applicable).
     """
     base = _clean_curve(baseline, "baseline")
     cand = _clean_curve(candidate, "candidate")
@@ -361,6 +401,7 @@ def scaling_efficiency(
         "levels": [],
         "lower_bound": None,
         "upper_bound": None,
+        "censored_ratio": None,
     }
     lo, hi = max(lo_b, lo_c), min(hi_b, hi_c)
     if lo > hi:
@@ -375,17 +416,222 @@ def scaling_efficiency(
             result["status"] = "baseline_dominates" if bound <= 1 else "no_overlap"
         return result
 
+    if lo == hi:  # the curves touch at one level: the ratio there is censored (step 6)
+        ratio = compute_to_reach(base, lo) / compute_to_reach(cand, lo)
+        base_censored, cand_censored = lo_b >= lo, lo_c >= lo
+        result.update(status="not_measurable", accuracy_range=(lo, hi), censored_ratio=ratio)
+        if cand_censored and not base_censored:
+            result["lower_bound"] = ratio
+        elif base_censored and not cand_censored:
+            result["upper_bound"] = ratio
+        return result
+
     measured = [a for _, a in base + cand if lo <= a <= hi]
-    grid = np.linspace(lo, hi, grid_points).tolist() if hi > lo else [lo]
-    levels = sorted(set(grid + measured))
-    ratios = [(a, compute_to_reach(base, a) / compute_to_reach(cand, a)) for a in levels]
-    best_level, best_ratio = max(ratios, key=lambda pair: pair[1])
+    levels = sorted(set(np.linspace(lo, hi, grid_points).tolist() + measured))
+    ratios = _compute_to_reach_many(base, np.array(levels)) / _compute_to_reach_many(cand, np.array(levels))
+    best = int(np.argmax(ratios))  # first of equal maxima, like max() over the list
     result.update(
         accuracy_range=(lo, hi),
-        max=best_ratio,
-        max_level=best_level,
-        levels=ratios,
+        max=float(ratios[best]),
+        max_level=levels[best],
+        levels=list(zip(levels, ratios.tolist())),
     )
     if hi_c >= hi_b:
         result["at_baseline_best"] = compute_to_reach(base, hi_b) / compute_to_reach(cand, hi_b)
     return result
+
+
+# --------------------------------------------------------------------------- intervals over problems and seeds
+
+
+def _seed_problem_matrix(values, name: str) -> np.ndarray:
+    """Per-problem values as a (seeds, problems) float array: 1-D input is one seed."""
+    x = np.asarray(values, dtype=float)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name}: give per-problem values as (problems,) or (seeds, problems), got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name}: per-problem values must be finite")
+    return x
+
+
+def _check_boot(n_boot: int, alpha: float) -> None:
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not (0.0 < alpha < 1.0):
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+
+
+def _problem_draws(n_problems: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_problems) problem indices drawn with replacement; one numpy call, so a
+    given seed always gives the same draws (the tests replay them by hand)."""
+    return np.random.default_rng(seed).integers(0, n_problems, size=(n_boot, n_problems))
+
+
+def _percentile(stats: np.ndarray, alpha: float) -> tuple[float, float]:
+    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])  # numpy's default linear interpolation
+    return float(lo), float(hi)
+
+
+def bootstrap_accuracy(values, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
+    """Accuracy (mean over seeds and problems) with a percentile bootstrap interval over problems.
+
+    ``values``: per-problem correctness (0/1) or per-problem accuracy in [0, 1] (e.g. a pass@k
+    estimate), shape (problems,) or (seeds, problems) when several training seeds were
+    evaluated on the same problems. Each resample draws problems with replacement, the *same*
+    problem indices for every seed (as in ``paired_bootstrap_diff``: the problems are the
+    shared source of variance), and keeps every seed: with two or three seeds, resampling
+    seeds says nothing. The interval therefore covers the choice of problems, conditional on
+    the trained seeds; ``per_seed`` shows how much the seeds themselves differ.
+
+    Returns {"estimate", "interval": (lo, hi), "per_seed", "n_problems", "n_seeds", "n_boot",
+    "alpha", "seed"}.
+    """
+    _check_boot(n_boot, alpha)
+    x = _seed_problem_matrix(values, "values")
+    per_problem = x.mean(axis=0)  # equal problems per seed: mean over seeds, then problems
+    stats = per_problem[_problem_draws(x.shape[1], n_boot, seed)].mean(axis=1)
+    return {
+        "estimate": float(per_problem.mean()), "interval": _percentile(stats, alpha),
+        "per_seed": x.mean(axis=1).tolist(), "n_problems": x.shape[1], "n_seeds": x.shape[0],
+        "n_boot": n_boot, "alpha": alpha, "seed": seed,
+    }
+
+
+def paired_bootstrap_diff(a, b, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
+    """Mean difference a - b between two arms on the same problems, with a paired bootstrap interval.
+
+    ``a`` and ``b``: per-problem correctness (0/1) or per-problem accuracy in [0, 1], shape
+    (problems,) or (seeds, problems); column i of both is problem i (the same problem list,
+    same order). The arms may have different numbers of seeds (each seed is its own trained
+    checkpoint).
+
+    Pairing. Each of the ``n_boot`` resamples draws problem indices with replacement once and
+    applies them to both arms and to every seed. Why shared: the arms (and seeds) answer the
+    same problems, and problem difficulty is the largest common source of variance; drawing the
+    same problems for both arms cancels it, so the interval reflects only how the *difference*
+    varies across problems (a constant difference gives a zero-width interval, whereas two
+    independent intervals would overlap widely). Drawing problems separately per seed would
+    treat the seeds' problem sets as independent samples, which they are not here. Seeds are
+    strata that every resample keeps (they are averaged, not resampled): the interval is
+    conditional on the trained seeds; ``per_seed_a`` / ``per_seed_b`` show their spread.
+
+    Statistic: mean over seeds of the per-problem mean, per arm, then a - b; since every seed
+    has the same problems this is the mean over problems of (seed-mean a_i - seed-mean b_i).
+    Interval: the alpha/2 and 1 - alpha/2 quantiles (numpy linear interpolation) of the
+    resampled statistic; draws from ``numpy.random.default_rng(seed)``, so reproducible.
+
+    Returns {"estimate", "interval": (lo, hi), "mean_a", "mean_b", "per_seed_a",
+    "per_seed_b", "n_problems", "n_seeds": (seeds of a, seeds of b), "n_boot", "alpha",
+    "seed"}.
+    """
+    _check_boot(n_boot, alpha)
+    xa, xb = _seed_problem_matrix(a, "a"), _seed_problem_matrix(b, "b")
+    if xa.shape[1] != xb.shape[1]:
+        raise ValueError(f"a and b must cover the same problems, got {xa.shape[1]} and {xb.shape[1]}")
+    pa, pb = xa.mean(axis=0), xb.mean(axis=0)
+    diff = pa - pb
+    stats = diff[_problem_draws(len(diff), n_boot, seed)].mean(axis=1)
+    return {
+        "estimate": float(pa.mean() - pb.mean()), "interval": _percentile(stats, alpha),
+        "mean_a": float(pa.mean()), "mean_b": float(pb.mean()),
+        "per_seed_a": xa.mean(axis=1).tolist(), "per_seed_b": xb.mean(axis=1).tolist(),
+        "n_problems": len(diff), "n_seeds": (xa.shape[0], xb.shape[0]),
+        "n_boot": n_boot, "alpha": alpha, "seed": seed,
+    }
+
+
+EFFICIENCY_STATISTICS = ("max", "at_baseline_best")
+
+
+def scaling_efficiency_interval(
+    baseline: Sequence[tuple[float, Sequence[float]]],
+    candidate: Sequence[tuple[float, Sequence[float]]],
+    *,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    max_not_measurable: float = 0.05,
+    grid_points: int = 201,
+) -> dict:
+    """``scaling_efficiency`` with a paired percentile bootstrap interval over problems.
+
+    Each curve is a list of (compute, per-problem values) points: the values behind the
+    point's accuracy (0/1 correctness or per-problem accuracy, shape (problems,) or
+    (seeds, problems)), column i being the same problem i at every point of both curves.
+    The accuracy of a point is the mean of its values; compute is taken as fixed (it is a
+    mean token count over all traces, far less noisy than accuracy, and it is not resampled).
+
+    Resampling: each of ``n_boot`` resamples draws problem indices with replacement once
+    and applies them to every point of both curves (and every seed), so the curves move
+    together as they would on another draw of problems from the same distribution (paired,
+    as in ``paired_bootstrap_diff``). ``scaling_efficiency`` is recomputed on the resampled
+    curves, and the alpha/2 and 1 - alpha/2 quantiles of each statistic are reported for
+    ``max`` and ``at_baseline_best``. This is the plain percentile interval of the statistic
+    as defined; no bias correction (``max`` over levels is biased upwards under noise).
+
+    Not measurable. A resample in which a statistic has no value (the resampled curves do not
+    overlap in a range of positive width, or, for at_baseline_best, the candidate does not
+    reach the baseline's best accuracy) is counted in ``n_not_measurable`` and left out of
+    the percentiles. Leaving out a fraction f of the resamples can move each reported bound
+    by up to f in probability (if the left-out ones all sit in one tail, which is typical:
+    "candidate dominates" resamples are the very efficient ones), so a nominal 95% interval
+    may cover only 95% - f. Hence when f > ``max_not_measurable`` (default 5%), or when the
+    point estimate itself is not measurable, the interval is None with status
+    "not_measurable" rather than a number that would look more precise than it is.
+
+    Returns {"point": scaling_efficiency on the full data, "max": {...},
+    "at_baseline_best": {...}, "n_problems", "n_boot", "alpha", "seed",
+    "max_not_measurable"}, each statistic's dict holding "estimate" (None when not
+    measurable), "interval" ((lo, hi) or None), "status" ("ok" or "not_measurable"),
+    "n_measurable", "n_not_measurable".
+    """
+    _check_boot(n_boot, alpha)
+    if not (0.0 <= max_not_measurable < 1.0):
+        raise ValueError(f"max_not_measurable must be in [0, 1), got {max_not_measurable}")
+    curves = []
+    for name, curve in (("baseline", baseline), ("candidate", candidate)):
+        if len(curve) == 0:
+            raise ValueError(f"{name} has no points")
+        comp = [float(c) for c, _ in curve]
+        vals = [_seed_problem_matrix(v, f"{name} point {j}").mean(axis=0) for j, (_, v) in enumerate(curve)]
+        if len({len(v) for v in vals}) != 1:
+            raise ValueError(f"{name}: every point must have values for the same problems")
+        curves.append((comp, np.stack(vals)))
+    (comp_b, vals_b), (comp_c, vals_c) = curves
+    n_problems = vals_b.shape[1]
+    if vals_c.shape[1] != n_problems:
+        raise ValueError(f"baseline and candidate must cover the same problems, got {n_problems} "
+                         f"and {vals_c.shape[1]}")
+    vals = np.concatenate([vals_b, vals_c])  # (points of both curves, problems)
+    nb = len(comp_b)
+
+    def efficiency_of(acc: np.ndarray) -> dict:
+        return scaling_efficiency(list(zip(comp_b, acc[:nb].tolist())), list(zip(comp_c, acc[nb:].tolist())),
+                                  grid_points=grid_points)
+
+    point = efficiency_of(vals.mean(axis=1))
+    draws = _problem_draws(n_problems, n_boot, seed)
+    samples: dict[str, list[float]] = {k: [] for k in EFFICIENCY_STATISTICS}
+    chunk = max(1, 4_000_000 // (vals.shape[0] * n_problems))  # bound the gathered array's size
+    for start in range(0, n_boot, chunk):
+        acc_chunk = vals[:, draws[start : start + chunk]].mean(axis=2)  # (points, resamples)
+        for acc in acc_chunk.T:
+            res = efficiency_of(acc)
+            for key in EFFICIENCY_STATISTICS:
+                if res["status"] == "ok" and res[key] is not None:
+                    samples[key].append(res[key])
+    out: dict = {"point": point, "n_problems": n_problems, "n_boot": n_boot, "alpha": alpha, "seed": seed,
+                 "max_not_measurable": max_not_measurable}
+    for key in EFFICIENCY_STATISTICS:
+        estimate = point[key] if point["status"] == "ok" else None
+        n_ok = len(samples[key])
+        measurable = estimate is not None and (n_boot - n_ok) <= max_not_measurable * n_boot
+        out[key] = {
+            "estimate": estimate,
+            "interval": _percentile(np.array(samples[key]), alpha) if measurable else None,
+            "status": "ok" if measurable else "not_measurable",
+            "n_measurable": n_ok, "n_not_measurable": n_boot - n_ok,
+        }
+    return out

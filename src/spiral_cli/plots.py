@@ -4,8 +4,8 @@
   line per model x method (each method's headline curve over N: the largest T, and for
   ``learned`` the largest R), error bars from the cells' confidence intervals, and the scaling
   efficiency of each candidate over the baseline drawn as a horizontal double arrow at the
-  accuracy level where its maximum is reached (or a note with the bound when the curves do not
-  overlap).
+  accuracy level where its maximum is reached, its 95% bootstrap interval in the corner note (or
+  a note with the bound when the curves do not overlap, "not measurable" when they only touch).
 - ``plot_pass_at_k``: pass@k against k (log2 x axis), one line per model x T.
 - ``plot_accuracy_vs_rounds``: learned (RSA) accuracy against the number of aggregation rounds
   R, one line per model x N, at the largest T.
@@ -69,6 +69,40 @@ def headline_rows(cells: list[dict[str, Any]], model: str, method: str) -> list[
     return sorted(rows, key=lambda c: c["N"])
 
 
+def _interval_note(comp: dict[str, Any]) -> str:
+    """' [lo..hi]' for the max's 95% bootstrap interval, a note when it is not measurable, else ''."""
+    if comp.get("interval_status") == "ok":
+        lo, hi = comp["interval"]
+        return f" [{lo:.2f}..{hi:.2f}]"
+    if comp.get("interval_status") == "not_measurable":
+        return " [CI not measurable]"
+    return ""
+
+
+def efficiency_is_measured(comp: dict[str, Any]) -> bool:
+    """Whether a comparison carries an efficiency number (status ok over a range of positive width).
+
+    The width test also reads efficiency.json of older versions, which gave curves that meet at a
+    single accuracy level the status "ok" with a censored ratio as ``max``."""
+    rng = comp.get("accuracy_range")
+    return comp["status"] == "ok" and comp.get("max") is not None and bool(rng) and rng[0] < rng[1]
+
+
+def efficiency_note(comp: dict[str, Any]) -> str:
+    """The corner-note line of one comparison; a number only where an efficiency was measured."""
+    tag = f"{comp['candidate']} vs {comp['baseline']}, {comp['method']}"
+    rng = comp.get("accuracy_range")
+    if efficiency_is_measured(comp):
+        return f"{tag}: max {comp['max']:.2f}x{_interval_note(comp)} at acc {comp['max_level']:.3f}"
+    if comp["status"] in ("not_measurable", "ok") and rng:
+        return f"{tag}: not measurable (curves meet at one accuracy level only, {rng[0]:.3f})"
+    if comp["status"] in ("candidate_dominates", "baseline_dominates", "no_overlap"):
+        if comp.get("lower_bound") is not None:
+            return f"{tag}: no overlap ({comp['status']}), > {comp['lower_bound']:.2f}x"
+        return f"{tag}: no overlap ({comp['status']}), < {comp['upper_bound']:.2f}x"
+    return f"{tag}: {comp['status']}"
+
+
 def plot_accuracy_vs_tokens(
     cells: list[dict[str, Any]], comparisons: list[dict[str, Any]], path: str | Path, title: str = ""
 ) -> Path:
@@ -94,11 +128,7 @@ def plot_accuracy_vs_tokens(
     for comp in comparisons:
         if not comp.get("headline"):
             continue
-        tag = f"{comp['candidate']} vs {comp['baseline']}, {comp['method']}"
-        rng = comp.get("accuracy_range")
-        if comp["status"] == "ok" and rng and rng[0] == rng[1]:
-            notes.append(f"{tag}: curves meet at one accuracy level only ({rng[0]:.3f}); no measured ratio")
-        elif comp["status"] == "ok" and comp.get("max") is not None:
+        if efficiency_is_measured(comp):
             a = comp["max_level"]
             xb, xc = comp.get("baseline_compute_at_max"), comp.get("candidate_compute_at_max")
             if xb and xc:
@@ -111,17 +141,10 @@ def plot_accuracy_vs_tokens(
                     ha="center", va="bottom", color=colors.get(comp["candidate"], "k"),
                     bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.7),
                 )
-            notes.append(f"{tag}: max {comp['max']:.2f}x at acc {a:.3f}")
-        elif comp["status"] in ("candidate_dominates", "baseline_dominates", "no_overlap"):
-            if comp.get("lower_bound") is not None:
-                notes.append(f"{tag}: no overlap ({comp['status']}), > {comp['lower_bound']:.2f}x")
-            else:
-                notes.append(f"{tag}: no overlap ({comp['status']}), < {comp['upper_bound']:.2f}x")
-        else:
-            notes.append(f"{tag}: {comp['status']}")
+        notes.append(efficiency_note(comp))
     if notes:
         ax.text(
-            0.01, 0.99, "scaling efficiency (baseline compute / candidate compute):\n" + "\n".join(notes),
+            0.01, 0.99, "scaling efficiency (baseline compute / candidate compute) [95% CI]:\n" + "\n".join(notes),
             transform=ax.transAxes, fontsize=7, va="top", ha="left",
             bbox=dict(boxstyle="round", facecolor="white", alpha=0.8),
         )

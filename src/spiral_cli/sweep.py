@@ -39,8 +39,21 @@ N of the baseline is compared with the candidate's. Accuracy levels reached by b
 the ratio of baseline compute to candidate compute (log-linear interpolation between points);
 we report the maximum and the value at the baseline's best accuracy. When the curves do not
 overlap in accuracy the status (``candidate_dominates`` / ``baseline_dominates`` /
-``no_overlap``) and a one-sided bound are reported instead. The *headline* comparison of a
-method is its curve at the largest T (and the largest R for learned); it is printed and drawn.
+``no_overlap``) and a one-sided bound are reported instead; when they only touch at one
+accuracy level the status is ``not_measurable`` (``max`` null, the censored ratio under
+``censored_ratio``, and a bound where one exists). The *headline* comparison of a method is its
+curve at the largest T (and the largest R for learned); it is printed and drawn.
+
+Efficiency intervals (``interval`` for the maximum, ``interval_at_baseline_best``): a 95%
+percentile bootstrap over problems (``metrics.scaling_efficiency_interval``, 2000 resamples
+seeded from ``sweep.seed`` and the comparison): each resample draws problems with replacement
+once and applies the draw to every point of both curves (paired), recomputes every point's
+accuracy from the per-problem values and recomputes the efficiency; compute is held fixed.
+``interval_status`` is ``ok``, ``not_measurable`` (the point estimate, or more than 5% of the
+resamples, has no efficiency) or ``unavailable`` (cells without per-problem values). The
+per-problem values behind each cell's accuracy are kept in ``cells.jsonl`` (key
+``per_problem``, in the order of the labelled problems of ``sweep.json``), so
+``efficiency(cells, grid, models)`` rebuilds efficiency.json, intervals included, from that file.
 
 Caching and resuming
 --------------------
@@ -84,6 +97,7 @@ from spiral_cli.metrics import (
     majority_at_k_expected,
     pass_at_k,
     scaling_efficiency,
+    scaling_efficiency_interval,
     wilson_interval,
 )
 from spiral_cli.generation import close_generator
@@ -100,6 +114,10 @@ CELL_FIELDS = [
 METHOD_ORDER = ("pass", "majority", "learned")
 COMPUTE = "generated_tokens_per_problem"
 CACHE_VERSION = 1
+PER_PROBLEM = "per_problem"  # cells.jsonl only: the per-problem values behind `accuracy`
+EFFICIENCY_N_BOOT = 2000  # resamples of the scaling-efficiency interval
+EFFICIENCY_ALPHA = 0.05
+EFFICIENCY_MAX_NOT_MEASURABLE = 0.05  # above this share of unmeasurable resamples: no interval
 
 
 # ---------------------------------------------------------------- hooks (monkeypatched in tests)
@@ -448,6 +466,8 @@ def _cell(model: str, method: str, n: int, t: int, r: int, values: list[float], 
         "model": model, "method": method, "N": n, "T": t, "R": r,
         "accuracy": acc, "ci_lo": lo, "ci_hi": hi, "ci_method": how, "n_problems": n_problems,
         "generated_tokens_per_problem": gen_tokens, "total_tokens_per_problem": total_tokens,
+        # Exact values (so intervals recomputed from cells.jsonl match), 0/1 written as ints to stay short.
+        PER_PROBLEM: [int(v) if v in (0.0, 1.0) else v for v in values],
     }
 
 
@@ -509,16 +529,73 @@ def build_cells(ctx_grid: Grid, works: list[_ModelWork]) -> list[dict[str, Any]]
 # ---------------------------------------------------------------- scaling efficiency
 
 
-def _curve(cells: list[dict[str, Any]], model: str, method: str, t: int, r: int) -> list[tuple[float, float]]:
+def _curve_cells(cells: list[dict[str, Any]], model: str, method: str, t: int, r: int) -> list[dict[str, Any]]:
+    """The scored cells (tokens > 0) of one curve over N, in order of N."""
     return [
-        (c[COMPUTE], c["accuracy"]) for c in sorted(cells, key=lambda c: c["N"])
+        c for c in sorted(cells, key=lambda c: c["N"])
         if c["model"] == model and c["method"] == method and c["T"] == t and c["R"] == r
         and c["accuracy"] is not None and c[COMPUTE] > 0
     ]
 
 
+def _curve(cells: list[dict[str, Any]], model: str, method: str, t: int, r: int) -> list[tuple[float, float]]:
+    return [(c[COMPUTE], c["accuracy"]) for c in _curve_cells(cells, model, method, t, r)]
+
+
+def _interval_unavailable(reason: str) -> dict[str, Any]:
+    return {
+        "interval": None, "interval_status": "unavailable",
+        "interval_at_baseline_best": None, "interval_at_baseline_best_status": "unavailable",
+        "bootstrap": {"reason": reason},
+    }
+
+
+def efficiency_interval(base_cells: list[dict[str, Any]], cand_cells: list[dict[str, Any]], point: dict[str, Any],
+                        seed: int, n_boot: int | None = None) -> dict[str, Any]:
+    """The bootstrap interval keys of one comparison, from the cells' per-problem values.
+
+    The same problem draws are applied to every point of both curves (paired; see
+    ``metrics.scaling_efficiency_interval``). ``point`` is the comparison's own result: a
+    statistic it reports as None gets no interval (status "not_measurable"), so status, value and
+    interval always agree (the bootstrap's own point estimate averages with numpy and can differ
+    in the last bit). Cells without per-problem values (cells.jsonl of an older sweep) or with
+    different problem counts give status "unavailable", not an error.
+    """
+    n_boot = EFFICIENCY_N_BOOT if n_boot is None else n_boot
+    if not base_cells or not cand_cells:
+        return _interval_unavailable("a curve has no scored point")
+    if any(not c.get(PER_PROBLEM) for c in base_cells + cand_cells):
+        return _interval_unavailable("cells without per-problem values (written by an older version); "
+                                     "rerun the sweep to rebuild them from its cache")
+    if len({len(c[PER_PROBLEM]) for c in base_cells + cand_cells}) != 1:
+        return _interval_unavailable("cells hold per-problem values for different numbers of problems")
+    res = scaling_efficiency_interval(
+        [(c[COMPUTE], c[PER_PROBLEM]) for c in base_cells], [(c[COMPUTE], c[PER_PROBLEM]) for c in cand_cells],
+        n_boot=n_boot, alpha=EFFICIENCY_ALPHA, seed=seed, max_not_measurable=EFFICIENCY_MAX_NOT_MEASURABLE,
+    )
+    best, at_best = res["max"], res["at_baseline_best"]
+    for key, stat in (("max", best), ("at_baseline_best", at_best)):
+        if point.get("status") != "ok" or point.get(key) is None:
+            stat.update(interval=None, status="not_measurable")
+    return {
+        "interval": None if best["interval"] is None else list(best["interval"]),
+        "interval_status": best["status"],
+        "interval_at_baseline_best": None if at_best["interval"] is None else list(at_best["interval"]),
+        "interval_at_baseline_best_status": at_best["status"],
+        "bootstrap": {
+            "n_boot": n_boot, "alpha": EFFICIENCY_ALPHA, "seed": seed, "n_problems": res["n_problems"],
+            "max_not_measurable": EFFICIENCY_MAX_NOT_MEASURABLE,
+            "n_not_measurable": {"max": best["n_not_measurable"], "at_baseline_best": at_best["n_not_measurable"]},
+        },
+    }
+
+
 def efficiency(cells: list[dict[str, Any]], grid: Grid, models: list[str]) -> dict[str, Any]:
-    """Scaling efficiency of every candidate over the baseline, per method x T (x R)."""
+    """Scaling efficiency of every candidate over the baseline, per method x T (x R), with intervals.
+
+    Works on the plain cell dicts of cells.jsonl, so efficiency.json can be rebuilt from that
+    file alone (cells of an older version, without per-problem values, get no interval).
+    """
     baseline = grid.baseline if grid.baseline else models[0]
     if baseline not in models:
         raise RecipeError(f"sweep.baseline: {baseline!r} is not one of the swept models ({', '.join(models)})")
@@ -532,8 +609,10 @@ def efficiency(cells: list[dict[str, Any]], grid: Grid, models: list[str]) -> di
             rounds = grid.learned_rounds if method == "learned" else [0]
             for t in grid.seq_budget:
                 for r in rounds:
-                    base_curve = _curve(cells, baseline, method, t, r)
-                    cand_curve = _curve(cells, cand, method, t, r)
+                    base_cells = _curve_cells(cells, baseline, method, t, r)
+                    cand_cells = _curve_cells(cells, cand, method, t, r)
+                    base_curve = [(c[COMPUTE], c["accuracy"]) for c in base_cells]
+                    cand_curve = [(c[COMPUTE], c["accuracy"]) for c in cand_cells]
                     entry: dict[str, Any] = {
                         "baseline": baseline, "candidate": cand, "method": method, "T": t, "R": r,
                         "headline": t == t_max and r == (r_max if method == "learned" else 0),
@@ -550,6 +629,8 @@ def efficiency(cells: list[dict[str, Any]], grid: Grid, models: list[str]) -> di
                         if res["status"] == "ok":
                             entry["baseline_compute_at_max"] = compute_to_reach(base_curve, res["max_level"])
                             entry["candidate_compute_at_max"] = compute_to_reach(cand_curve, res["max_level"])
+                    entry.update(efficiency_interval(
+                        base_cells, cand_cells, entry, _seed("efficiency", grid.seed, baseline, cand, method, t, r)))
                     entry["baseline_curve"] = [list(p) for p in base_curve]
                     entry["candidate_curve"] = [list(p) for p in cand_curve]
                     comparisons.append(entry)
@@ -559,28 +640,56 @@ def efficiency(cells: list[dict[str, Any]], grid: Grid, models: list[str]) -> di
         "definition": (
             "efficiency(a) = C_baseline(a) / C_candidate(a), C(a) = least generated tokens per problem "
             "at which a curve reaches accuracy a (log-linear interpolation over N); reported: max over "
-            "the accuracy levels both curves reach, and the value at the baseline's best accuracy; "
-            "without overlap a one-sided bound (see metrics.scaling_efficiency)"
+            "the accuracy levels both curves reach (a range of positive width), and the value at the "
+            "baseline's best accuracy; curves that only touch at one accuracy level: status not_measurable "
+            "(max null, the censored ratio under censored_ratio); without overlap a one-sided bound (see "
+            "metrics.scaling_efficiency). interval / interval_at_baseline_best: 95% percentile bootstrap "
+            "over problems, the same problem draws for every point of both curves (paired), compute held "
+            "fixed; null with status not_measurable when the point estimate or more than 5% of the "
+            "resamples are not measurable, unavailable when the cells lack per-problem values"
         ),
         "comparisons": comparisons,
     }
 
 
+def _ci_text(comp: dict[str, Any], key: str) -> str:
+    """' (95% CI lo..hi)' for a statistic of a comparison, or why there is none."""
+    level = f"{100 * (1 - comp.get('bootstrap', {}).get('alpha', EFFICIENCY_ALPHA)):.0f}% CI"
+    status = comp.get(f"{key}_status")
+    if status == "ok":
+        lo, hi = comp[key]
+        return f" ({level} {lo:.2f}..{hi:.2f}x)"
+    if status == "not_measurable":
+        boot = comp["bootstrap"]
+        stat = "max" if key == "interval" else "at_baseline_best"
+        share = boot["n_not_measurable"][stat] / boot["n_boot"]
+        return f" ({level} not measurable: {share:.0%} of resamples have no value)"
+    if status == "unavailable":
+        return " (no CI: " + comp.get("bootstrap", {}).get("reason", "no per-problem values") + ")"
+    return ""  # efficiency.json of an older version: no interval keys
+
+
 def describe(comp: dict[str, Any]) -> str:
-    """One line for a comparison, e.g. for the terminal."""
+    """One line for a comparison, e.g. for the terminal. Only status "ok" prints an efficiency."""
     what = f"{comp['candidate']} vs {comp['baseline']} [{comp['method']} T={comp['T']}" + (
         f" R={comp['R']}]" if comp["method"] == "learned" else "]")
     status = comp["status"]
     if status == "ok":
         best = comp.get("at_baseline_best")
-        at_best = f"{best:.2f}x at the baseline's best accuracy" if best is not None else (
-            "candidate never reaches the baseline's best accuracy")
+        at_best = (f"{best:.2f}x{_ci_text(comp, 'interval_at_baseline_best')} at the baseline's best accuracy"
+                   if best is not None else "candidate never reaches the baseline's best accuracy")
         lo, hi = comp["accuracy_range"]
-        if hi == lo:
-            return (f"{what}: curves meet at one accuracy level only ({lo:.3f}, each at its lowest compute); "
-                    f"ratio {comp['max']:.2f}x there is censored, not a measured efficiency")
-        return (f"{what}: max {comp['max']:.2f}x at accuracy {comp['max_level']:.3f}; {at_best} "
-                f"(overlap {lo:.3f}..{hi:.3f})")
+        return (f"{what}: max {comp['max']:.2f}x{_ci_text(comp, 'interval')} at accuracy {comp['max_level']:.3f}; "
+                f"{at_best} (overlap {lo:.3f}..{hi:.3f})")
+    if status == "not_measurable":
+        level = comp["accuracy_range"][0]
+        if comp.get("lower_bound") is not None:
+            bound = f"; one-sided bound: efficiency >= {comp['lower_bound']:.2f}x (candidate censored at its min compute)"
+        elif comp.get("upper_bound") is not None:
+            bound = f"; one-sided bound: efficiency <= {comp['upper_bound']:.2f}x (baseline censored at its min compute)"
+        else:
+            bound = "; no bound (both curves censored there)"
+        return f"{what}: not measurable: the curves meet at one accuracy level only ({level:.3f}){bound}"
     if status == "no_data":
         return f"{what}: no data (a curve has no scored point with tokens > 0)"
     if comp.get("lower_bound") is not None:
@@ -646,7 +755,7 @@ def default_out(home: Path, recipe: Recipe, sources: list[str], grid: Grid) -> P
 def _write_outputs(out: Path, recipe: Recipe, cells: list[dict[str, Any]], eff: dict[str, Any]) -> list[str]:
     from spiral_cli import plots
 
-    _write_jsonl(out / "cells.jsonl", [{k: c[k] for k in CELL_FIELDS} for c in cells])
+    _write_jsonl(out / "cells.jsonl", [{k: c[k] for k in CELL_FIELDS + [PER_PROBLEM] if k in c} for c in cells])
     atomic_write_text(out / "cells.csv", _csv_text(cells))
     atomic_write_text(out / "efficiency.json", json.dumps(eff, indent=2, sort_keys=True) + "\n")
     files = ["cells.jsonl", "cells.csv", "efficiency.json"]
@@ -771,7 +880,9 @@ def run_sweep(
         "files": files,
         "efficiency": [
             {k: c.get(k) for k in ("candidate", "method", "T", "R", "status", "max", "max_level",
-                                   "at_baseline_best", "lower_bound", "upper_bound")}
+                                   "at_baseline_best", "lower_bound", "upper_bound", "censored_ratio",
+                                   "interval", "interval_status", "interval_at_baseline_best",
+                                   "interval_at_baseline_best_status")}
             for c in headline
         ],
     }
