@@ -50,6 +50,13 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100) -> None:
         verdicts = {int(m.group(1)): m.group(2).rstrip() for m in re.finditer(r"^(\d+): (.*)$", text, re.M)}
         if not any(v.endswith(" ok") for v in verdicts.values()):
             c["rejected every candidate"] += 1
+        accepted = [t for k, t in enumerate(cands, 1) if verdicts.get(k, "").endswith(" ok") and t.answer]
+        if any(t.correct for t in accepted):
+            c["accepted a right candidate"] += 1
+            answer = task.extract_answer(text)
+            c["accepted a right candidate, answered with an accepted one"] += any(
+                answer is not None and "".join(answer.split()) == "".join(t.answer.split()) for t in accepted)
+            c["accepted a right candidate, answer right"] += right
         for k, t in enumerate(cands, 1):
             if t.answer is None or k not in verdicts:
                 continue

@@ -219,3 +219,34 @@ def test_sft_time_budget_is_a_loud_safety_net_not_a_schedule(tmp_path, monkeypat
     assert entry.metrics["stopped_by_time_budget"] == 1 and entry.metrics["planned_steps"] == 1000
     again = sft.run_sft(recipe, home=tmp_path / "home", console=Console(file=io.StringIO()))
     assert again["step"] > stopped  # resumed and trained on
+
+
+def test_infer_held_out_figures_put_aggregation_beside_the_vote():
+    """The summary of `spiral infer` on labelled problems: every way to use the same N traces,
+    with intervals, and the learned aggregation's gain over majority@N with a paired interval."""
+    from types import SimpleNamespace
+
+    from spiral_cli.infer import held_out_figures
+
+    rows = [  # 4 problems, N = 8
+        {"trace_accuracy": 0.5, "any_correct": True, "majority_correct": True, "aggregation_accuracy": 1.0, "final": True},
+        {"trace_accuracy": 0.125, "any_correct": True, "majority_correct": False, "aggregation_accuracy": 0.5, "final": True},
+        {"trace_accuracy": 0.0, "any_correct": False, "majority_correct": False, "aggregation_accuracy": 0.0, "final": False},
+        {"trace_accuracy": 0.25, "any_correct": True, "majority_correct": False, "aggregation_accuracy": 0.75, "final": True},
+    ]
+    f = held_out_figures(rows, SimpleNamespace(parallel=8, agg_rounds=1))
+    assert f["problems"] == 4
+    assert f["pass@1"]["accuracy"] == pytest.approx(0.21875)
+    assert f["pass@8"]["accuracy"] == 0.75 and f["majority@8"]["accuracy"] == 0.25
+    assert f["learned population@8 (R=1)"]["accuracy"] == pytest.approx(0.5625)
+    assert f["final answer"]["accuracy"] == 0.75
+    gain = f["final answer - majority@8"]
+    assert gain["difference"] == pytest.approx(0.5)
+    assert 0.0 <= gain["interval"][0] <= 0.5 <= gain["interval"][1] <= 1.0  # per-problem gains are 0, 1, 0, 1
+    assert f["learned population@8 (R=1) - majority@8"]["difference"] == pytest.approx(0.3125)
+    lo, hi = f["majority@8"]["interval"]
+    assert 0.0 <= lo <= 0.25 <= hi <= 1.0
+    # without aggregation rounds there is no population column, the final answer is the vote's
+    f = held_out_figures([{k: v for k, v in r.items() if k != "aggregation_accuracy"} for r in rows],
+                         SimpleNamespace(parallel=8, agg_rounds=0))
+    assert [k for k in f if k.startswith("learned")] == []

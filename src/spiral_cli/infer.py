@@ -133,6 +133,7 @@ def run_infer(
     )
     done = correct = labelled = 0
     generated = total = 0
+    per_problem: list[dict[str, Any]] = []  # the labelled problems' figures, for the summary
     t0 = time.time()
     for chunk_idx, chunk in enumerate(_chunks(problems, first_chunk_size)):
         cfg.seed = recipe.seed + chunk_idx  # distinct samples per chunk, reproducible run to run
@@ -143,6 +144,7 @@ def run_infer(
             if r.labelled:
                 labelled += 1
                 correct += int(bool(r.correct))
+                per_problem.append({**r.summary(), "final": bool(r.correct)})
             t = r.token_totals()
             generated += t.generated
             total += t.total
@@ -154,5 +156,43 @@ def run_infer(
         "problems": done, "labelled": labelled, "accuracy": correct / labelled if labelled else None,
         "generated_tokens": generated, "total_tokens": total, "seconds": round(time.time() - t0, 2),
     }
+    if per_problem:
+        summary["held_out"] = held_out_figures(per_problem, cfg)
+        _print_held_out(console, summary["held_out"])
     console.print(f"done: {json.dumps(summary)}")
     return summary
+
+
+def held_out_figures(rows: list[dict[str, Any]], cfg) -> dict[str, Any]:
+    """Accuracy of every way to use the same N traces on the labelled problems, each with a 95%
+    bootstrap interval over problems, and the learned aggregation's gains over the vote with a
+    paired interval (metrics.paired_bootstrap_diff): is the aggregator worth its tokens?"""
+    from spiral_cli.metrics import bootstrap_accuracy, paired_bootstrap_diff
+
+    n = cfg.parallel
+    columns = {"pass@1": "trace_accuracy", f"pass@{n}": "any_correct", f"majority@{n}": "majority_correct"}
+    if all("aggregation_accuracy" in r for r in rows):
+        columns[f"learned population@{n} (R={cfg.agg_rounds})"] = "aggregation_accuracy"
+    columns["final answer"] = "final"
+    values = {name: [float(r[key]) for r in rows] for name, key in columns.items()}
+    out: dict[str, Any] = {"problems": len(rows)}
+    for name, xs in values.items():
+        b = bootstrap_accuracy(xs)
+        out[name] = {"accuracy": b["estimate"], "interval": list(b["interval"])}
+    majority = values[f"majority@{n}"]
+    for name in [k for k in values if k.startswith("learned") or k == "final answer"]:
+        d = paired_bootstrap_diff(values[name], majority)
+        out[f"{name} - majority@{n}"] = {"difference": d["estimate"], "interval": list(d["interval"])}
+    return out
+
+
+def _print_held_out(console: Console, figures: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table("on the same traces", "accuracy", "95% interval", title=f"held-out, {figures['problems']} problems")
+    for name, v in figures.items():
+        if isinstance(v, dict):
+            value = v.get("accuracy", v.get("difference"))
+            sign = "+" if "difference" in v else ""
+            table.add_row(name, f"{value:{sign}.1%}", f"[{v['interval'][0]:{sign}.1%}, {v['interval'][1]:{sign}.1%}]")
+    console.print(table)
