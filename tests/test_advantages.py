@@ -18,7 +18,9 @@ from spiral_cli.rl.advantages import (
     proposition_constant,
     sample_subsets,
     set_advantages,
+    set_advantages_batch,
 )
+from spiral_cli.rl.rollout import PromptRollout, RolloutConfig, Sample, grpo_rollouts, scale_batch, spiral_rollouts
 
 # --------------------------------------------------------------------------- set advantages
 
@@ -63,8 +65,8 @@ def test_trace_in_one_set_gets_that_sets_advantage():
 def test_all_equal_rewards_give_zero_advantages_and_no_signal():
     subsets = [(0, 1, 2, 3), (4, 5, 6, 7), (0, 2, 4, 6), (1, 3, 5, 7)]
     rewards = [[1.0] * 4 for _ in subsets]
-    for scale in (False, True):
-        out = set_advantages(rewards, subsets, n_traces=8, scale_std=scale)
+    for scale in ("none", "group"):
+        out = set_advantages(rewards, subsets, n_traces=8, scale_rewards=scale)
         assert out.set_advantages == [0.0] * 4
         assert out.search_advantages == [0.0] * 8
         assert all(a == 0.0 for row in out.agg_advantages for a in row)
@@ -79,13 +81,14 @@ def test_single_set_is_its_own_baseline():
     assert out.agg_advantages == [[0.5, -0.5]]
 
 
-def test_scale_std_hand_case():
+def test_scale_rewards_group_hand_case():
     # f = [1.0, 0.5], f̄ = 0.75, A(G) = [0.25, -0.25]; population std of f = 0.25,
     # so scaled A(G) = ±0.25 / (0.25 + eps) ≈ ±1.
     # G1 rewards [1, 1]: std 0 -> A_1j = 0 / (0 + eps) = 0.
     # G2 rewards [1, 0]: f = 0.5, population std 0.5 -> A_2j = ±0.5 / 0.5 = ±1.
     eps = 1e-6
-    out = set_advantages([[1.0, 1.0], [1.0, 0.0]], [(0, 1), (2, 3)], n_traces=4, scale_std=True, eps=eps)
+    out = set_advantages([[1.0, 1.0], [1.0, 0.0]], [(0, 1), (2, 3)], n_traces=4, scale_rewards="group", eps=eps)
+    assert out == set_advantages([[1.0, 1.0], [1.0, 0.0]], [(0, 1), (2, 3)], 4, scale_rewards=True, eps=eps)
     s = 0.25 / (0.25 + eps)
     assert out.set_advantages == pytest.approx([s, -s], rel=1e-12)
     assert out.search_advantages == pytest.approx([s, s, -s, -s], rel=1e-12)
@@ -95,6 +98,58 @@ def test_scale_std_hand_case():
     plain = set_advantages([[1.0, 1.0], [1.0, 0.0]], [(0, 1), (2, 3)], n_traces=4)
     assert plain.set_advantages == pytest.approx([0.25, -0.25])
     assert plain.agg_advantages[1] == pytest.approx([0.5, -0.5])
+
+
+# Two prompts, two sets of two aggregations each (sets (0, 1) and (2, 3) of 4 search traces):
+#   prompt 1: rewards [[1, 1], [1, 0]] -> f = [1, 0.5], f̄ = 0.75, A(G) = [+0.25, -0.25]
+#   prompt 2: rewards [[0, 0], [1, 0]] -> f = [0, 0.5], f̄ = 0.25, A(G) = [-0.25, +0.25]
+TWO_PROMPTS = [([[1.0, 1.0], [1.0, 0.0]], [(0, 1), (2, 3)], 4), ([[0.0, 0.0], [1.0, 0.0]], [(0, 1), (2, 3)], 4)]
+
+
+def test_scale_rewards_batch_hand_case():
+    # batch: all set scores [1, 0.5, 0, 0.5] (mean 0.5) have population variance
+    # (0.25 + 0 + 0.25 + 0) / 4 = 0.125; all aggregation rewards [1, 1, 1, 0, 0, 0, 1, 0] have
+    # population std 0.5. The centring stays per prompt and per set.
+    eps = 1e-6
+    one, two = set_advantages_batch(TWO_PROMPTS, scale_rewards="batch", eps=eps)
+    s = 0.25 / (math.sqrt(0.125) + eps)  # ≈ 0.7071
+    a = 0.5 / (0.5 + eps)
+    assert one.set_advantages == pytest.approx([s, -s], rel=1e-12)
+    assert two.set_advantages == pytest.approx([-s, s], rel=1e-12)
+    assert one.search_advantages == pytest.approx([s, s, -s, -s], rel=1e-12)
+    assert one.agg_advantages == [[0.0, 0.0], pytest.approx([a, -a], rel=1e-12)]
+    assert two.agg_advantages == [[0.0, 0.0], pytest.approx([a, -a], rel=1e-12)]
+    # group: prompt 2's own set-score std is 0.25 -> ±1; "none" keeps ±0.25
+    g2 = set_advantages_batch(TWO_PROMPTS, scale_rewards="group", eps=eps)[1]
+    assert g2.set_advantages == pytest.approx([-0.25 / (0.25 + eps), 0.25 / (0.25 + eps)], rel=1e-12)
+    n2 = set_advantages_batch(TWO_PROMPTS, scale_rewards="none")[1]
+    assert n2.set_advantages == pytest.approx([-0.25, 0.25]) and n2.agg_advantages[1] == pytest.approx([0.5, -0.5])
+    with pytest.raises(ValueError, match="set_advantages_batch"):
+        set_advantages(*TWO_PROMPTS[0], scale_rewards="batch")
+
+
+def _rollout(search_adv, agg_adv, search_rewards, set_scores, agg_rewards) -> PromptRollout:
+    samples = [Sample("p", [1], [0.0], a, 0.0, "search", 6) for a in search_adv]
+    samples += [Sample("p", [1], [0.0], a, 0.0, "aggregate", 6) for a in agg_adv]
+    return PromptRollout({}, samples, search_rewards, agg_rewards, set_scores)
+
+
+def test_trainer_batch_scaling_matches_set_advantages_batch():
+    # The trainer divides the centred ("none") advantages of the kept prompts once the step's
+    # batch is complete; the result must be set_advantages_batch's "batch".
+    plain = set_advantages_batch(TWO_PROMPTS, scale_rewards="none")
+    rollouts = [_rollout(p.search_advantages, [a for row in p.agg_advantages for a in row], [],
+                         p.set_scores, [r for row in agg for r in row]) for p, (agg, _, _) in zip(plain, TWO_PROMPTS)]
+    scale_batch(rollouts, grpo=False)
+    want = set_advantages_batch(TWO_PROMPTS, scale_rewards="batch")
+    for r, w in zip(rollouts, want):
+        got = [s.advantage for s in r.samples]
+        assert got == pytest.approx(w.search_advantages + [a for row in w.agg_advantages for a in row], rel=1e-9)
+    # a second rank holding the same prompts doubles every moment: the std is unchanged
+    again = [_rollout(p.search_advantages, [], [], p.set_scores, [r for row in agg for r in row])
+             for p, (agg, _, _) in zip(plain, TWO_PROMPTS)]
+    scale_batch(again, grpo=False, all_sum=lambda xs: [2 * x for x in xs])
+    assert [s.advantage for s in again[0].samples] == pytest.approx(want[0].search_advantages, rel=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -294,6 +349,59 @@ def test_grpo_rejects_unknown_mode():
         grpo_advantages([1.0, 0.0], scale_rewards="sometimes")
     with pytest.raises(ValueError, match="grpo_advantages_batch"):
         grpo_advantages([1.0, 0.0], scale_rewards="batch")
+
+
+class _ScriptedGenerator:
+    """Returns fixed texts per prompt (cycled to n), so rewards are known in advance."""
+
+    def __init__(self, texts: dict[str, list[str]]):
+        self.texts = texts
+
+    def generate(self, prompts, n=1, max_new_tokens=0, **kw):
+        from fakes import completion
+
+        return [[completion(self.texts.get(p, ["b", "a"])[j % len(self.texts.get(p, ["b", "a"]))], p)
+                 for j in range(n)] for p in prompts]
+
+
+@pytest.mark.parametrize("mode", ["group", "batch", "none"])
+def test_grpo_rollouts_follow_scale_rewards(mode):
+    # ToyTask: reward 1 when the first byte is even ("b" = 98), 0 otherwise ("a" = 97).
+    # prompt q0 samples ["b", "a"] -> rewards [1, 0]; prompt q1 ["b", "b"] -> [1, 1].
+    from toy_task import ToyTask
+
+    gen = _ScriptedGenerator({"q0:": ["b", "a"], "q1:": ["b", "b"]})
+    cfg = RolloutConfig(num_search=2, max_new_tokens=12, scale_rewards=mode)
+    rollouts = grpo_rollouts(ToyTask(), gen, [{"q": 0}, {"q": 1}], cfg, seed=0)
+    if mode == "batch":
+        scale_batch(rollouts, grpo=True)
+    got = [[s.advantage for s in r.samples] for r in rollouts]
+    # group: sample std of [1, 0] = sqrt(0.5); batch: sample std of [1, 0, 1, 1] = 0.5 (TRL's)
+    d = {"group": math.sqrt(0.5) + 1e-4, "batch": 0.5 + 1e-4, "none": 1.0}[mode]
+    assert got[0] == pytest.approx([0.5 / d, -0.5 / d], rel=1e-9)
+    assert got[1] == [0.0, 0.0]
+    assert all(s.max_new_tokens == 12 for r in rollouts for s in r.samples)
+    if mode != "none":
+        want = grpo_advantages_batch([[1.0, 0.0], [1.0, 1.0]], scale_rewards=mode)
+        assert got[0] == pytest.approx(want[0], rel=1e-9) and got[1] == want[1]
+
+
+def test_spiral_rollouts_group_scaling_and_budgets():
+    # One prompt, N1 = 2 traces "b" (right) and "a" (wrong); K = 1 set of both, N2 = 2
+    # aggregations ["b", "a"] -> r = [1, 0]; f = 0.5 and the set is its own baseline (A(G) = 0).
+    # group: A_ij = ±0.5 / (population std 0.5 + 1e-6); none: ±0.5.
+    from toy_task import ToyTask
+
+    task = ToyTask()
+    p = {"q": 3}
+    gen = _ScriptedGenerator({task.search_prompt(p): ["b", "a"]})
+    for mode, want in (("group", 0.5 / (0.5 + 1e-6)), ("none", 0.5)):
+        cfg = RolloutConfig(num_search=2, num_sets=1, set_size=2, num_aggregations=2, max_new_tokens=6,
+                            agg_max_new_tokens=9, scale_rewards=mode)
+        (r,) = spiral_rollouts(task, gen, gen, [p], cfg, random.Random(0), seed=0)
+        agg = [s for s in r.samples if s.role == "aggregate"]
+        assert [s.advantage for s in agg] == pytest.approx([want, -want], rel=1e-12)
+        assert [s.max_new_tokens for s in r.samples] == [6, 6, 9, 9]
 
 
 # --------------------------------------------------------------------------- gates

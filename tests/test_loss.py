@@ -153,6 +153,24 @@ def test_token_mean_vs_seq_mean_hand_values():
     assert seq.item() == pytest.approx(0.0)
 
 
+def test_dr_grpo_hand_values():
+    # Same batch as above: token losses −1, −2, −3 (sequence 0) and +2 (sequence 1); their sum
+    # −4 is divided by the constant B · max_completion_length, not by the tokens sampled.
+    logp_new = torch.log(torch.tensor([[1.0, 2.0, 3.0], [1.0, 7.0, 7.0]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, -2.0])
+    loss, _ = policy_loss(logp_new, torch.zeros(2, 3), adv, mask, aggregation="dr_grpo", max_completion_length=5)
+    assert loss.item() == pytest.approx(-4 / (2 * 5))
+    # The gradient of a token does not depend on how long its sequence is: d loss / d logp = −ratio·A / (B·L)
+    logp = torch.zeros(2, 3, requires_grad=True)
+    loss, _ = policy_loss(logp, torch.zeros(2, 3), adv, mask, aggregation="dr_grpo", max_completion_length=5)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-0.1, -0.1, -0.1], [0.2, 0.0, 0.0]]))
+    # An explicit normalizer (a global one, for micro-batches) replaces B · L.
+    loss, _ = policy_loss(logp_new, torch.zeros(2, 3), adv, mask, aggregation="dr_grpo", normalizer=16)
+    assert loss.item() == pytest.approx(-4 / 16)
+
+
 def test_empty_sequences_are_ignored_by_seq_mean():
     logp = torch.zeros(2, 2)
     mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
@@ -164,7 +182,7 @@ def test_empty_sequences_are_ignored_by_seq_mean():
 # (4) ------------------------------------------------------------------ micro-batching
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean", "dr_grpo"])
 @pytest.mark.parametrize("loss_type", ["is", "ppo_clip"])
 def test_microbatches_with_global_normalizer_match_full_batch(aggregation, loss_type):
     policy = ToyPolicy(2)
@@ -172,10 +190,11 @@ def test_microbatches_with_global_normalizer_match_full_batch(aggregation, loss_
     with torch.no_grad():  # an older policy, so ratios != 1 and clipping can engage
         logp_old = policy.token_logprobs(tokens) + 0.3 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(5))
 
-    full, _ = policy_loss(policy.token_logprobs(tokens), logp_old, adv, mask, loss_type=loss_type, aggregation=aggregation)
+    full, _ = policy_loss(policy.token_logprobs(tokens), logp_old, adv, mask, loss_type=loss_type,
+                          aggregation=aggregation, max_completion_length=7)
     want = _grad(policy, full)
 
-    normalizer = mask.sum() if aggregation == "token_mean" else (mask.sum(1) > 0).sum()
+    normalizer = {"token_mean": mask.sum(), "seq_mean": (mask.sum(1) > 0).sum(), "dr_grpo": 6 * 7}[aggregation]
     policy.zero_grad()
     total = 0.0
     for idx in (slice(0, 2), slice(2, 3), slice(3, 6)):  # unequal micro-batches
@@ -242,7 +261,7 @@ def test_beta_needs_reference():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"loss_type": "dpo"}, {"aggregation": "sum"}, {"beta": -1.0}, {"normalizer": 0}],
+    [{"loss_type": "dpo"}, {"aggregation": "sum"}, {"beta": -1.0}, {"normalizer": 0}, {"aggregation": "dr_grpo"}],
 )
 def test_rejects_bad_options(kwargs):
     logp = torch.zeros(1, 2)

@@ -20,7 +20,39 @@ def test_paper_defaults():
     assert (ts.num_search, ts.num_sets, ts.set_size, ts.num_aggregations) == (8, 4, 4, 4)
     assert r.generation.temperature == 1.0
     assert ts.beta == 0.0
-    assert ts.scale_std is False and ts.length_target is None
+    assert ts.scale_rewards is None and ts.length_target is None
+    assert ts.effective_scale_rewards == "none"  # the paper does not divide by a std
+    assert ts.max_generated_tokens is None and r.train_agg.max_generated_tokens is None
+
+
+def test_scale_rewards_default_follows_the_objective():
+    assert Recipe.model_validate({"train_set": {"objective": "grpo"}}).train_set.effective_scale_rewards == "group"
+    r = Recipe.model_validate({"train_set": {"objective": "grpo", "scale_rewards": "none"}})
+    assert r.train_set.effective_scale_rewards == "none"
+    assert Recipe().train_agg.effective_scale_rewards == "none"
+    # TRL also spells group/none as true/false
+    r = Recipe.model_validate({"train_set": {"scale_rewards": True}, "train_agg": {"scale_rewards": False}})
+    assert (r.train_set.scale_rewards, r.train_agg.scale_rewards) == ("group", "none")
+
+
+@pytest.mark.parametrize("old, new", [(True, "group"), (False, "none")])
+def test_scale_std_is_a_deprecated_alias(tmp_path, old, new):
+    r = load_recipe(write(tmp_path, f"train_set: {{objective: grpo, scale_std: {str(old).lower()}}}\n"))
+    assert r.train_set.scale_rewards == new and r.train_set.effective_scale_rewards == new
+    assert r.train_set.deprecations == [f"scale_std is deprecated: use scale_rewards: {new} (TRL's name)"]
+    assert "scale_std" not in r.snapshot()["train_set"]  # snapshots hold the canonical name only
+    assert Recipe().train_set.deprecations == []
+
+
+@pytest.mark.parametrize("trl, aggregation", [("grpo", "seq_mean"), ("bnpo", "token_mean"), ("dapo", "token_mean"),
+                                              ("dr_grpo", "dr_grpo")])
+def test_trl_loss_type_names_map_to_loss_aggregation(tmp_path, trl, aggregation):
+    r = load_recipe(write(tmp_path, f"train_set: {{loss_type: {trl}}}\n"), [f"train_agg.loss_type={trl}"])
+    for sec in (r.train_set, r.train_agg):
+        assert (sec.loss_type, sec.loss_aggregation) == ("ppo_clip", aggregation)
+    # the same value spelled twice is fine
+    r = load_recipe(write(tmp_path, f"train_set: {{loss_type: {trl}, loss_aggregation: {aggregation}}}\n"))
+    assert r.train_set.loss_aggregation == aggregation
 
 
 @pytest.mark.parametrize("name", ["countdown.yaml", "countdown-qwen.yaml", "math.yaml"])
@@ -61,6 +93,14 @@ def test_override_applies_and_validates(tmp_path):
         ("- a\n- b\n", [], "a recipe must be a mapping"),
         ("a: [1\n", [], "not valid YAML"),
         ("", ["nolvalue"], "expected FIELD=VALUE"),
+        ("train_set: {max_generated_tokens: 0}\n", [], "train_set.max_generated_tokens: Input should be greater than 0"),
+        ("", ["train_agg.max_generated_tokens=-5"], "train_agg.max_generated_tokens: Input should be greater than 0"),
+        ("train_set: {scale_rewards: std}\n", [], "train_set.scale_rewards: Input should be 'group', 'batch' or 'none'"),
+        ("train_set: {loss_type: cispo}\n", [], "train_set: loss_type: 'cispo' is not supported; use is | ppo_clip, or TRL's"),
+        ("train_set: {loss_type: grpo, loss_aggregation: token_mean}\n", [],
+         "loss_type grpo means loss_aggregation seq_mean, not token_mean"),
+        ("train_set: {scale_std: true, scale_rewards: batch}\n", [], "scale_std (true) contradicts scale_rewards ('batch')"),
+        ("train_agg: {scale_std: true}\n", [], "train_agg.scale_std: unknown field"),
     ],
 )
 def test_errors_are_one_line_and_name_the_field(tmp_path, text, overrides, expected):

@@ -68,8 +68,10 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_grpo_raises_reward_on_toy_task(tmp_path):
     home = tmp_path / "home"
+    # T per trace, not the 2T default: the reward is the first byte's, and under token_mean 12
+    # tokens per trace halve that byte's share of the gradient (the 2T default is tested below)
     train(tmp_path, home, ["train_set.objective=grpo", "train_set.steps=30", "train_set.save_every=30",
-                           "train_set.dynamic_sampling=false"])
+                           "train_set.dynamic_sampling=false", "train_set.grpo_max_new_tokens=6"])
     rows = [json.loads(l) for l in (home / "runs" / "toy-grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 31))
     first = sum(r["reward_search"] for r in rows[:5]) / 5
@@ -283,3 +285,163 @@ def test_eval_points_and_curves_are_written(tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     bad = subprocess.run(cmd[:6] + ["nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no evaluations recorded for run 'nope'" in bad.stderr
+
+
+# ---------------------------------------------------------------- token budgets (max_generated_tokens)
+
+# a smaller step than RECIPE's: 2 prompts x (4 search + 2 sets x 2 aggregations) of <= 6 tokens
+SMALL = ["train_set.prompts_per_step=2", "train_set.num_search=4", "train_set.num_sets=2", "train_set.set_size=2",
+         "train_set.num_aggregations=2", "train_set.num_generations=4", "train_set.dynamic_sampling=false",
+         "train_set.steps=50", "train_set.save_every=50"]
+
+
+def metric_rows(home: Path, name: str) -> list[dict]:
+    return [json.loads(l) for l in (home / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_stopped_within_one_step(home: Path, name: str, result: dict, budget: int) -> list[dict]:
+    rows = metric_rows(home, name)
+    steps = [r["step"] for r in rows]
+    assert steps == list(range(1, result["steps"] + 1)) and 1 < result["steps"] < 50  # the budget, not the cap
+    last, before = rows[-1]["generated_tokens"], rows[-2]["generated_tokens"]
+    # the step that crossed the budget completed; the one before had not reached it
+    assert last >= budget > before
+    assert result["generated_tokens"] == last and result["stopped_on"] == "token_budget"
+    (entry,) = [e for e in Registry(home).ls(name) if e.step == result["steps"]]
+    assert entry.metrics["generated_tokens"] == last and entry.metrics["total_tokens"] == rows[-1]["total_tokens"]
+    assert entry.metrics["stopped_on"] == "token_budget" and entry.metrics["max_generated_tokens"] == budget
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["spiral", "grpo"])
+def test_token_budget_stops_within_one_step(tmp_path, objective):
+    # GRPO (the twin of a SPIRAL run) reads the same field; its traces get 2T = 12 tokens by default
+    home = tmp_path / "home"
+    budget = 150  # <= 96 tokens per SPIRAL step, <= 2 x 4 x 12 = 96 per GRPO step: at least 2 steps
+    result = train(tmp_path, home, SMALL + [f"train_set.objective={objective}", f"train_set.max_generated_tokens={budget}"])
+    rows = assert_stopped_within_one_step(home, f"toy-{'grpo' if objective == 'grpo' else 'set'}", result, budget)
+    per_step = [b["generated_tokens"] - a["generated_tokens"] for a, b in zip([{"generated_tokens": 0}] + rows, rows)]
+    assert max(per_step) <= 2 * (4 * 12 if objective == "grpo" else 8 * 6)
+    if objective == "grpo":
+        assert max(per_step) > 2 * 4 * 6  # the 2T default: more than T tokens per trace were allowed
+
+
+@pytest.mark.slow
+def test_token_budget_resume_is_exact_and_a_met_budget_does_nothing(tmp_path):
+    import io
+
+    budget = ["train_set.max_generated_tokens=200"]
+    straight, split = tmp_path / "a", tmp_path / "b"
+    a = train(tmp_path, straight, SMALL + budget)
+    assert a["steps"] > 2 and a["stopped_on"] == "token_budget"
+    b2 = train(tmp_path, split, SMALL + budget + ["train_set.steps=2", "train_set.save_every=1"])  # "crashes" at 2
+    assert b2["steps"] == 2 and b2["stopped_on"] == "steps"
+    b = train(tmp_path, split, SMALL + budget)  # resumes from step 2 under the same budget
+    assert (b["steps"], b["generated_tokens"], b["total_tokens"]) == (a["steps"], a["generated_tokens"], a["total_tokens"])
+    assert_stopped_within_one_step(split, "toy-set", b, 200)
+    wa = weights(Registry(straight).resolve(f"toy-set@{a['steps']}").entry.path)
+    wb = weights(Registry(split).resolve(f"toy-set@{b['steps']}").entry.path)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # run again: the budget is already met, so no step is taken, and the run says so
+    from spiral_cli.rl.trainer import run_train_set
+
+    out = io.StringIO()
+    again = run_train_set(load_recipe(recipe_file(tmp_path), SMALL + budget), home=split, model="scratch:nano",
+                          console=Console(file=out, width=300))
+    assert (again["steps"], again["generated_tokens"], again["stopped_on"]) == (b["steps"], b["generated_tokens"], "token_budget")
+    assert "token budget already met" in out.getvalue()
+    assert [r["step"] for r in metric_rows(split, "toy-set")] == list(range(1, b["steps"] + 1))
+
+
+def test_token_budget_must_be_positive(tmp_path):
+    from spiral_cli.recipe import RecipeError
+
+    for value in (0, -1):
+        with pytest.raises(RecipeError, match=r"toy.yaml: train_set.max_generated_tokens: Input should be greater than 0"):
+            load_recipe(recipe_file(tmp_path), [f"train_set.max_generated_tokens={value}"])
+    # the CLI flag is that field: refused before any model is loaded, exit 2, one line
+    env = {**os.environ, "SPIRAL_HOME": str(tmp_path / "home"), "PYTHONPATH": str(TESTS)}
+    out = subprocess.run([sys.executable, "-m", "spiral_cli", "train-agg", str(recipe_file(tmp_path)),
+                          "--max-generated-tokens", "0"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
+    assert out.stderr.strip().endswith("toy.yaml: train_agg.max_generated_tokens: Input should be greater than 0 (got 0)")
+
+
+def test_cli_flag_sets_the_budget_of_either_command(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from spiral_cli import cli
+    from spiral_cli.rl import trainer
+
+    seen = {}
+    monkeypatch.setattr(trainer, "run_train_set", lambda r, **kw: seen.setdefault("set", r) and {})
+    monkeypatch.setattr(trainer, "run_train_agg", lambda r, **kw: seen.setdefault("agg", r) and {})
+    runner = CliRunner()
+    recipe = str(recipe_file(tmp_path))
+    res = runner.invoke(cli.app, ["train-set", recipe, "--objective", "grpo", "--max-generated-tokens", "5000",
+                                  "--set", "train_set.scale_std=true"])
+    assert res.exit_code == 0, res.output
+    assert seen["set"].train_set.max_generated_tokens == 5000 and seen["set"].train_set.objective == "grpo"
+    assert "train_set.scale_std is deprecated: use scale_rewards: group" in res.output
+    res = runner.invoke(cli.app, ["train-agg", recipe, "--max-generated-tokens", "700"])
+    assert res.exit_code == 0, res.output
+    assert seen["agg"].train_agg.max_generated_tokens == 700 and seen["agg"].train_set.max_generated_tokens is None
+
+
+# ---------------------------------------------------------------- Dr. GRPO normaliser in _update
+
+
+class _RecordingOptimizer:
+    """Stands in for AdamW: keeps the accumulated gradients of each step, changes nothing."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.param_groups = [{"lr": 0.0}]
+        self.grads = []
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        self.grads.append([p.grad.clone() for p in self.params])
+
+
+def test_update_dr_grpo_normaliser_and_micro_batches():
+    # On-policy (one pass) every token loss is -A, so the batch loss is -sum_b A_b n_b / normaliser.
+    # A = [1, -0.5, 2, 0], n = [3, 2, 1, 5] tokens, budgets L = [4, 4, 6, 6]:
+    #   dr_grpo:    -(3 - 1 + 2 + 0) / (4 + 4 + 6 + 6) = -4 / 20 (the zero-advantage sequence is
+    #               skipped in the backward pass but still counts in the normaliser)
+    #   token_mean: -4 / (3 + 2 + 1 + 5) = -4 / 11
+    from spiral_cli.models import load_model
+    from spiral_cli.recipe import ModelSection, TrainSetSection
+    from spiral_cli.rl.rollout import Sample
+    from spiral_cli.rl.trainer import _update
+
+    loaded = load_model(ModelSection(name="scratch:nano", autocast="off", max_seq_len=64), seed=0)
+    samples = [Sample("q1:", [40, 41, 42], [0.0] * 3, 1.0, 1.0, "search", 4),
+               Sample("q2:", [43, 44], [0.0] * 2, -0.5, 0.0, "search", 4),
+               Sample("a1:", [45], [0.0], 2.0, 1.0, "aggregate", 6),
+               Sample("a2:", [46] * 5, [0.0] * 5, 0.0, 1.0, "aggregate", 6)]
+
+    class _Sched:
+        def step(self):
+            pass
+
+    def run(aggregation, micro):
+        sec = TrainSetSection(loss_aggregation=aggregation, micro_batch_size=micro, max_grad_norm=1e9)
+        params = [p for p in loaded.model.parameters() if p.requires_grad]
+        opt = _RecordingOptimizer(params)
+        stats = _update(loaded.model, None, opt, _Sched(), samples, sec, loaded, {}, None)
+        return stats, opt.grads[0]
+
+    full, g_full = run("dr_grpo", 64)
+    assert full["loss"] == pytest.approx(-4 / 20, rel=1e-5)
+    micro, g_micro = run("dr_grpo", 1)
+    assert micro["loss"] == pytest.approx(-4 / 20, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g_full, g_micro))
+    tok, _ = run("token_mean", 2)
+    assert tok["loss"] == pytest.approx(-4 / 11, rel=1e-5)

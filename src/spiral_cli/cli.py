@@ -32,10 +32,19 @@ _state: dict[str, Any] = {"home": None}
 
 SetOpt = typer.Option(None, "--set", help="Override a recipe field, e.g. --set train_set.lr=1e-5 (repeatable).")
 BackendOpt = typer.Option(None, "--backend", help="Generation backend: hf | vllm (generation.backend).")
+BudgetOpt = typer.Option(
+    None, "--max-generated-tokens",
+    help="Stop once this many tokens were generated (<section>.max_generated_tokens); steps stays a cap.",
+)
 
 
 def _with_backend(overrides: Optional[list[str]], backend: Optional[str]) -> list[str]:
     return list(overrides or []) + ([f"generation.backend={backend}"] if backend else [])
+
+
+def _budget(section: str, tokens: Optional[int]) -> list[str]:
+    """--max-generated-tokens is an override of the recipe field (validated with it: > 0)."""
+    return [f"{section}.max_generated_tokens={tokens}"] if tokens is not None else []
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -157,9 +166,13 @@ def train_set(
     name: Optional[str] = typer.Option(None, help="Registry name (default: <recipe>-set or <recipe>-grpo)."),
     model: Optional[str] = typer.Option(None, help="Start from this checkpoint (default: <recipe>-sft)."),
     backend: Optional[str] = BackendOpt,
+    max_generated_tokens: Optional[int] = BudgetOpt,
 ) -> None:
     """SPIRAL set RL on search + aggregation traces (or --objective grpo)."""
-    r = _load(recipe, _with_backend(overrides, backend) + ([f"train_set.objective={objective}"] if objective else []))
+    r = _load(recipe, _with_backend(overrides, backend) + ([f"train_set.objective={objective}"] if objective else [])
+              + _budget("train_set", max_generated_tokens))
+    for note in r.train_set.deprecations:
+        err.print(f"[yellow]warning:[/] train_set.{note}", highlight=False, soft_wrap=True)
     try:
         from spiral_cli.rl.trainer import run_train_set
     except ImportError:
@@ -176,9 +189,10 @@ def train_agg(
     name: Optional[str] = typer.Option(None, help="Registry name (default: <recipe>-agg)."),
     model: Optional[str] = typer.Option(None, help="Aggregator to train (default: <recipe>-sft)."),
     backend: Optional[str] = BackendOpt,
+    max_generated_tokens: Optional[int] = BudgetOpt,
 ) -> None:
     """RL on the aggregation role only, over sets from a frozen search policy."""
-    r = _load(recipe, _with_backend(overrides, backend))
+    r = _load(recipe, _with_backend(overrides, backend) + _budget("train_agg", max_generated_tokens))
     try:
         from spiral_cli.rl.trainer import run_train_agg
     except ImportError:

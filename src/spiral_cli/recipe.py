@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class RecipeError(ValueError):
@@ -46,7 +47,8 @@ class ModelSection(_Section):
     # scratch:<preset> | hub id | local directory | registry name (name, name@step, name:tag)
     name: str = "scratch:tiny"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # bf16 autocast for the forward/backward pass; "auto" = on where it is fast (CUDA with bf16, CPU)
+    # bf16 autocast for the forward/backward pass; "auto" = on for CUDA with bf16; on a CPU, timed
+    # at load and on only where faster (models.resolve_autocast, models.measure_cpu_autocast)
     autocast: Literal["auto", "on", "off"] = "auto"
     lora: LoraSection | None = None
     quantization: Literal["none", "4bit", "8bit"] = "none"
@@ -84,7 +86,9 @@ class SftSection(_Section):
     num_aggregate_examples: int = Field(8000, ge=0)
     set_size: int = Field(4, gt=0)  # candidates per aggregation example
     steps: int = Field(1000, gt=0)
-    time_budget_minutes: float | None = Field(None, gt=0)  # stop early (and save) after this long
+    # a safety net, not a budget: `steps` defines the run. Past this many minutes the run saves,
+    # stops and says loudly that its model is not the recipe's (the registry records it)
+    time_budget_minutes: float | None = Field(None, gt=0)
     batch_size: int = Field(32, gt=0)
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -113,23 +117,79 @@ class AggregatorSection(_Section):
     checkpoint: str | None = None
 
 
+# TRL's GRPOConfig.loss_type names for the normalisations spiral has: each maps to our
+# loss_aggregation with the ppo_clip ratio form, so a TRL user's config means what it meant there.
+# bnpo and dapo both divide by the token count; spiral always counts the whole step's batch, which
+# is dapo's normaliser (bnpo's local count equals it when the batch is not split).
+TRL_LOSS_TYPES = {"grpo": "seq_mean", "bnpo": "token_mean", "dapo": "token_mean", "dr_grpo": "dr_grpo"}
+ScaleRewards = Literal["group", "batch", "none"]
+
+
+def _trl_names(data: Any, handler, *, deprecated_scale_std: bool):
+    """Map TRL's spellings (and the deprecated `scale_std`) onto the canonical fields before
+    validation, so snapshots and hashes only ever hold the canonical form."""
+    notes: list[str] = []
+    if isinstance(data, dict):
+        data = dict(data)
+        if deprecated_scale_std and "scale_std" in data:
+            old = data.pop("scale_std")
+            if not isinstance(old, bool):
+                raise PydanticCustomError("scale_std", "scale_std: must be true or false (got {old})", {"old": repr(old)})
+            mapped = "group" if old else "none"
+            if data.get("scale_rewards") not in (None, mapped, old):
+                raise PydanticCustomError(
+                    "scale_std", "scale_std ({old}) contradicts scale_rewards ({new}): set scale_rewards only",
+                    {"old": str(old).lower(), "new": repr(data["scale_rewards"])})
+            data["scale_rewards"] = mapped
+            notes.append(f"scale_std is deprecated: use scale_rewards: {mapped} (TRL's name)")
+        if isinstance(data.get("scale_rewards"), bool):  # TRL accepts True/False too
+            data["scale_rewards"] = "group" if data["scale_rewards"] else "none"
+        lt = data.get("loss_type")
+        if isinstance(lt, str) and lt not in ("is", "ppo_clip"):
+            if lt not in TRL_LOSS_TYPES:
+                raise PydanticCustomError(
+                    "loss_type", "loss_type: {lt} is not supported; use is | ppo_clip, or TRL's {trl}",
+                    {"lt": repr(lt), "trl": " | ".join(TRL_LOSS_TYPES)})
+            agg = TRL_LOSS_TYPES[lt]
+            if data.get("loss_aggregation", agg) != agg:
+                raise PydanticCustomError(
+                    "loss_type", "loss_type {lt} means loss_aggregation {agg}, not {got}: set one of the two",
+                    {"lt": lt, "agg": agg, "got": data["loss_aggregation"]})
+            data["loss_type"], data["loss_aggregation"] = "ppo_clip", agg
+    section = handler(data)
+    if notes:
+        section._deprecations = notes
+    return section
+
+
 class TrainSetSection(_Section):
     objective: Literal["spiral", "grpo"] = "spiral"
-    steps: int = Field(200, gt=0)
+    steps: int = Field(200, gt=0)  # a cap: the run ends at `steps` or `max_generated_tokens`, first reached
+    # training budget in generated tokens (all ranks, search + aggregation); the run stops after the
+    # optimizer step that reaches it. None = off. Give a SPIRAL run and its GRPO twin the same value.
+    max_generated_tokens: int | None = Field(None, gt=0)
     prompts_per_step: int = Field(8, gt=0)
     num_search: int = Field(8, gt=0)  # N1
     num_sets: int = Field(4, gt=0)  # K
     set_size: int = Field(4, gt=0)  # n
     num_aggregations: int = Field(4, gt=0)  # N2 per set
-    num_generations: int = Field(12, gt=0)  # G for --objective grpo
-    grpo_max_new_tokens: int | None = None  # GRPO's sequential budget (paper: 2x SPIRAL's)
+    num_generations: int = Field(12, gt=0)  # G for --objective grpo (TRL's name)
+    # GRPO's sequential budget; None = 2 x generation.max_new_tokens, the paper's compute matching
+    # (12 x 2T = SPIRAL's 8T + 16T)
+    grpo_max_new_tokens: int | None = Field(None, gt=0)
     lr: float = Field(2e-5, gt=0)
     beta: float = Field(0.0, ge=0)  # KL coefficient
+    # ratio form; TRL's loss_type names (grpo, bnpo, dapo, dr_grpo) are accepted and mapped to
+    # ppo_clip + their loss_aggregation (TRL_LOSS_TYPES)
     loss_type: Literal["is", "ppo_clip"] = "ppo_clip"
     epsilon_low: float = Field(0.2, ge=0)
     epsilon_high: float = Field(0.28, ge=0)
-    loss_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
-    scale_std: bool = False
+    # token_mean = TRL's dapo/bnpo, seq_mean = TRL's grpo, dr_grpo = Dr. GRPO's constant normaliser
+    loss_aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
+    # TRL's scale_rewards: divide advantages by the group's std, the step batch's std, or not at
+    # all. None = by objective: "group" for grpo (TRL's default), "none" for spiral (the paper's).
+    # The deprecated `scale_std: true/false` still loads as "group"/"none".
+    scale_rewards: ScaleRewards | None = None
     length_target: int | None = Field(None, gt=0)  # L_target of the length gate; None = off
     dynamic_sampling: bool = True
     max_prompt_draws: int = Field(3, gt=0)  # cap on dynamic sampling, as a multiple of prompts_per_step
@@ -142,11 +202,27 @@ class TrainSetSection(_Section):
     save_every: int = Field(25, gt=0)
     tensorboard: bool = False
     aggregator: AggregatorSection = AggregatorSection()
+    _deprecations: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _trl_aliases(cls, data: Any, handler):
+        return _trl_names(data, handler, deprecated_scale_std=True)
+
+    @property
+    def deprecations(self) -> list[str]:
+        """One-line notes about deprecated keys this section was loaded with (the CLI prints them)."""
+        return list(self._deprecations)
+
+    @property
+    def effective_scale_rewards(self) -> str:
+        return self.scale_rewards or ("group" if self.objective == "grpo" else "none")
 
 
 class TrainAggSection(_Section):
     search_model: str | None = None  # frozen search policy (registry name); None = the model itself
-    steps: int = Field(200, gt=0)
+    steps: int = Field(200, gt=0)  # a cap, as in train_set
+    max_generated_tokens: int | None = Field(None, gt=0)  # as in train_set; None = off
     prompts_per_step: int = Field(8, gt=0)
     num_search: int = Field(8, gt=0)
     set_size: int = Field(4, gt=0)
@@ -155,10 +231,13 @@ class TrainAggSection(_Section):
     balance: bool = False  # balance easy (majority right) and hard (majority wrong) sets
     lr: float = Field(2e-5, gt=0)
     beta: float = Field(0.0, ge=0)
-    loss_type: Literal["is", "ppo_clip"] = "ppo_clip"
+    loss_type: Literal["is", "ppo_clip"] = "ppo_clip"  # TRL's names accepted, as in train_set
     epsilon_low: float = Field(0.2, ge=0)
     epsilon_high: float = Field(0.28, ge=0)
-    loss_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    loss_aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
+    # the aggregation advantage r - f_i divided by the std of r within its set ("group"), over the
+    # step's batch ("batch"), or not at all; None = "none", the paper's
+    scale_rewards: ScaleRewards | None = None
     micro_batch_size: int = Field(16, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
@@ -166,6 +245,15 @@ class TrainAggSection(_Section):
     eval_problems: int = Field(100, ge=0)
     save_every: int = Field(25, gt=0)
     tensorboard: bool = False
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _trl_aliases(cls, data: Any, handler):
+        return _trl_names(data, handler, deprecated_scale_std=False)
+
+    @property
+    def effective_scale_rewards(self) -> str:
+        return self.scale_rewards or "none"
 
 
 class InferSection(_Section):

@@ -12,7 +12,7 @@ and Aggregate" (2026):
     A_ij    = r(x, y*_ij) - f_i                  aggregation advantage (within-set centred)
 
 Public API: ``sample_subsets``, ``set_advantages`` (-> ``SetAdvantages``),
-``proposition_constant``, ``grpo_advantages``, ``grpo_advantages_batch``, ``length_gate``,
+``set_advantages_batch``, ``proposition_constant``, ``grpo_advantages``, ``grpo_advantages_batch``, ``length_gate``,
 ``has_signal``.
 """
 
@@ -30,6 +30,9 @@ __all__ = [
     "SetAdvantages",
     "sample_subsets",
     "set_advantages",
+    "set_advantages_batch",
+    "moments",
+    "pooled_std",
     "proposition_constant",
     "grpo_advantages",
     "grpo_advantages_batch",
@@ -120,9 +123,9 @@ class SetAdvantages:
 
     set_scores:        f_i, length K
     baseline:          f̄ = mean_i f_i
-    set_advantages:    A(G_i) = f_i - f̄ (divided by a std when scale_std), length K
+    set_advantages:    A(G_i) = f_i - f̄ (divided by a std unless scale_rewards="none"), length K
     search_advantages: A(y) for each of the N1 search traces (0 for a trace in no set)
-    agg_advantages:    A_ij = r_ij - f_i (divided by a std when scale_std), K x N2
+    agg_advantages:    A_ij = r_ij - f_i (divided by a std unless scale_rewards="none"), K x N2
     membership:        how many sampled sets contain each search trace, length N1
     """
 
@@ -158,8 +161,9 @@ def set_advantages(
     agg_rewards: Sequence[Sequence[float]],
     subsets: Sequence[Sequence[int]],
     n_traces: int,
-    scale_std: bool = False,
+    scale_rewards: bool | str = "none",
     eps: float = 1e-6,
+    batch_stds: tuple[float, float] | None = None,
 ) -> SetAdvantages:
     """SPIRAL advantages for one prompt (SPIRAL.md "Advantages").
 
@@ -174,23 +178,32 @@ def set_advantages(
 
     With K = 1 every set advantage is 0 (the set is its own baseline).
 
-    ``scale_std`` (off by default; the paper does not divide): A(G_i) is divided by
-    (std_i f_i + eps) and A_ij by (std_j r_ij + eps), both *population* stds (ddof = 0, the
-    spread of exactly the values being centred; K and N2 are ~4 and may be 1, where the
-    sample std is undefined). A(y) is then the mean of the scaled A(G_i).
+    ``scale_rewards`` (TRL's name; "none" by default, the paper does not divide):
+    "group" divides A(G_i) by (std_i f_i + eps) and A_ij by (std_j r_ij + eps), both
+    *population* stds (ddof = 0, the spread of exactly the values being centred; K and N2 are
+    ~4 and may be 1, where the sample std is undefined). "batch" divides by the same stds taken
+    over the whole step's batch instead, passed as ``batch_stds`` = (std of all set scores, std
+    of all aggregation rewards); see ``set_advantages_batch``. A(y) is the mean of the scaled A(G_i).
     """
+    mode = _scale_mode(scale_rewards)
     _validate_sets(agg_rewards, subsets, n_traces)
+    if mode == "batch" and batch_stds is None:
+        raise ValueError("scale_rewards='batch' needs the batch's stds: use set_advantages_batch")
     rewards = [np.asarray(row, dtype=float) for row in agg_rewards]
     scores = np.array([row.mean() for row in rewards])
     baseline = float(scores.mean())
     set_adv = scores - baseline
-    if scale_std:
+    if mode == "group":
         set_adv = set_adv / (scores.std() + eps)
+    elif mode == "batch":
+        set_adv = set_adv / (batch_stds[0] + eps)
     agg_adv = []
     for row, f_i in zip(rewards, scores):
         centred = row - f_i
-        if scale_std:
+        if mode == "group":
             centred = centred / (row.std() + eps)
+        elif mode == "batch":
+            centred = centred / (batch_stds[1] + eps)
         agg_adv.append(centred.tolist())
 
     # Marginal advantage of each search trace: average over the sampled sets that hold it.
@@ -210,6 +223,41 @@ def set_advantages(
         agg_advantages=agg_adv,
         membership=membership.tolist(),
     )
+
+
+def set_advantages_batch(
+    prompts: Sequence[tuple[Sequence[Sequence[float]], Sequence[Sequence[int]], int]],
+    scale_rewards: bool | str = "none",
+    eps: float = 1e-6,
+) -> list[SetAdvantages]:
+    """``set_advantages`` for several prompts, given as (agg_rewards, subsets, n_traces).
+
+    The centring stays per prompt; with "batch" (TRL's meaning carried over) the set advantages
+    are divided by the population std of *all* set scores f_i of the batch, and the aggregation
+    advantages by the population std of *all* aggregation rewards of the batch (+ eps).
+    """
+    mode = _scale_mode(scale_rewards)
+    stds = None
+    if mode == "batch":
+        scores = [float(np.mean(row)) for agg, _, _ in prompts for row in agg]
+        rewards = [float(r) for agg, _, _ in prompts for row in agg for r in row]
+        stds = (pooled_std(*moments(scores), ddof=0), pooled_std(*moments(rewards), ddof=0))
+    return [set_advantages(agg, subsets, n, mode, eps, batch_stds=stds) for agg, subsets, n in prompts]
+
+
+def moments(values: Sequence[float]) -> tuple[float, float, float]:
+    """(count, sum, sum of squares): what ranks add up to get a std over all of their values."""
+    v = np.asarray(values, dtype=float)
+    return float(v.size), float(v.sum()), float((v * v).sum())
+
+
+def pooled_std(n: float, s1: float, s2: float, ddof: int) -> float:
+    """Std from summed ``moments``; 0 when there are no more than ``ddof`` values (as TRL's
+    single-sample std)."""
+    if n <= ddof:
+        return 0.0
+    var = (s2 - s1 * s1 / n) / (n - ddof)
+    return math.sqrt(max(var, 0.0))  # rounding can make an exact 0 slightly negative
 
 
 def proposition_constant(

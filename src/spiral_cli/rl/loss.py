@@ -3,8 +3,8 @@
 One function, ``policy_loss``, turning per-token log-probs and per-sequence advantages into a
 scalar loss. SPIRAL.md ("Loss and training details") reports an importance-sampling policy
 gradient −Σ exp(logp_new − logp_old)·A; clipping and loss normalisation are unconfirmed, so
-both plain IS and PPO/DAPO-style clipping are offered, with token-mean or seq-mean
-aggregation.
+both plain IS and PPO/DAPO-style clipping are offered, with token-mean, seq-mean or Dr. GRPO
+aggregation (TRL's loss_type dapo, grpo and dr_grpo).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from torch import Tensor
 __all__ = ["policy_loss", "LOSS_TYPES", "AGGREGATIONS"]
 
 LOSS_TYPES = ("is", "ppo_clip")
-AGGREGATIONS = ("token_mean", "seq_mean")
+AGGREGATIONS = ("token_mean", "seq_mean", "dr_grpo")
 
 
-def _check_inputs(logp_new, logp_old, advantages, mask, logp_ref, loss_type, aggregation, beta, normalizer):
+def _check_inputs(logp_new, logp_old, advantages, mask, logp_ref, loss_type, aggregation, beta, normalizer,
+                  max_completion_length):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if aggregation not in AGGREGATIONS:
@@ -34,6 +35,8 @@ def _check_inputs(logp_new, logp_old, advantages, mask, logp_ref, loss_type, agg
         raise ValueError(f"beta must be >= 0, got {beta}")
     if beta > 0 and logp_ref is None:
         raise ValueError("beta > 0 needs logp_ref (reference-model log-probs)")
+    if aggregation == "dr_grpo" and normalizer is None and not (max_completion_length and max_completion_length > 0):
+        raise ValueError("aggregation dr_grpo needs max_completion_length > 0 (or a normalizer)")
     if normalizer is not None and float(normalizer) <= 0:
         raise ValueError(f"normalizer must be > 0 (a global token or sequence count), got {normalizer}")
 
@@ -63,15 +66,20 @@ def _k3(log_ratio: Tensor) -> Tensor:
     return torch.exp(log_ratio) - log_ratio - 1.0
 
 
-def _aggregate(per_token: Tensor, mask: Tensor, aggregation: str, normalizer) -> Tensor:
+def _aggregate(per_token: Tensor, mask: Tensor, aggregation: str, normalizer, max_completion_length) -> Tensor:
     """Reduce [B, T] per-token losses to a scalar.
 
     token_mean: Σ_{b,t} mask·loss / normalizer (default: number of valid tokens here).
     seq_mean:   Σ_b (Σ_t mask·loss / n_tokens_b) / normalizer (default: number of sequences
                 here with at least one valid token; empty rows contribute 0).
+    dr_grpo:    Σ_{b,t} mask·loss / normalizer (default: B · max_completion_length, a constant
+                that does not depend on the lengths sampled, so no length bias; Dr. GRPO).
     """
     masked = per_token * mask
-    if aggregation == "token_mean":
+    if aggregation == "dr_grpo":
+        total = masked.sum()
+        count = per_token.new_tensor(float(per_token.shape[0] * (max_completion_length or 0)))
+    elif aggregation == "token_mean":
         total = masked.sum()
         count = mask.sum()
     else:
@@ -96,6 +104,7 @@ def policy_loss(
     logp_ref: Tensor | None = None,
     beta: float = 0.0,
     normalizer: float | int | Tensor | None = None,
+    max_completion_length: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped / plain importance-sampling policy-gradient loss with an optional k3 KL.
 
@@ -111,12 +120,14 @@ def policy_loss(
     Aggregation over the batch:
         "token_mean": Σ_valid ℓ / number of valid tokens
         "seq_mean":   mean over sequences of (Σ_t ℓ / tokens in that sequence)
+        "dr_grpo":    Σ_valid ℓ / (B · max_completion_length)   (TRL's dr_grpo)
 
     ``normalizer`` replaces the denominator, for gradient accumulation over micro-batches:
     pass the *global* count -- for token_mean the number of valid tokens in the whole batch,
-    for seq_mean the number of (non-empty) sequences in the whole batch -- to every
-    micro-batch call and ``backward()`` each loss; the summed gradients then equal those of
-    one full-batch call (no extra division by the number of micro-batches).
+    for seq_mean the number of (non-empty) sequences in the whole batch, for dr_grpo the sum
+    over the whole batch's sequences of their max_completion_length (B · L when all share L)
+    -- to every micro-batch call and ``backward()`` each loss; the summed gradients then equal
+    those of one full-batch call (no extra division by the number of micro-batches).
 
     Returns ``(loss, stats)``; stats are detached floats averaged over this call's valid
     tokens: ``clip_fraction`` (tokens whose gradient the clip removed; 0 for "is"),
@@ -124,7 +135,8 @@ def policy_loss(
     KL(π_old || π_new): how far this update has moved off-policy), ``kl_ref`` (k3 KL to the reference, when
     ``logp_ref`` is given, even with beta 0), ``num_tokens``.
     """
-    _check_inputs(logp_new, logp_old, advantages, mask, logp_ref, loss_type, aggregation, beta, normalizer)
+    _check_inputs(logp_new, logp_old, advantages, mask, logp_ref, loss_type, aggregation, beta, normalizer,
+                  max_completion_length)
     mask = mask.to(logp_new.dtype)
     logp_old = logp_old.detach()
     adv = advantages.detach().to(logp_new.dtype).unsqueeze(1)  # [B, 1] broadcasts over T
@@ -136,7 +148,7 @@ def policy_loss(
         kl_ref = _k3(logp_ref.detach() - logp_new)
         if beta > 0:
             per_token = per_token + beta * kl_ref
-    loss = _aggregate(per_token, mask, aggregation, normalizer)
+    loss = _aggregate(per_token, mask, aggregation, normalizer, max_completion_length)
     return loss, _stats(ratio, clip_active, kl_ref, logp_new, logp_old, mask)
 
 

@@ -3,7 +3,7 @@
 SPIRAL (Algorithm 1): per prompt, N1 search traces; K distinct subsets of size n; N2
 aggregation traces per subset (candidate order shuffled) -> set advantages for the search
 traces, within-set centred advantages for the aggregation traces.
-GRPO: per prompt, G traces with group-normalised advantages.
+GRPO: per prompt, G traces with group-relative advantages (scaled as TRL's scale_rewards says).
 Aggregator-only (train-agg): sets drawn from a frozen search policy's traces; only the
 aggregation traces are trained.
 
@@ -14,10 +14,18 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from spiral_cli.generation.base import Completion, Generator
-from spiral_cli.rl.advantages import grpo_advantages, has_signal, length_gate, sample_subsets, set_advantages
+from spiral_cli.rl.advantages import (
+    grpo_advantages,
+    has_signal,
+    length_gate,
+    moments,
+    pooled_std,
+    sample_subsets,
+    set_advantages,
+)
 from spiral_cli.tasks.base import Task
 
 
@@ -31,6 +39,7 @@ class Sample:
     advantage: float
     reward: float
     role: str  # "search" | "aggregate"
+    max_new_tokens: int = 0  # the budget it was sampled under (Dr. GRPO's max_completion_length)
 
 
 @dataclass
@@ -60,10 +69,16 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    scale_std: bool = False
-    scale_rewards: bool = True  # GRPO's group std scaling
+    # TRL's scale_rewards, resolved: "group" | "batch" | "none". Rollouts apply "group" and
+    # "none"; "batch" needs the whole step's batch, so they leave the advantages centred and the
+    # trainer divides once the batch is complete (`scale_batch`).
+    scale_rewards: str = "none"
     length_target: int | None = None
     balance: bool = False  # train-agg: as many easy as hard sets
+
+
+def _per_prompt(cfg: RolloutConfig) -> str:
+    return "none" if cfg.scale_rewards == "batch" else cfg.scale_rewards
 
 
 def _tokens(cs: list[Completion]) -> tuple[int, int]:
@@ -110,19 +125,20 @@ def spiral_rollouts(
         set_outputs = aggs[cursor : cursor + len(subsets)]
         cursor += len(subsets)
         agg_rewards = [[task.reward(p, c.text) for c in cs] for cs in set_outputs]
-        adv = set_advantages(agg_rewards, subsets, len(traces), scale_std=cfg.scale_std)
+        adv = set_advantages(agg_rewards, subsets, len(traces), scale_rewards=_per_prompt(cfg))
         samples: list[Sample] = []
         search_rewards = [task.reward(p, c.text) for c in traces]
         if train_search:
             search_adv = _gate(list(adv.search_advantages), traces, cfg.length_target)
             prompt = task.search_prompt(p)
             samples += [
-                Sample(prompt, c.token_ids, c.logprobs, a, r, "search")
+                Sample(prompt, c.token_ids, c.logprobs, a, r, "search", cfg.max_new_tokens)
                 for c, a, r in zip(traces, search_adv, search_rewards)
             ]
         for prompt, cs, advs, rs in zip(set_prompts, set_outputs, adv.agg_advantages, agg_rewards):
             gated = _gate(list(advs), cs, cfg.length_target)
-            samples += [Sample(prompt, c.token_ids, c.logprobs, a, r, "aggregate") for c, a, r in zip(cs, gated, rs)]
+            samples += [Sample(prompt, c.token_ids, c.logprobs, a, r, "aggregate", cfg.agg_max_new_tokens)
+                        for c, a, r in zip(cs, gated, rs)]
         all_cs = list(traces) + [c for cs in set_outputs for c in cs]
         pt, gt = _tokens(all_cs)
         out.append(PromptRollout(
@@ -161,11 +177,35 @@ def grpo_rollouts(
     rollouts = []
     for p, cs in zip(problems, outs):
         rewards = [task.reward(p, c.text) for c in cs]
-        advs = _gate(list(grpo_advantages(rewards, scale_rewards=cfg.scale_rewards)), cs, cfg.length_target)
+        advs = _gate(list(grpo_advantages(rewards, scale_rewards=_per_prompt(cfg))), cs, cfg.length_target)
         prompt = task.search_prompt(p)
         pt, gt = _tokens(cs)
         rollouts.append(PromptRollout(
-            problem=p, samples=[Sample(prompt, c.token_ids, c.logprobs, a, r, "search") for c, a, r in zip(cs, advs, rewards)],
+            problem=p, samples=[Sample(prompt, c.token_ids, c.logprobs, a, r, "search", cfg.max_new_tokens)
+                                for c, a, r in zip(cs, advs, rewards)],
             search_rewards=rewards, prompt_tokens=pt, generated_tokens=gt, search_lengths=[len(c.token_ids) for c in cs],
         ))
     return rollouts
+
+
+def scale_batch(rollouts: list[PromptRollout], grpo: bool,
+                all_sum: Callable[[list[float]], list[float]] = lambda xs: xs) -> None:
+    """scale_rewards="batch": divide the centred advantages of the step's batch (the prompts it
+    trains on, across all ranks via `all_sum`) by the batch's std, in place.
+
+    GRPO (TRL's meaning): the unbiased std of all rewards, + 1e-4. SPIRAL: search samples by the
+    population std of all set scores f_i, aggregation samples by the population std of all
+    aggregation rewards, + 1e-6 (as `set_advantages_batch`). Gating commutes with a positive
+    divisor, so gated advantages can be divided after the fact."""
+    if grpo:
+        pools = {"search": ([x for r in rollouts for x in r.search_rewards], 1, 1e-4)}
+    else:
+        pools = {"search": ([x for r in rollouts for x in r.set_scores], 0, 1e-6),
+                 "aggregate": ([x for r in rollouts for x in r.agg_rewards], 0, 1e-6)}
+    roles = sorted(pools)
+    summed = all_sum([m for role in roles for m in moments(pools[role][0])])
+    divisor = {role: pooled_std(*summed[3 * i : 3 * i + 3], ddof=pools[role][1]) + pools[role][2]
+               for i, role in enumerate(roles)}
+    for r in rollouts:
+        for s in r.samples:
+            s.advantage = s.advantage / divisor[s.role]

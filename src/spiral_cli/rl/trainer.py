@@ -6,6 +6,10 @@ Read top to bottom, one optimizer step is:
     3. update: micro-batched policy-gradient loss, one optimizer step per pass (loss.py)
     4. tell the generator about the new weights (vLLM), log, evaluate, checkpoint
 
+The run ends at `steps` or, with `max_generated_tokens`, after the step whose rollouts bring the
+generated tokens (all ranks) to the budget, whichever comes first; the last step evaluates,
+saves and registers like any final step.
+
 Exact resume: the run's state (model, optimizer, scheduler, step, data cursor, token counters)
 is written atomically every `save_every` steps; the randomness of step s is derived from
 (seed, s), so a resumed run replays exactly what an uninterrupted one would have done.
@@ -52,10 +56,11 @@ from spiral_cli.generation.roles import (
     has_aggregator_adapter,
 )
 from spiral_cli.rl.loss import policy_loss
-from spiral_cli.rl.rollout import PromptRollout, RolloutConfig, Sample, grpo_rollouts, spiral_rollouts
+from spiral_cli.rl.rollout import PromptRollout, RolloutConfig, Sample, grpo_rollouts, scale_batch, spiral_rollouts
 from spiral_cli.tasks import load_task
 
 log = logging.getLogger(__name__)
+MAX_TRAIN_POOL = 50_000  # training problems drawn up front; a longer run sees them again
 
 
 # ---------------------------------------------------------------- timing of generation vs scoring
@@ -154,6 +159,7 @@ class RLSpec:
     name: str
     section: Any  # TrainSetSection | TrainAggSection
     collect: Callable[..., list[PromptRollout]]
+    scale_rewards: str = "none"  # resolved; "batch" is applied by the loop once the step's batch is complete
 
 
 def _is_main(accelerator) -> bool:
@@ -186,9 +192,9 @@ def run_train_set(recipe: Recipe, *, home: Path, name: str | None = None, model:
     rcfg = RolloutConfig(
         num_search=ts.num_generations if grpo else ts.num_search,
         num_sets=ts.num_sets, set_size=ts.set_size, num_aggregations=ts.num_aggregations,
-        max_new_tokens=(ts.grpo_max_new_tokens or gen.max_new_tokens) if grpo else gen.max_new_tokens,
+        max_new_tokens=grpo_budget(recipe) if grpo else gen.max_new_tokens,
         agg_max_new_tokens=gen.agg_max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-        top_k=gen.top_k, scale_std=ts.scale_std, length_target=ts.length_target,
+        top_k=gen.top_k, scale_rewards=ts.effective_scale_rewards, length_target=ts.length_target,
     )
     if grpo:
         def collect(task, policy_gen, agg_gen, problems, rng, seed):
@@ -196,8 +202,14 @@ def run_train_set(recipe: Recipe, *, home: Path, name: str | None = None, model:
     else:
         def collect(task, policy_gen, agg_gen, problems, rng, seed):
             return spiral_rollouts(task, policy_gen, agg_gen, problems, rcfg, rng, seed)
-    spec = RLSpec(stage=stage, name=name, section=ts, collect=collect)
+    spec = RLSpec(stage=stage, name=name, section=ts, collect=collect, scale_rewards=rcfg.scale_rewards)
     return _run(recipe, spec, home=home, model_ref=model or f"{recipe.name}-sft", console=console)
+
+
+def grpo_budget(recipe: Recipe) -> int:
+    """GRPO's sequential budget: `grpo_max_new_tokens`, by default 2T, the paper's compute matching
+    (G = 12 traces of 2T generate at most what SPIRAL's 8 search traces of T and 16 aggregations do)."""
+    return recipe.train_set.grpo_max_new_tokens or 2 * recipe.generation.max_new_tokens
 
 
 def run_train_agg(recipe: Recipe, *, home: Path, name: str | None = None, model: str | None = None,
@@ -209,13 +221,14 @@ def run_train_agg(recipe: Recipe, *, home: Path, name: str | None = None, model:
         num_search=ta.num_search, num_sets=ta.num_sets, set_size=ta.set_size, num_aggregations=ta.num_aggregations,
         max_new_tokens=gen.max_new_tokens, agg_max_new_tokens=gen.agg_max_new_tokens,
         temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, balance=ta.balance,
+        scale_rewards=ta.effective_scale_rewards,
     )
 
     def collect(task, policy_gen, search_gen, problems, rng, seed):
         # the policy is the aggregator here; search traces come from the frozen search policy
         return spiral_rollouts(task, search_gen, policy_gen, problems, rcfg, rng, seed, train_search=False)
 
-    spec = RLSpec(stage="agg", name=name, section=ta, collect=collect)
+    spec = RLSpec(stage="agg", name=name, section=ta, collect=collect, scale_rewards=rcfg.scale_rewards)
     return _run(recipe, spec, home=home, model_ref=model or f"{recipe.name}-sft", console=console,
                 frozen_search_ref=ta.search_model)
 
@@ -280,13 +293,20 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         if _is_main(accelerator):
             _register_missing(recipe, spec, loaded, state, registry, home, start_ref)
     total, trainable = count_parameters(loaded.model)
+    budget = getattr(sec, "max_generated_tokens", None)
     if _is_main(accelerator):
         console.print(
             f"[bold]{spec.stage}[/] {spec.name}: from {start_ref.ref} ({total / 1e6:.2f}M params, "
             f"{trainable / 1e6:.2f}M trainable) on {loaded.device}, {world} process(es)"
-            + (f"; resumed at step {state.step}" if resuming else "")
+            + (f"; resumed at step {state.step} ({state.generated_tokens:,} generated tokens)" if resuming else "")
+            + (f"; stops at {budget:,} generated tokens or step {sec.steps}" if budget else "")
         )
-    train_pool = task.problems("train", max(2000, sec.steps * sec.prompts_per_step * 4 * world), seed=recipe.seed + 17)
+        if resuming and _budget_met(state, budget):
+            console.print(f"  token budget already met: {state.generated_tokens:,} >= {budget:,} generated tokens "
+                          f"at step {state.step}; no more steps (raise max_generated_tokens to go on)")
+    # capped: a token budget comes with a large `steps` cap, and `_take` wraps around the pool
+    train_pool = task.problems("train", min(MAX_TRAIN_POOL, max(2000, sec.steps * sec.prompts_per_step * 4 * world)),
+                               seed=recipe.seed + 17)
     eval_problems = task.problems("eval", sec.eval_problems, seed=recipe.seed) if sec.eval_problems else []
     prompt_cache: dict[str, list[int]] = {}
     tb = _tensorboard(run_dir) if getattr(sec, "tensorboard", False) and _is_main(accelerator) else None
@@ -307,7 +327,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         _write_curves(run_dir, spec.name, state.history)
 
     model.train()
-    while state.step < sec.steps:
+    while state.step < sec.steps and not _budget_met(state, budget):
         step_seed = recipe.seed * 1_000_003 + state.step * 7919 + rank
         rng = random.Random(step_seed)
         t_step = time.perf_counter()
@@ -322,6 +342,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         max_draws = sec.prompts_per_step * getattr(sec, "max_prompt_draws", 1)
         dynamic = getattr(sec, "dynamic_sampling", False)
         t_roll = time.perf_counter()
+        local_generated = local_total = 0
         while len(kept) < sec.prompts_per_step and drawn < max_draws:
             need = sec.prompts_per_step - len(kept)
             problems = _take(train_pool, state.cursor + rank * need, need)  # each rank its own prompts
@@ -329,11 +350,17 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
             drawn += need
             rollouts = spec.collect(task, policy_gen, second_gen, problems, rng, step_seed + drawn)
             for r in rollouts:
-                state.generated_tokens += r.generated_tokens * world
-                state.total_tokens += (r.prompt_tokens + r.generated_tokens) * world
+                local_generated += r.generated_tokens
+                local_total += r.prompt_tokens + r.generated_tokens
             kept += [r for r in rollouts if r.has_signal] if dynamic else rollouts
             if not dynamic:
                 break
+        # exact counts over all ranks, so every rank takes the same decision on the token budget
+        generated, total_tokens = _all_sum([local_generated, local_total], accelerator)
+        state.generated_tokens += int(generated)
+        state.total_tokens += int(total_tokens)
+        if spec.scale_rewards == "batch":  # TRL's batch std: over the whole step's batch, all ranks
+            scale_batch(kept, spec.stage == "grpo", lambda xs: _all_sum(xs, accelerator))
         rollout_seconds = time.perf_counter() - t_roll
         gen_seconds = policy_gen.seconds + (other_gen.seconds if other_gen else 0.0)
         model.train()
@@ -348,12 +375,13 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         policy_gen.update_weights(loaded.model)  # 4. the generator samples from the new weights
         sync_seconds = time.perf_counter() - t_sync
         state.step += 1
+        last = state.step == sec.steps or _budget_met(state, budget)
 
         row = _step_metrics(state, kept, drawn, loss_stats, {
             "generation": gen_seconds, "scoring": rollout_seconds - gen_seconds,
             "update": update_seconds, "sync": sync_seconds, "total": time.perf_counter() - t_step,
         })
-        if state.step % sec.eval_every == 0 or state.step == sec.steps:
+        if state.step % sec.eval_every == 0 or last:
             if eval_problems and _is_main(accelerator):
                 m = run_eval(state.step)
                 state.history.append({"step": state.step, "generated_tokens": state.generated_tokens, **m})
@@ -367,17 +395,34 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
                 + (f" agg {row['reward_aggregate']:.3f}" if row.get("reward_aggregate") is not None else "")
                 + f" kept {len(kept)}/{drawn} entropy {row['entropy_search']:.3f} "
                 f"| {row['seconds']['total']:.1f}s (gen {gen_seconds:.1f}, score {row['seconds']['scoring']:.2f}, "
-                f"update {update_seconds:.1f}, sync {sync_seconds:.2f}) | {state.generated_tokens:,} gen tokens"
+                f"update {update_seconds:.1f}, sync {sync_seconds:.2f}) | tokens {state.generated_tokens:,}"
+                + (f"/{budget:,}" if budget else "") + f" generated, {state.total_tokens:,} total"
             )
-        if state.step % sec.save_every == 0 or state.step == sec.steps:
+            if _budget_met(state, budget):
+                console.print(f"  token budget reached: {state.generated_tokens:,} >= {budget:,} generated tokens "
+                              f"at step {state.step}")
+        if state.step % sec.save_every == 0 or last:
             _checkpoint(recipe, spec, loaded, optimizer, scheduler, state, registry, home, state_dir, start_ref, accelerator)
 
     close_generator(generator)
     final = registry.latest(spec.name)
     result = {"name": spec.name, "stage": spec.stage, "steps": state.step,
               "generated_tokens": state.generated_tokens, "total_tokens": state.total_tokens,
+              "stopped_on": "token_budget" if _budget_met(state, budget) else "steps",
               "path": str(final.path) if final else None, "history": state.history}
     return result
+
+
+def _budget_met(state: RunState, budget: int | None) -> bool:
+    return budget is not None and state.generated_tokens >= budget
+
+
+def _all_sum(values: list[float], accelerator) -> list[float]:
+    """Element-wise sum over all ranks (the values themselves in a single process)."""
+    if accelerator is None:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").tolist()
 
 
 # ---------------------------------------------------------------- pieces of the loop
@@ -445,17 +490,22 @@ def _reference(recipe: Recipe, sec, loaded, start_ref: ModelRef):
 def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, loaded, prompt_cache, accelerator,
             adapter_roles: dict[str, str] | None = None) -> dict[str, float]:
     """updates_per_batch passes over the samples, each one optimizer step of micro-batches.
-    The normaliser is the whole batch's token count (token_mean) or sequence count
-    (seq_mean), so accumulating micro-batches gives exactly the full-batch gradient.
+    The normaliser is the whole batch's token count (token_mean), sequence count (seq_mean) or
+    sum of sequence budgets (dr_grpo), so accumulating micro-batches gives exactly the
+    full-batch gradient.
     `adapter_roles` (aggregator.mode=adapter) maps each role to the LoRA adapter it trains;
     micro-batches then hold one role each."""
     # Zero-advantage sequences contribute no policy gradient; with beta = 0 they can be skipped.
     # They still count in the normaliser so the loss scale does not depend on the skipping.
-    normalizer_tokens = sum(len(s.completion_ids) for s in samples)
-    normalizer_seqs = len(samples)
     beta = getattr(sec, "beta", 0.0)
     active = samples if beta > 0 else [s for s in samples if s.advantage != 0.0]
-    normalizer = normalizer_tokens if sec.loss_aggregation == "token_mean" else normalizer_seqs
+    if sec.loss_aggregation == "token_mean":
+        normalizer = sum(len(s.completion_ids) for s in samples)
+    elif sec.loss_aggregation == "seq_mean":
+        normalizer = len(samples)
+    else:  # dr_grpo: sequences x max_completion_length, each sequence at the budget it was sampled
+        # under (search and aggregation budgets may differ); constant in the lengths sampled
+        normalizer = sum(s.max_new_tokens for s in samples)
     stats: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "entropy_search": float("nan"), "grad_norm": 0.0}
     passes = getattr(sec, "updates_per_batch", 1)
     micro = sec.micro_batch_size
@@ -622,6 +672,11 @@ def _register(recipe, spec: RLSpec, loaded, state: RunState, registry: Registry,
     last_eval = state.history[-1] if state.history else {}
     metrics = {k: v for k, v in last_eval.items() if isinstance(v, (int, float))}
     metrics.update({"generated_tokens": state.generated_tokens, "total_tokens": state.total_tokens})
+    budget = getattr(spec.section, "max_generated_tokens", None)
+    if budget is not None:
+        metrics["max_generated_tokens"] = budget
+        if _budget_met(state, budget):
+            metrics["stopped_on"] = "token_budget"
     save_registered(loaded, registry, home, name=spec.name, stage=spec.stage, step=state.step,
                     parent=start_ref.lineage, recipe=recipe.snapshot(), metrics=metrics)
 
