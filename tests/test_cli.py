@@ -23,7 +23,7 @@ def run(args, *, home: Path, stdin: str | None = None, check: bool = False):
 
 def test_help_lists_subcommands(tmp_path):
     out = run(["--help"], home=tmp_path, check=True).stdout
-    for cmd in ["sft", "train-set", "train-agg", "infer", "sweep", "registry", "tasks"]:
+    for cmd in ["sft", "train-set", "train-agg", "infer", "sweep", "compare", "registry", "tasks"]:
         assert cmd in out
     assert "ls" in run(["registry", "--help"], home=tmp_path, check=True).stdout
 

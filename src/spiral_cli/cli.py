@@ -256,6 +256,11 @@ def sweep(
     typer.echo(json.dumps(summary, default=str))
 
 
+from spiral_cli.compare import compare_command  # noqa: E402  (light import: typer, rich, stdlib)
+
+app.command("compare")(friendly(compare_command))
+
+
 @app.command()
 @friendly
 def curves(

@@ -276,6 +276,17 @@ class SweepSection(_Section):
     baseline: str | None = None  # the model others are compared with (default: the first)
 
 
+class CompareSection(_Section):
+    """`spiral compare`: SPIRAL and GRPO arms per seed at one budget of generated training tokens
+    (`train_set.max_generated_tokens`), swept on a grid cheaper than `sweep`'s (every arm is swept)."""
+
+    seeds: int = Field(3, gt=0)
+    problems: int = Field(500, gt=0)  # held-out problems of the sweep
+    parallel: list[int] = [1, 2, 4, 8]
+    seq_budget: list[int] | None = None  # None = the largest of sweep.seq_budget
+    agg_rounds: list[int] = [0, 1]
+
+
 class Recipe(_Section):
     name: str = "recipe"
     seed: int = 0
@@ -287,6 +298,7 @@ class Recipe(_Section):
     train_agg: TrainAggSection = TrainAggSection()
     infer: InferSection = InferSection()
     sweep: SweepSection = SweepSection()
+    compare: CompareSection = CompareSection()
 
     @field_validator("name")
     @classmethod
