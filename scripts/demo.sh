@@ -1,38 +1,50 @@
 #!/usr/bin/env bash
 # The main job on the built-in default: countdown with a small from-scratch model, on a CPU.
 #   1. spiral sft       -- supervised warm start (search + aggregation formats), evaluated, registered
-#   2. spiral train-set -- SPIRAL set RL from that checkpoint, evaluated every few steps
-#   3. spiral infer     -- 100 new held-out problems: N=8 parallel traces + 1 round of learned aggregation
+#   2. spiral train-set -- SPIRAL set RL from that checkpoint until its generated-token budget
+#   3. spiral infer     -- 500 held-out problems per model: N=8 traces + 1 round of learned aggregation,
+#                          with pass@8, majority@8 and learned aggregation side by side (95% intervals)
 # Checkpoints and the registry live in $SPIRAL_HOME (default ~/.spiral); outputs in ./out/.
 # Extra arguments go to every stage, e.g. `make demo ARGS="--set seed=1"` or `bash scripts/demo.sh --set seed=1`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPIRAL=.venv/bin/spiral
 RECIPE=${RECIPE:-recipes/countdown.yaml}
+EVAL=${EVAL:-500}
 mkdir -p out
+start=$(date +%s)
 $SPIRAL sft "$RECIPE" "$@" > out/sft.json
 $SPIRAL train-set "$RECIPE" "$@" > out/train-set.json
-$SPIRAL tasks sample countdown -n 100 --split eval --seed 1 --recipe "$RECIPE" > out/problems.jsonl
 for model in countdown-sft countdown-set; do
-    $SPIRAL infer --model "$model" --parallel 8 --seq-budget 256 --agg-rounds 1 \
-        < out/problems.jsonl > "out/answers-$model.jsonl"
+    $SPIRAL infer "$RECIPE" "$@" --model "$model" --eval "$EVAL" --parallel 8 --seq-budget 256 --agg-rounds 1 \
+        > "out/answers-$model.jsonl" 2> >(tee "out/infer-$model.log" >&2)
 done
-.venv/bin/python - <<'PY'
-import json
+wait
+DEMO_SECONDS=$(( $(date +%s) - start )) .venv/bin/python - <<'PY'
+import json, os
 sft = json.load(open("out/sft.json"))
 rl = json.load(open("out/train-set.json"))
-print(f"\nsft: {sft['step']} steps in {sft['train_seconds']:.0f}s; held-out (200 problems):")
-for k, v in sft["metrics"].items():
-    if "/" in k and "tokens" not in k:
-        print(f"  {k:32s} {v:.3f}")
-print(f"train-set: {rl['steps']} steps, {rl['generated_tokens']:,} generated tokens; held-out by step:")
-for h in rl["history"]:
-    keys = [k for k in h if k.endswith(("pass@1", "learned_agg@8", "majority@8"))]
-    print(f"  step {h['step']:4d}: " + ", ".join(f"{k.split('/')[-1]} {h[k]:.3f}" for k in keys))
+print(f"\nsft: {sft['step']} steps in {sft['train_seconds']:.0f}s" + (" (STOPPED BY THE TIME BUDGET)" if sft.get("stopped_early") else ""))
+print(f"train-set: {rl['steps']} steps, {rl['generated_tokens']:,} generated tokens (stopped on {rl.get('stopped_on', 'steps')})")
+figures = {}
 for model in ("countdown-sft", "countdown-set"):
-    rows = [json.loads(l) for l in open(f"out/answers-{model}.jsonl")]
-    acc = sum(r["correct"] for r in rows) / len(rows)
-    tok = sum(r["tokens"]["total"]["generated"] for r in rows) / len(rows)
-    print(f"infer {model} (N=8, T=256, R=1) on 100 new problems: accuracy {acc:.1%}, {tok:.0f} generated tokens/problem")
+    done = [l for l in open(f"out/infer-{model}.log") if l.startswith("done: ")]
+    figures[model] = json.loads(done[-1][len("done: "):])["held_out"]
+rows = [k for k in figures["countdown-sft"] if isinstance(figures["countdown-sft"][k], dict)]
+n = figures["countdown-sft"]["problems"]
+print(f"\nheld-out, {n} problems, N=8, T=256, R=1 (95% bootstrap intervals over problems):")
+print(f"  {'':40s} {'countdown-sft':>24s} {'countdown-set':>24s}")
+for k in rows:
+    cells = []
+    for model in figures:
+        v = figures[model].get(k)
+        if v is None:
+            cells.append(f"{'-':>24s}")
+            continue
+        x = v.get("accuracy", v.get("difference"))
+        sign = "+" if "difference" in v else ""
+        cells.append(f"{x:{sign}6.1%} [{v['interval'][0]:{sign}.1%}, {v['interval'][1]:{sign}.1%}]".rjust(24))
+    print(f"  {k:40s} " + " ".join(cells))
+print(f"\nmake demo: {int(os.environ['DEMO_SECONDS']) // 60} min {int(os.environ['DEMO_SECONDS']) % 60} s end to end")
 print("answers in out/; checkpoints: .venv/bin/spiral registry ls")
 PY
