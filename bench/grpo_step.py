@@ -4,7 +4,7 @@ Work per step: 8 prompts x 8 samples x up to 128 generated tokens, a ~4M-paramet
 (scratch:tiny), CPU. Usage (from the repo root, spiral's venv):
 
     .venv/bin/python bench/grpo_step.py prepare /tmp/bench     # model dir + prompts.jsonl (shared with TRL)
-    .venv/bin/python bench/grpo_step.py run /tmp/bench --steps 6
+    .venv/bin/python bench/grpo_step.py run /tmp/bench --steps 6 [--compile]
 
 Prints seconds per step (median of steps 2.., the first is warm-up) split into generation,
 scoring and update, generated tokens per step and peak RSS.
@@ -39,7 +39,7 @@ def prepare(out: Path) -> None:
     print(f"wrote {out / 'model'} and {out / 'prompts.jsonl'}")
 
 
-def run(out: Path, steps: int) -> None:
+def run(out: Path, steps: int, compile_update: bool = False) -> None:
     from rich.console import Console
 
     from spiral_cli.recipe import Recipe
@@ -53,16 +53,16 @@ def run(out: Path, steps: int) -> None:
         "train_set": {"objective": "grpo", "steps": steps, "prompts_per_step": 8, "num_generations": 8,
                       "grpo_max_new_tokens": 128, "dynamic_sampling": False, "eval_problems": 0,
                       "save_every": 10_000, "eval_every": 10_000, "micro_batch_size": 64, "lr": 1e-5,
-                      "loss_type": "ppo_clip", "beta": 0.0},
+                      "loss_type": "ppo_clip", "beta": 0.0, "compile": compile_update},
     })
     home = Path(tempfile.mkdtemp(prefix="spiral-bench-"))
     run_train_set(recipe, home=home, model=str(out / "model"), console=Console(stderr=True, quiet=True))
     rows = [json.loads(l) for l in (home / "runs" / "bench-grpo" / "metrics.jsonl").read_text().splitlines()]
-    timed = rows[1:] if len(rows) > 1 else rows
+    timed = rows[1:] if len(rows) > 1 else rows  # step 1 is warm-up (and the compile, with --compile)
     med = {k: statistics.median(r["seconds"][k] for r in timed) for k in ("total", "generation", "scoring", "update")}
     gen_per_step = statistics.median(b["generated_tokens"] - a["generated_tokens"] for a, b in zip(rows, rows[1:])) if len(rows) > 1 else rows[0]["generated_tokens"]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"impl": "spiral", "steps_timed": len(timed), "sec_per_step": round(med["total"], 3),
+    print(json.dumps({"impl": "spiral" + (" compiled update" if compile_update else ""), "steps_timed": len(timed), "sec_per_step": round(med["total"], 3),
                       "generation_s": round(med["generation"], 3), "scoring_s": round(med["scoring"], 3),
                       "update_s": round(med["update"], 3), "generated_tokens_per_step": gen_per_step,
                       "peak_rss_mb": round(rss_mb), "threads": os.environ.get("OMP_NUM_THREADS", "default")}))
@@ -73,5 +73,6 @@ if __name__ == "__main__":
     ap.add_argument("what", choices=["prepare", "run"])
     ap.add_argument("dir", type=Path)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--compile", action="store_true", help="train_set.compile: the update's forward compiled")
     a = ap.parse_args()
-    prepare(a.dir) if a.what == "prepare" else run(a.dir, a.steps)
+    prepare(a.dir) if a.what == "prepare" else run(a.dir, a.steps, a.compile)
