@@ -161,17 +161,24 @@ def test_register_rejects_bad_stage_and_step(reg, tmp_path):
     assert reg.ls() == []
 
 
-def test_reregister_updates_in_place(reg, home):
-    e1 = add(reg, "a", 5, metrics={"acc": 0.1}, recipe={"x": 1})
+def test_reregister_updates_in_place_but_never_its_lineage(reg, home):
+    e1 = add(reg, "a", 5, parent="scratch:tiny", metrics={"acc": 0.1}, recipe={"x": 1})
     reg.tag("a@5", "best")
     other = home / "elsewhere"
     other.mkdir()
-    e2 = reg.register("a", "grpo", other, step=5, metrics={"acc": 0.9}, recipe={"x": 2})
+    # the same step saved again (a rerun): path and metrics update, the lineage stays as it was
+    e2 = reg.register("a", "sft", other, step=5, parent="scratch:tiny", metrics={"acc": 0.9}, recipe={"x": 2})
     assert len(reg.ls()) == 1
     assert e2.id == e1.id
-    assert e2.stage == "grpo" and e2.path == other and e2.metrics == {"acc": 0.9}
-    assert e2.recipe_hash != e1.recipe_hash
+    assert e2.path == other and e2.metrics == {"acc": 0.9}
+    assert (e2.stage, e2.parent, e2.recipe, e2.recipe_hash, e2.created) == (
+        e1.stage, e1.parent, e1.recipe, e1.recipe_hash, e1.created)
     assert e2.tags == ["best"]  # tags survive a re-register
+    # another stage or another parent would rewrite history: refused, nothing changes
+    for kw in ({"stage": "grpo", "parent": "scratch:tiny"}, {"stage": "sft", "parent": "scratch:huge"}):
+        with pytest.raises(RegistryError, match="refusing to rewrite"):
+            reg.register("a", kw["stage"], other, step=5, parent=kw["parent"], metrics={"acc": 0.0})
+    assert reg.show("a@5") == e2
 
 
 def test_recipe_hash_stable_across_key_order():

@@ -49,10 +49,10 @@ class ScriptedGenerator:
 PROBLEMS = [{"id": "p1", "target": "7"}, {"id": "p2", "target": "5"}, {"id": "p3", "target": "3"}]
 SCRIPTS = {
     "scratch:base": {"p1": ["7", "3", "3", "1"], "p2": ["1", "2", "2", "5"], "p3": ["4", "4", "4", "4"]},
-    "scratch:cand": {"p1": ["7", "7", "3", "7"], "p2": ["5", "2", "5", "5"], "p3": ["3", "4", "3", "1"]},
+    "scratch:micro": {"p1": ["7", "7", "3", "7"], "p2": ["5", "2", "5", "5"], "p3": ["3", "4", "3", "1"]},
 }
-PADS = {"scratch:base": lambda j: 4 * j + 2, "scratch:cand": lambda j: j}
-MODELS = ["scratch:base", "scratch:cand"]
+PADS = {"scratch:base": lambda j: 4 * j + 2, "scratch:micro": lambda j: j}
+MODELS = ["scratch:base", "scratch:micro"]
 P, K = 2, 2  # RSA population and subset size
 NS, TS, RS = [1, 2, 4], [8, 16], [0, 1, 2]
 
@@ -144,7 +144,7 @@ def test_cells_keep_per_problem_values_and_efficiency_rebuilds_from_them(tmp_pat
     # pass@4 from a pool of 4 is 0/1 per problem, written as ints: base has the target in p1 and
     # p2 only, cand in all three (SCRIPTS)
     assert _cell(cells, "scratch:base", "pass", 4, 8)["per_problem"] == [1, 1, 0]
-    assert _cell(cells, "scratch:cand", "pass", 4, 8)["per_problem"] == [1, 1, 1]
+    assert _cell(cells, "scratch:micro", "pass", 4, 8)["per_problem"] == [1, 1, 1]
     # pass@1 = c / 4 per problem: base 1/4, 1/4, 0
     assert _cell(cells, "scratch:base", "pass", 1, 8)["per_problem"] == [0.25, 0.25, 0]
     assert "per_problem" not in (out / "cells.csv").read_text().splitlines()[0].split(",")
@@ -292,7 +292,7 @@ def test_pass_majority_and_tokens_by_hand(tmp_path, fake):
     c = _cell(cells, "scratch:base", "learned", 1, 8, 1)
     assert c["accuracy"] == pytest.approx(1 / 3)  # only p1's first trace ("7") is right
     # the candidate model wins at equal compute on pass@k
-    assert _cell(cells, "scratch:cand", "pass", 1, 16)["accuracy"] > _cell(cells, "scratch:base", "pass", 1, 16)["accuracy"]
+    assert _cell(cells, "scratch:micro", "pass", 1, 16)["accuracy"] > _cell(cells, "scratch:base", "pass", 1, 16)["accuracy"]
 
 
 @pytest.mark.parametrize("fail_after", [2, 8, 37])
@@ -316,7 +316,7 @@ def test_resume_after_interruption_redoes_nothing(tmp_path, fake, fail_after):
     assert summary["generate_calls"] == len(fake["log"]) == len(full_calls) - fail_after
     assert sorted(done_before + fake["log"], key=repr) == sorted(full_calls, key=repr)
     if fail_after >= CALLS_PER_MODEL:  # the first model was finished: it is not even loaded again
-        assert fake["opened"] == ["scratch:cand"]
+        assert fake["opened"] == ["scratch:micro"]
     for name in ("cells.jsonl", "cells.csv", "efficiency.json"):
         assert (tmp_path / "resumed" / name).read_text() == (tmp_path / "full" / name).read_text(), name
 
@@ -333,10 +333,10 @@ def test_baseline_field_default_out_and_errors(tmp_path, fake, monkeypatch):
 
     # sweep.baseline picks the baseline; default out under <home>/sweeps
     recipe = make_recipe(methods=["pass"], agg_rounds=[0])
-    recipe.sweep.baseline = "scratch:cand"
+    recipe.sweep.baseline = "scratch:micro"
     console = Console(file=io.StringIO(), width=200)
     s = sweep_mod.run_sweep(recipe, models=MODELS, out=None, home=tmp_path / "home", console=console)
-    assert s["baseline"] == "scratch:cand"
+    assert s["baseline"] == "scratch:micro"
     assert s["out"].startswith(str(tmp_path / "home" / "sweeps" / "echo-sweep-"))
     assert "out: " in console.file.getvalue()
     assert {e["candidate"] for e in s["efficiency"]} == {"scratch:base"}

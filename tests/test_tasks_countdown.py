@@ -207,7 +207,7 @@ def test_validate_problem():
     t = AT_MOST
     ok = t.validate_problem({"numbers": [3, 7, 12, 25], "target": 70})
     assert ok["id"].startswith("cd-") and ok["numbers"] == [3, 7, 12, 25]
-    assert t.validate_problem({"id": 5, "numbers": [1, 2], "target": 3})["id"] == "5"
+    assert t.validate_problem({"id": 5, "numbers": [1, 2], "target": 3})["id"] == 5  # ids come back as given
     bad = [
         ({"target": 3}, "numbers"),
         ({"numbers": [1], "target": 3}, "numbers"),
@@ -218,6 +218,10 @@ def test_validate_problem():
         ({"numbers": [1, True], "target": 3}, "numbers"),
         ({"numbers": [1, 2]}, "target"),
         ({"numbers": [1, 2], "target": 3.5}, "target"),
+        ({"numbers": [1, 2], "target": -7}, "target"),
+        ({"numbers": [1, 2], "target": 0}, "target"),
+        ({"numbers": [1, 2], "target": 10**30}, "target"),
+        ({"id": 1.5, "numbers": [1, 2], "target": 3}, "id"),
         ({"numbers": [1, 2], "target": 3, "solution": 5}, "solution"),
     ]
     for d, field in bad:

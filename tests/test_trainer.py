@@ -445,3 +445,33 @@ def test_update_dr_grpo_normaliser_and_micro_batches():
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g_full, g_micro))
     tok, _ = run("token_mean", 2)
     assert tok["loss"] == pytest.approx(-4 / 11, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_update_trains_like_the_plain_one(tmp_path):
+    """train_set.compile: the policy's forward is compiled at the first update (a one-line
+    fallback where it cannot be); two SPIRAL steps give the plain run's weights."""
+    runs = {}
+    for flag in ("false", "true"):
+        home = tmp_path / f"home-{flag}"
+        result = train(tmp_path, home, ["train_set.steps=2", f"train_set.compile={flag}"])
+        assert result["steps"] == 2
+        runs[flag] = weights(Path(result["path"]))
+    for k, v in runs["false"].items():
+        torch.testing.assert_close(runs["true"][k], v, atol=2e-4, rtol=1e-3)
+
+
+def test_eta_counts_steps_or_the_token_budget():
+    """The step line's ETA: steps left at this process's pace, or fewer when the token budget
+    will end the run first."""
+    import time as _time
+
+    from spiral_cli.progress import fmt_duration
+    from spiral_cli.rl.trainer import RunState, _eta
+
+    assert [fmt_duration(s) for s in (0, 42.4, 187, 3900)] == ["0s", "42s", "3m07s", "1h05m"]
+    start = (_time.perf_counter() - 100.0, 0, 0)  # 10 steps took 100 s, 1,000 tokens each
+    state = RunState(step=10, generated_tokens=10_000)
+    assert _eta(state, 40, None, start) in ("5m00s", "5m01s")  # 30 steps left
+    assert _eta(state, 40, 15_000, start) in ("50s", "51s")  # the budget ends it after 5 more
+    assert _eta(RunState(step=0), 40, None, (_time.perf_counter(), 0, 0)) == "?"

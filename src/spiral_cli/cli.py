@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -49,11 +50,12 @@ def _budget(section: str, tokens: Optional[int]) -> list[str]:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from spiral_cli.jsonl import InputError
+    from spiral_cli.paths import SpiralHomeError
     from spiral_cli.recipe import RecipeError
     from spiral_cli.registry import RegistryError
     from spiral_cli.tasks import TaskError
 
-    errors: list[type[BaseException]] = [InputError, RecipeError, RegistryError, TaskError]
+    errors: list[type[BaseException]] = [InputError, RecipeError, RegistryError, TaskError, SpiralHomeError]
     try:
         from spiral_cli.models import ModelError
 
@@ -63,15 +65,36 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _error(message: str) -> None:
+    """`error: <message>` on stderr, as one line (the message's own markup-like text kept as is)."""
+    from rich.markup import escape
+
+    line = " ".join(str(message).split())
+    err.print(f"[bold red]error:[/] {escape(line)}", markup=True, highlight=False, soft_wrap=True)
+
+
+def _os_error(e: OSError) -> str:
+    """One line for a file-system error: what failed, on which path, and the likely cause."""
+    what = e.strerror or str(e)
+    where = f": {e.filename}" if e.filename else ""
+    hint = ""
+    if isinstance(e, PermissionError) or e.errno in (13, 30):  # EACCES, EROFS
+        hint = " (is the spiral home, or the output folder, writable?)"
+    elif e.errno == 28:  # ENOSPC
+        hint = " (the disk is full)"
+    return f"{what}{where}{hint}"
+
+
 def friendly(fn: Callable) -> Callable:
-    """Turn user mistakes into `error: <one line>` and exit code 2, with no traceback."""
+    """Turn user mistakes into `error: <one line>` and exit code 2, with no traceback; Ctrl-C into
+    `interrupted` and exit code 130. SPIRAL_DEBUG=1 shows the traceback of file-system errors."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except _user_errors() as e:
-            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            _error(str(e))
             raise typer.Exit(2) from None
         except NotAvailableYet as e:
             err.print(f"[yellow]not available yet:[/] {e}", highlight=False, soft_wrap=True)
@@ -79,6 +102,14 @@ def friendly(fn: Callable) -> Callable:
         except BrokenPipeError:  # `spiral ... | head` closed the pipe: not an error
             sys.stderr.close()
             raise typer.Exit(0) from None
+        except OSError as e:  # a path that cannot be read or written: one line, not a traceback
+            if os.environ.get("SPIRAL_DEBUG"):
+                raise
+            _error(_os_error(e))
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted", highlight=False)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -105,6 +136,71 @@ def _load(recipe: Optional[Path], overrides: Optional[list[str]]):
     return load_recipe(recipe, overrides or [])
 
 
+def _check_name(name: Optional[str]) -> None:
+    """A --name is checked before anything else: it names folders under the spiral home."""
+    if name is not None:
+        from spiral_cli.registry import validate_name
+
+        validate_name(name, "run name (--name)")
+
+
+def _interrupted(name: str, section: str, save_every: int, resumes: bool = True) -> None:
+    """Ctrl-C during training: say where the run's state is and how to resume, exit 130."""
+    from spiral_cli.paths import runs_dir
+
+    state = runs_dir(_home()) / name / "state"
+    step = None
+    if (state / "trainer_state.pt").is_file():
+        try:
+            from spiral_cli.checkpoints import load_trainer_state
+
+            saved = load_trainer_state(state)
+            step = saved.get("step", (saved.get("run") or {}).get("step"))
+        except Exception:  # noqa: BLE001 - the message below still says where to look
+            step = "?"
+    if step is not None:
+        msg = (f"interrupted: {name} saved its state at step {step} in {state}; "
+               + ("run the same command again to resume from there" if resumes else
+                  "run the same command without --no-resume to resume from there"))
+    else:
+        msg = (f"interrupted before {name} saved any state (it saves every {section}.save_every = {save_every} "
+               "steps): nothing to resume; the same command starts over")
+    err.print(msg, highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
+
+
+def _warn_no_signal(name: str, section: str) -> None:
+    """An RL run whose steps kept no prompt learned nothing: say so, and record it on the entry."""
+    from spiral_cli.paths import runs_dir
+
+    try:
+        rows = [json.loads(line) for line in (runs_dir(_home()) / name / "metrics.jsonl").read_text().splitlines()
+                if line.strip()]
+    except (OSError, ValueError):
+        return
+    kept = [r["prompts_kept"] for r in rows if isinstance(r, dict) and "prompts_kept" in r]
+    empty = sum(k == 0 for k in kept)
+    if not kept or not empty:
+        return
+    if empty == len(kept):
+        err.print(
+            f"[bold yellow]warning:[/] all {len(kept)} steps of {name} kept 0 prompts (every prompt's samples got "
+            f"the same reward, so there was nothing to learn; entropy nan): its checkpoint is the starting model, "
+            f"untrained. Start from a stronger model, or raise "
+            + ("train_set.max_prompt_draws / " if section == "train_set" else "") + "generation.max_new_tokens",
+            highlight=False, soft_wrap=True)
+    else:
+        err.print(f"[yellow]note:[/] {empty} of {len(kept)} steps of {name} kept 0 prompts (no reward signal)",
+                  highlight=False, soft_wrap=True)
+    try:
+        reg = _registry()
+        latest = reg.latest(name)
+        if latest is not None:
+            reg.update_metrics(latest.ref, {"steps_without_signal": empty})
+    except Exception:  # noqa: BLE001 - the warning is what matters
+        pass
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"spiral {__version__}")
@@ -113,12 +209,17 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_callback(
+    ctx: typer.Context,
     home: Optional[Path] = typer.Option(
-        None, "--home", envvar="SPIRAL_HOME", help="Spiral home (registry + checkpoints). Default: ~/.spiral"
+        None, "--home", envvar="SPIRAL_HOME",
+        help="Spiral home (registry + checkpoints), also after a subcommand. Default: ~/.spiral",
     ),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    _state["home"] = home
+    # a home from $SPIRAL_HOME is read (and blamed in errors) as the variable, not as --home
+    source = ctx.get_parameter_source("home")
+    from_env = getattr(source, "name", None) == "ENVIRONMENT"
+    _state["home"] = None if from_env else home
     _quiet_libraries()
 
 
@@ -146,6 +247,11 @@ def sft(
     backend: Optional[str] = BackendOpt,
 ) -> None:
     """Supervised warm start: the search format and the aggregation format."""
+    _check_name(name)
+    if data is not None:
+        from spiral_cli.jsonl import check_input_file
+
+        check_input_file(data, "--data")
     r = _load(recipe, _with_backend(overrides, backend))
     if data is not None:
         r.sft.data = str(data)
@@ -153,7 +259,10 @@ def sft(
         r.model.name = model
     from spiral_cli.sft import run_sft
 
-    result = run_sft(r, home=_home(), name=name, resume=resume, console=err)
+    try:
+        result = run_sft(r, home=_home(), name=name, resume=resume, console=err)
+    except KeyboardInterrupt:
+        _interrupted(name or f"{r.name}-sft", "sft", r.sft.save_every, resumes=resume)
     typer.echo(json.dumps(result, default=str))
 
 
@@ -169,6 +278,7 @@ def train_set(
     max_generated_tokens: Optional[int] = BudgetOpt,
 ) -> None:
     """SPIRAL set RL on search + aggregation traces (or --objective grpo)."""
+    _check_name(name)
     r = _load(recipe, _with_backend(overrides, backend) + ([f"train_set.objective={objective}"] if objective else [])
               + _budget("train_set", max_generated_tokens))
     for note in r.train_set.deprecations:
@@ -177,7 +287,12 @@ def train_set(
         from spiral_cli.rl.trainer import run_train_set
     except ImportError:
         raise NotAvailableYet("the RL engine (train-set) is not built yet; recipe validated OK") from None
-    result = run_train_set(r, home=_home(), name=name, model=model, console=err)
+    run_name = name or f"{r.name}-{'grpo' if r.train_set.objective == 'grpo' else 'set'}"
+    try:
+        result = run_train_set(r, home=_home(), name=name, model=model, console=err)
+    except KeyboardInterrupt:
+        _interrupted(run_name, "train_set", r.train_set.save_every)
+    _warn_no_signal(result.get("name", run_name), "train_set")
     typer.echo(json.dumps(result, default=str))
 
 
@@ -192,12 +307,18 @@ def train_agg(
     max_generated_tokens: Optional[int] = BudgetOpt,
 ) -> None:
     """RL on the aggregation role only, over sets from a frozen search policy."""
+    _check_name(name)
     r = _load(recipe, _with_backend(overrides, backend) + _budget("train_agg", max_generated_tokens))
     try:
         from spiral_cli.rl.trainer import run_train_agg
     except ImportError:
         raise NotAvailableYet("the RL engine (train-agg) is not built yet; recipe validated OK") from None
-    result = run_train_agg(r, home=_home(), name=name, model=model, console=err)
+    run_name = name or f"{r.name}-agg"
+    try:
+        result = run_train_agg(r, home=_home(), name=name, model=model, console=err)
+    except KeyboardInterrupt:
+        _interrupted(run_name, "train_agg", r.train_agg.save_every)
+    _warn_no_signal(result.get("name", run_name), "train_agg")
     typer.echo(json.dumps(result, default=str))
 
 
@@ -234,10 +355,14 @@ def infer(
             extra.append(f"{key}={val}")
     from spiral_cli.infer import run_infer
 
-    run_infer(
-        recipe_path=recipe, overrides=extra, model=model, home=_home(), input_path=input, prompt=prompt,
-        eval_problems=eval_split, include_traces=traces, console=err,
-    )
+    try:
+        run_infer(
+            recipe_path=recipe, overrides=extra, model=model, home=_home(), input_path=input, prompt=prompt,
+            eval_problems=eval_split, include_traces=traces, console=err,
+        )
+    except KeyboardInterrupt:
+        err.print("interrupted: every answer printed so far is complete (one JSON line per problem)", highlight=False)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -250,9 +375,27 @@ def sweep(
     backend: Optional[str] = BackendOpt,
 ) -> None:
     """Inference-compute scaling curves over N x T x R, with plots and scaling efficiency."""
+    from spiral_cli.jsonl import InputError
+
+    r = _load(recipe, _with_backend(overrides, backend))
+    if out is not None:  # checked before any model loads
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out}: a file is there; give a folder (it is created if missing)")
+        first = next(p for p in [out, *out.absolute().parents] if p.exists())
+        if not first.is_dir():
+            raise InputError(f"--out {out}: {first} is a file, so the folder cannot be created")
+        if not os.access(first, os.W_OK):
+            raise InputError(f"--out {out}: {first} is not writable")
+    from spiral_cli.infer import MAX_AGG_ROUNDS, MAX_PARALLEL
+    from spiral_cli.recipe import RecipeError
+
+    if r.sweep.agg_rounds and max(r.sweep.agg_rounds) > MAX_AGG_ROUNDS:
+        raise RecipeError(f"sweep.agg_rounds: at most {MAX_AGG_ROUNDS} rounds (got {max(r.sweep.agg_rounds)})")
+    if r.sweep.parallel and max(r.sweep.parallel) > MAX_PARALLEL:
+        raise RecipeError(f"sweep.parallel: at most {MAX_PARALLEL} traces per problem (got {max(r.sweep.parallel)})")
     from spiral_cli.sweep import run_sweep
 
-    summary = run_sweep(_load(recipe, _with_backend(overrides, backend)), models=models.split(","), out=out, home=_home(), console=err)
+    summary = run_sweep(r, models=models.split(","), out=out, home=_home(), console=err)
     typer.echo(json.dumps(summary, default=str))
 
 
@@ -265,13 +408,23 @@ app.command("compare")(friendly(compare_command))
 @friendly
 def curves(
     runs: list[str] = typer.Argument(..., help="RL run names (directories under $SPIRAL_HOME/runs)."),
-    out: Path = typer.Option(Path("curves.png"), "--out", "-o", help="Image to write."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Image to write (default: $SPIRAL_HOME/curves/<run>+<run>.png)."),
 ) -> None:
     """Plot held-out accuracy against step and generated tokens for one or more RL runs."""
     from spiral_cli.jsonl import InputError, read_jsonl_file
     from spiral_cli.paths import runs_dir
-    from spiral_cli.plots import plot_training_curves
+    from spiral_cli.plots import check_image_path, plot_training_curves
+    from spiral_cli.registry import validate_name
 
+    for name in runs:
+        validate_name(name, "run name")
+    if out is None:  # inside the spiral home, like everything spiral writes unasked
+        out = _home() / "curves" / ("+".join(runs) + ".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+    problem = check_image_path(out)
+    if problem:
+        raise InputError(problem)
     histories = {}
     for name in runs:
         path = runs_dir(_home()) / name / "eval.jsonl"
@@ -285,17 +438,48 @@ def curves(
 
 
 def _print_entries(entries, as_json: bool) -> None:
+    """A table that fits the terminal: name, step, stage, parent and tags always whole; then
+    metrics, created and path while they fit (what does not fit is named on stderr; --json has all)."""
     if as_json:
         for e in entries:
             typer.echo(json.dumps(e.to_dict()))
         return
+    from rich import box
+    from rich.measure import Measurement
     from rich.table import Table
 
-    table = Table("name", "step", "stage", "parent", "tags", "metrics", "created", "path")
+    console = Console()
+    rows = []
     for e in entries:
         metrics = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (e.metrics or {}).items())
-        table.add_row(e.name, str(e.step), e.stage, e.parent or "", ",".join(e.tags), metrics[:60], e.created[:19], str(e.path))
-    Console().print(table)
+        rows.append({"name": e.name, "step": str(e.step), "stage": e.stage, "parent": e.parent or "",
+                     "tags": ",".join(e.tags), "metrics": metrics[:60], "created": e.created[:16].replace("T", " "),
+                     "path": str(e.path)})
+
+    def table(columns: list[str], compact: bool) -> Table:
+        t = Table(*columns, **({"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False} if compact else {}))
+        for c in t.columns:
+            c.no_wrap = True
+            c.overflow = "ellipsis" if c.header in ("metrics", "path") else "fold"
+        for r in rows:
+            t.add_row(*(r[c] for c in columns))
+        return t
+
+    def width(t: Table) -> int:
+        return Measurement.get(console, console.options.update(width=10_000), t).maximum
+
+    required = ["name", "step", "stage", "parent", "tags"]
+    compact = width(table(required, False)) > console.width
+    columns, hidden = list(required), []
+    for c in ("metrics", "created", "path"):
+        if width(table(columns + [c], compact)) <= console.width:
+            columns.append(c)
+        else:
+            hidden.append(c)
+    console.print(table(columns, compact))
+    if hidden and rows:
+        err.print(f"({', '.join(hidden)} left out at {console.width} columns: widen the terminal or use --json)",
+                  highlight=False)
 
 
 @registry_app.command("ls")
@@ -306,7 +490,11 @@ def registry_ls(
     as_json: bool = typer.Option(False, "--json", help="JSONL output."),
 ) -> None:
     """List registered checkpoints."""
-    _print_entries(_registry().ls(name=name, stage=stage), as_json)
+    reg = _registry()
+    entries = reg.ls(name=name, stage=stage)
+    if name is not None and not entries:
+        reg.require_name(name)  # an unknown name is an error (with did-you-mean), not an empty table
+    _print_entries(entries, as_json)
 
 
 @registry_app.command("show")
@@ -318,10 +506,28 @@ def registry_show(ref: str = typer.Argument(..., help="name, name@step, name:lat
 
 @registry_app.command("tag")
 @friendly
-def registry_tag(ref: str = typer.Argument(...), tag: str = typer.Argument(...)) -> None:
-    """Give an entry a tag (moves the tag if another entry had it)."""
-    e = _registry().tag(ref, tag)
-    err.print(f"tagged {e.name}@{e.step} as {tag}" if e is not None else f"tagged {ref} as {tag}")
+def registry_tag(
+    ref: str = typer.Argument(...),
+    tag: str = typer.Argument(...),
+    move: bool = typer.Option(False, "--move", help="Move the tag even if another checkpoint name carries it."),
+) -> None:
+    """Give an entry a tag. A tag on another step of the same name moves (and says so); a tag on
+    another checkpoint name moves only with --move."""
+    from spiral_cli.registry import RegistryError
+
+    reg = _registry()
+    target = reg.show(ref)
+    before = reg.tagged(tag)
+    if before is not None and before.name != target.name and not move:
+        raise RegistryError(
+            f"tag {tag!r} is on {before.ref}; give --move to move it to {target.ref} "
+            f"(then {before.name}:{tag} no longer resolves)"
+        )
+    e = reg.tag(ref, tag)
+    if before is not None and before.id != e.id:
+        err.print(f"moved tag {tag} from {before.ref} to {e.ref}", highlight=False)
+    else:
+        err.print(f"tagged {e.ref} as {tag}", highlight=False)
 
 
 @registry_app.command("rm")
@@ -330,10 +536,18 @@ def registry_rm(
     ref: str = typer.Argument(..., help="name (all steps) or name@step"),
     delete_files: bool = typer.Option(False, "--delete-files", help="Also delete the checkpoint directories."),
 ) -> None:
-    """Remove entries (and optionally their files)."""
-    removed = _registry().rm(ref, delete_files=delete_files)
+    """Remove entries (and optionally their files). Entries trained from them keep their lineage
+    (it names the removed entry): a warning lists them."""
+    reg = _registry()
+    removed = reg.rm(ref, delete_files=delete_files)
     for e in removed:
-        err.print(f"removed {e.name}@{e.step}")
+        err.print(f"removed {e.name}@{e.step}", highlight=False)
+    children = reg.children(removed)
+    if children:
+        names = ", ".join(c.ref for c in children[:5]) + (f" and {len(children) - 5} more" if len(children) > 5 else "")
+        err.print(f"[yellow]warning:[/] {names} {'was' if len(children) == 1 else 'were'} trained from what was removed: "
+                  f"{'its' if len(children) == 1 else 'their'} parent now names a checkpoint that is gone",
+                  highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- tasks
@@ -347,7 +561,8 @@ def _task(name: str, recipe: Optional[Path], overrides: Optional[list[str]]):
         r = _load(recipe, None)
         if r.task.name == name:
             options = r.task.options()
-    from spiral_cli.recipe import parse_override
+    from spiral_cli.recipe import coerce_text_field, field_annotation, parse_override
+    from spiral_cli.tasks import TaskError, resolve_task_class
 
     for item in overrides or []:
         path, value = parse_override(item)
@@ -357,7 +572,11 @@ def _task(name: str, recipe: Optional[Path], overrides: Optional[list[str]]):
             from spiral_cli.recipe import RecipeError
 
             raise RecipeError(f"override {item!r}: task options are flat, e.g. --set max_value=50")
-        options[path[0]] = value
+        try:
+            config = resolve_task_class(name).Config
+        except TaskError:
+            config = None  # load_task below says what is wrong with the name
+        options[path[0]] = coerce_text_field(field_annotation(config, path), value, item.split("=", 1)[1])
     return load_task(name, options)
 
 
@@ -371,24 +590,37 @@ def tasks_ls() -> None:
         typer.echo(f"{name}\t{desc}")
 
 
+MAX_SAMPLE = 1_000_000  # tasks sample -n: more is a typo, not a data set
+
+
 @tasks_app.command("sample")
 @friendly
 def tasks_sample(
     task: str = typer.Argument(..., help="Task name or pkg.mod:Class"),
-    n: int = typer.Option(5, "-n", help="How many problems."),
+    n: int = typer.Option(5, "-n", min=1, max=MAX_SAMPLE, help="How many problems (printed as they are made)."),
     split: str = typer.Option("eval", help="train | eval"),
     seed: int = typer.Option(0, help="Seed."),
     with_prompt: bool = typer.Option(False, "--with-prompt", help="Add the search prompt to each line."),
     recipe: Optional[Path] = typer.Option(None, help="Take task options from this recipe."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Task option, e.g. --set max_value=50"),
 ) -> None:
-    """Print problems as JSONL."""
-    from spiral_cli.jsonl import write_jsonl_line
+    """Print problems as JSONL, each as soon as it is made."""
+    from spiral_cli.jsonl import InputError, write_jsonl_line
 
-    t = _task(task, recipe, overrides)
     if split not in ("train", "eval"):
-        raise typer.BadParameter("split must be train or eval")
-    for p in t.problems(split, n, seed):
+        raise InputError(f"--split {split!r}: give train or eval")
+    t = _task(task, recipe, overrides)
+    size = getattr(t, "split_size", None)
+    available = size(split) if callable(size) else None
+    if available is not None and available < n:
+        if split == "eval":
+            err.print(f"[yellow]warning:[/] the eval split of {task!r} has only {available} problem"
+                      f"{'s' if available != 1 else ''}: printing {available}, not {n}", highlight=False, soft_wrap=True)
+        else:
+            err.print(f"[yellow]warning:[/] the train split of {task!r} has {available} problems: the {n} printed "
+                      "repeat them", highlight=False, soft_wrap=True)
+    stream = getattr(t, "iter_problems", None)
+    for p in (stream(split, n, seed) if callable(stream) else t.problems(split, n, seed)):
         write_jsonl_line({**p, "prompt": t.search_prompt(p)} if with_prompt else p)
 
 
@@ -418,8 +650,82 @@ def tasks_score(
         })
 
 
-def main() -> None:
-    app()
+def _hoist_home(args: list[str]) -> list[str]:
+    """`--home X` is an option of `spiral` itself; accept it after a subcommand too
+    (`spiral registry ls --home X`) by moving it to the front."""
+    out, front, i = [], [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            out += args[i:]
+            break
+        if i > 0 and a == "--home" and i + 1 < len(args):
+            front += [a, args[i + 1]]
+            i += 2
+            continue
+        if i > 0 and a.startswith("--home="):
+            front.append(a)
+        else:
+            out.append(a)
+        i += 1
+    return front + out
+
+
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def _usage_error_line(e) -> str:
+    """A click usage error as one line, with the command's --help to read."""
+    msg = " ".join(e.format_message().split())
+    extra = msg.lower().startswith("got unexpected extra argument")
+    if extra and any(f"({w})" in msg.lower() for w in _BOOL_WORDS):
+        msg += "; flags such as --with-prompt take no value: give the flag alone to turn it on"
+    ctx = getattr(e, "ctx", None)
+    where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+    return msg + where
+
+
+def _flags_show_no_type() -> None:
+    """Help shows a type after an option that takes a value; a flag (--traces, --with-prompt)
+    takes none, so it shows none (typer prints <bool>, which invites `--with-prompt true`)."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:
+        return
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_spiral", False):
+        return
+
+    def display_type_rich(self, ctx):
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False) and self.metavar is None:
+            return None
+        return shown(self, ctx)
+
+    display_type_rich._spiral = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """`spiral`: every user mistake, including a usage error, is one `error:` line and exit code 2."""
+    try:  # typer >= 0.22 carries its own copy of click
+        from typer._click import exceptions as click_errors
+    except ImportError:  # pragma: no cover - older typer: click itself
+        from click import exceptions as click_errors
+
+    _flags_show_no_type()
+    args = _hoist_home(list(sys.argv[1:] if argv is None else argv))
+    try:
+        rc = app(args=args, standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:
+        e.show()
+        rc = 2
+    except click_errors.UsageError as e:
+        _error(_usage_error_line(e))
+        rc = 2
+    except click_errors.Abort:
+        err.print("interrupted", highlight=False)
+        rc = 130
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

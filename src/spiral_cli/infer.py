@@ -17,7 +17,8 @@ from rich.console import Console
 
 from spiral_cli.checkpoints import resolve_model
 from spiral_cli.generation import close_generator
-from spiral_cli.jsonl import InputError, iter_jsonl, write_jsonl_line
+from spiral_cli.progress import fmt_duration
+from spiral_cli.jsonl import InputError, check_input_file, iter_jsonl, write_jsonl_line
 from spiral_cli.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from spiral_cli.registry import Registry
 from spiral_cli.tasks import TaskError, load_task
@@ -42,24 +43,78 @@ def recipe_for_model(recipe_path: Path | None, overrides: list[str], entry) -> R
     return recipe_from_dict(apply_overrides(snapshot, overrides))
 
 
-def iter_problems(
-    task: Task, *, input_path: Path | None, prompt: str | None, eval_problems: int | None, recipe: Recipe
-) -> Iterator[dict[str, Any]]:
-    if prompt is not None:
-        yield _problem_from_text(task, prompt)
-        return
-    if eval_problems is not None:
-        yield from task.problems("eval", eval_problems, seed=recipe.seed)
-        return
+# Bounds on what one `spiral infer` may be asked to do (README: "Rules spiral keeps"). Past them a
+# run is refused before anything loads: they are typos or runs of days, not experiments.
+MAX_EVAL_PROBLEMS = 100_000  # --eval N
+MAX_AGG_ROUNDS = 32  # -R; more than WARN_AGG_ROUNDS is allowed, with a warning of its cost
+WARN_AGG_ROUNDS = 8
+MAX_PARALLEL = 1024  # -N and the population P
+PROGRESS_EVERY_S = 5.0  # a progress line (with ETA) at least this often during long batches
+
+
+def check_problem_source(*, input_path: Path | None, prompt: str | None, eval_problems: int | None) -> None:
+    """One source of problems, and a usable one -- checked before anything loads."""
+    given = [flag for flag, v in (("--input", input_path), ("--prompt", prompt), ("--eval", eval_problems))
+             if v is not None]
+    if len(given) > 1:
+        raise InputError(f"give one source of problems, not {' and '.join(given)}")
+    if eval_problems is not None and not (1 <= eval_problems <= MAX_EVAL_PROBLEMS):
+        raise InputError(f"--eval {eval_problems}: give a number of problems in 1..{MAX_EVAL_PROBLEMS:,}")
     if input_path is not None:
-        if not input_path.is_file():
-            raise InputError(f"input file not found: {input_path}")
-        stream, source = input_path.open(), str(input_path)
-    else:
-        if sys.stdin.isatty():
-            raise InputError("no problems: pipe JSONL to stdin, or give --input FILE, --eval N or --prompt TEXT")
-        stream, source = sys.stdin, "<stdin>"
-    for lineno, obj in iter_jsonl(stream, source):
+        check_input_file(input_path, "--input")
+    if not given and sys.stdin.isatty():
+        raise InputError("no problems: pipe JSONL to stdin, or give --input FILE, --eval N or --prompt TEXT")
+
+
+def check_infer_settings(recipe: Recipe, overrides: list[str], console: Console) -> None:
+    """Refuse absurd pipeline settings and say what an unusual one costs, before the model loads."""
+    inf = recipe.infer
+    learned = inf.aggregate == "learned" and inf.agg_rounds > 0
+    if inf.agg_rounds > MAX_AGG_ROUNDS:
+        raise RecipeError(f"infer.agg_rounds (-R) = {inf.agg_rounds}: at most {MAX_AGG_ROUNDS} rounds "
+                          f"(each round is a full generation pass over P={inf.population} aggregations per problem)")
+    for what, v in (("infer.parallel (-N)", inf.parallel), ("infer.population", inf.population)):
+        if v > MAX_PARALLEL:
+            raise RecipeError(f"{what} = {v}: at most {MAX_PARALLEL} traces per problem")
+    if learned and inf.agg_rounds > WARN_AGG_ROUNDS:
+        console.print(f"[yellow]warning:[/] -R {inf.agg_rounds}: every round costs another full aggregation pass "
+                      f"({inf.population} traces per problem); gains usually flatten after a few rounds",
+                      highlight=False)
+    pool = min(inf.parallel, inf.population) if inf.agg_rounds > 1 else inf.parallel
+    if learned and inf.agg_set_size > pool:
+        what = (f"the N={inf.parallel} search traces" if inf.agg_set_size > inf.parallel
+                else f"the population P={inf.population}")
+        msg = (f"infer.agg_set_size (k) = {inf.agg_set_size} is more than {what} it draws from: "
+               f"each aggregation would see all {pool}")
+        if any(o.split("=", 1)[0].strip() == "infer.agg_set_size" for o in overrides):
+            raise RecipeError(msg + f"; give --agg-set-size {pool} or less (or raise -N)")
+        console.print(f"[yellow]warning:[/] {msg}", highlight=False)
+
+
+def _eval_problems(task: Task, n: int, seed: int, console: Console) -> tuple[Iterator[dict[str, Any]], int]:
+    """The eval split's first n problems (streamed where the task can), and how many there are."""
+    size = getattr(task, "split_size", None)
+    available = size("eval") if callable(size) else None
+    if available is not None and available < n:
+        console.print(f"[yellow]warning:[/] --eval {n}: the eval split of task {task.name!r} has only {available} "
+                      f"problem{'s' if available != 1 else ''}; answering {available}", highlight=False)
+        n = available
+    stream = getattr(task, "iter_problems", None)
+    return (stream("eval", n, seed=seed) if callable(stream) else iter(task.problems("eval", n, seed=seed))), n
+
+
+def _count_lines(path: Path) -> int | None:
+    try:
+        with path.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return None
+
+
+def iter_problems(task: Task, stream: Iterator[tuple[int, dict[str, Any]]], source: str) -> Iterator[dict[str, Any]]:
+    """Validated problems from JSONL lines; InputError naming the line at the first bad one (after
+    every good line before it)."""
+    for lineno, obj in stream:
         try:
             yield task.validate_problem(obj)
         except TaskError as e:
@@ -68,26 +123,83 @@ def iter_problems(
 
 def _problem_from_text(task: Task, text: str) -> dict[str, Any]:
     text = text.strip()
-    if text.startswith("{"):
-        try:
-            return task.validate_problem(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise InputError(f"--prompt: not valid JSON ({e.msg})") from None
-    parse = getattr(task, "parse_problem_text", None)
-    if parse is None:
-        raise InputError(f"--prompt: task {task.name!r} takes a JSON problem object here")
-    return parse(text)
+    try:
+        if text.startswith("{"):
+            try:
+                return task.validate_problem(json.loads(text))
+            except json.JSONDecodeError as e:
+                raise InputError(f"--prompt: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
+        parse = getattr(task, "parse_problem_text", None)
+        if parse is None:
+            raise InputError(f"--prompt: task {task.name!r} takes a JSON problem object here")
+        return parse(text)
+    except TaskError as e:
+        raise InputError(f"--prompt: {e}") from None
 
 
 def _chunks(it: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    """Batches of `size`; on a bad input line, the batch read so far first, then the error."""
     chunk: list[dict[str, Any]] = []
-    for item in it:
-        chunk.append(item)
-        if len(chunk) == size:
+    try:
+        for item in it:
+            chunk.append(item)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    except InputError:
+        if chunk:
             yield chunk
-            chunk = []
+        raise
     if chunk:
         yield chunk
+
+
+class _Progress:
+    """Counts generate calls (one search pass + one per aggregation round, per batch) and prints a
+    line with the ETA at most every PROGRESS_EVERY_S seconds, so no batch runs silently."""
+
+    def __init__(self, console: Console, calls_per_batch: int, batches: int | None) -> None:
+        self.console, self.per_batch, self.batches = console, calls_per_batch, batches
+        self.t0 = self.last = time.time()
+        self.calls = 0
+
+    def eta(self) -> str:
+        if not self.batches or not self.calls:
+            return ""
+        left = self.batches * self.per_batch - self.calls
+        return f", ETA {fmt_duration((time.time() - self.t0) / self.calls * max(0, left))}"
+
+    def tick(self) -> None:
+        self.calls += 1
+        now = time.time()
+        if now - self.last >= PROGRESS_EVERY_S and self.calls % self.per_batch:
+            self.last = now
+            batch, call = divmod(self.calls, self.per_batch)
+            of = f"/{self.batches}" if self.batches else ""
+            what = "search" if call == 1 else f"aggregation round {call - 1}/{self.per_batch - 1}"
+            self.console.print(f"  batch {batch + 1}{of}: {what} done, {fmt_duration(now - self.t0)} elapsed{self.eta()}",
+                               highlight=False)
+
+    def batch_done(self) -> None:
+        self.last = time.time()
+
+
+class _CountingGenerator:
+    """A generator that reports each generate call to a _Progress (and so does its aggregation view)."""
+
+    def __init__(self, inner, progress: _Progress) -> None:
+        self.inner, self._progress = inner, progress
+        view = getattr(inner, "aggregation_view", None)
+        if view is not None:
+            self.aggregation_view = _CountingGenerator(view, progress)
+
+    def generate(self, prompts, **kw):
+        out = self.inner.generate(prompts, **kw)
+        self._progress.tick()
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
 
 
 def run_infer(
@@ -107,6 +219,8 @@ def run_infer(
     from spiral_cli.pipeline import PipelineConfig, run_pipeline
 
     console = console or Console(stderr=True)
+    # everything that can be wrong is checked before the model loads
+    check_problem_source(input_path=input_path, prompt=prompt, eval_problems=eval_problems)
     registry = Registry(home)
     if model is None:
         if recipe_path is None:
@@ -114,6 +228,7 @@ def run_infer(
         model = load_recipe(recipe_path, overrides).model.name
     ref = resolve_model(model, registry)
     recipe = recipe_for_model(recipe_path, overrides, ref.entry)
+    check_infer_settings(recipe, overrides, console)
     task = load_task(recipe.task.name, recipe.task.options())
     inf, gen = recipe.infer, recipe.generation
     cfg = PipelineConfig(
@@ -122,39 +237,60 @@ def run_infer(
         agg_max_new_tokens=gen.agg_max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
         top_k=gen.top_k, seed=recipe.seed,
     )
-    problems = iter_problems(task, input_path=input_path, prompt=prompt, eval_problems=eval_problems, recipe=recipe)
+    total: int | None
+    if prompt is not None:
+        problems: Iterator[dict[str, Any]] = iter([_problem_from_text(task, prompt)])
+        total = 1
+    elif eval_problems is not None:
+        problems, total = _eval_problems(task, eval_problems, recipe.seed, console)
+    elif input_path is not None:
+        source = str(input_path)
+        problems = iter_problems(task, iter_jsonl(input_path.open(encoding="utf-8"), source), source)
+        total = _count_lines(input_path)
+    else:
+        problems, total = iter_problems(task, iter_jsonl(sys.stdin, "<stdin>"), "<stdin>"), None
     first_chunk_size = max(1, gen.batch_size // max(1, cfg.parallel))  # one generate call's worth
 
     loaded = load_model(recipe.model, source=ref.source, for_training=False, seed=recipe.seed)
-    generator = make_generator(recipe, loaded)
+    rounds = cfg.agg_rounds if cfg.aggregate == "learned" else 0
+    progress = _Progress(console, 1 + rounds, -(-total // first_chunk_size) if total else None)
+    generator = _CountingGenerator(make_generator(recipe, loaded), progress)
     console.print(
-        f"[bold]infer[/] {model}: N={cfg.parallel} T={cfg.seq_budget} R={cfg.agg_rounds if cfg.aggregate == 'learned' else 0} "
+        f"[bold]infer[/] {model}: N={cfg.parallel} T={cfg.seq_budget} R={rounds} "
         f"aggregate={cfg.aggregate} (P={cfg.population}, k={cfg.agg_set_size}) on {loaded.device}"
+        + (f", {total} problem{'s' if total != 1 else ''}" if total else "")
     )
     done = correct = labelled = 0
-    generated = total = 0
+    generated = total_tokens = 0
     per_problem: list[dict[str, Any]] = []  # the labelled problems' figures, for the summary
     t0 = time.time()
-    for chunk_idx, chunk in enumerate(_chunks(problems, first_chunk_size)):
-        cfg.seed = recipe.seed + chunk_idx  # distinct samples per chunk, reproducible run to run
-        for r in run_pipeline(task, generator, chunk, cfg):
-            row = {"problem": r.problem, **r.to_dict(include_traces=include_traces)}
-            write_jsonl_line(row, out)
-            done += 1
-            if r.labelled:
-                labelled += 1
-                correct += int(bool(r.correct))
-                per_problem.append({**r.summary(), "final": bool(r.correct)})
-            t = r.token_totals()
-            generated += t.generated
-            total += t.total
-        rate = done / max(time.time() - t0, 1e-9)
-        acc = f", accuracy {correct}/{labelled} = {correct / labelled:.1%}" if labelled else ""
-        console.print(f"  {done} problems ({rate:.2f}/s){acc}")
-    close_generator(generator)
+    try:
+        for chunk_idx, chunk in enumerate(_chunks(problems, first_chunk_size)):
+            cfg.seed = recipe.seed + chunk_idx  # distinct samples per chunk, reproducible run to run
+            for r in run_pipeline(task, generator, chunk, cfg):
+                row = {"problem": r.problem, **r.to_dict(include_traces=include_traces)}
+                write_jsonl_line(row, out)
+                done += 1
+                if r.labelled:
+                    labelled += 1
+                    correct += int(bool(r.correct))
+                    per_problem.append({**r.summary(), "final": bool(r.correct)})
+                t = r.token_totals()
+                generated += t.generated
+                total_tokens += t.total
+            progress.batch_done()
+            rate = done / max(time.time() - t0, 1e-9)
+            acc = f", accuracy {correct}/{labelled} = {correct / labelled:.1%}" if labelled else ""
+            of = f"/{total}" if total else ""
+            console.print(f"  {done}{of} problems ({rate:.2f}/s){acc}{progress.eta()}")
+    except InputError as e:
+        close_generator(generator.inner)
+        answered = f"the {done} problem{'s' if done != 1 else ''} before it answered" if done else "nothing answered"
+        raise InputError(f"{e} (stopped there; {answered})") from None
+    close_generator(generator.inner)
     summary = {
         "problems": done, "labelled": labelled, "accuracy": correct / labelled if labelled else None,
-        "generated_tokens": generated, "total_tokens": total, "seconds": round(time.time() - t0, 2),
+        "generated_tokens": generated, "total_tokens": total_tokens, "seconds": round(time.time() - t0, 2),
     }
     if per_problem:
         summary["held_out"] = held_out_figures(per_problem, cfg)

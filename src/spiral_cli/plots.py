@@ -110,7 +110,7 @@ def plot_accuracy_vs_tokens(
     models = _ordered(c["model"] for c in cells)
     methods = _ordered(c["method"] for c in cells)
     colors = _colors(models)
-    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    fig, ax = plt.subplots(figsize=(10.5, 5.5))
     for model in models:
         for method in methods:
             rows = headline_rows(cells, model, method)
@@ -152,8 +152,8 @@ def plot_accuracy_vs_tokens(
     ax.set_xlabel("generated tokens per problem (log2)")
     ax.set_ylabel("accuracy")
     ax.set_title(title or "accuracy vs inference compute")
-    if ax.has_data():
-        ax.legend(fontsize=7, loc="lower right")
+    if ax.has_data():  # beside the axes: inside, it hid the learned curves at the largest budgets
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(plt, fig, path)
 
 
@@ -217,6 +217,28 @@ def plot_accuracy_vs_rounds(cells: list[dict[str, Any]], path: str | Path, title
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _save(plt, fig, path)
+
+
+def image_formats() -> list[str]:
+    """The file extensions matplotlib can write (png, pdf, svg, ...)."""
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def check_image_path(path: str | Path) -> str | None:
+    """Why `path` cannot take a plot (one line), or None when it can: its folder must exist and
+    its extension be an image format matplotlib writes. Cheap: checked before any work."""
+    path = Path(path)
+    ext = path.suffix.lower().lstrip(".")
+    if not ext or ext not in image_formats():
+        return f"cannot write a plot to {path}: give a file ending in .png, .pdf or .svg (or one of {', '.join(image_formats())})"
+    if path.is_dir():
+        return f"cannot write a plot to {path}: it is a directory"
+    if not path.parent.is_dir():
+        return f"cannot write a plot to {path}: folder {path.parent} does not exist"
+    return None
 
 
 CURVE_METRICS = {"pass@1": ("-", "o", "pass@1"), "learned_agg@": ("-.", "^", "learned agg")}

@@ -10,8 +10,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -195,6 +197,8 @@ class TrainSetSection(_Section):
     max_prompt_draws: int = Field(3, gt=0)  # cap on dynamic sampling, as a multiple of prompts_per_step
     updates_per_batch: int = Field(1, gt=0)
     micro_batch_size: int = Field(16, gt=0)
+    # torch.compile the policy's training forward at the first update (single process, one adapter)
+    compile: bool = False
     max_grad_norm: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
     eval_every: int = Field(25, gt=0)
@@ -239,6 +243,8 @@ class TrainAggSection(_Section):
     # step's batch ("batch"), or not at all; None = "none", the paper's
     scale_rewards: ScaleRewards | None = None
     micro_batch_size: int = Field(16, gt=0)
+    # torch.compile the policy's training forward at the first update (single process, one adapter)
+    compile: bool = False
     max_grad_norm: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
     eval_every: int = Field(25, gt=0)
@@ -355,8 +361,58 @@ def _allowed_fields(loc: tuple) -> list[str]:
     return sorted(getattr(model, "model_fields", {}).keys())
 
 
+class _CoreLoader(yaml.SafeLoader):
+    """YAML with the YAML 1.2 core schema's scalars: only true/false are booleans (on, off, yes,
+    no, y, n stay strings, so `autocast: off` means "off"), integers are decimal, 0o or 0x (010
+    is ten, not eight), 1e-5 is a float, and there are no sexagesimals (1:30) or dates."""
+
+
+_CoreLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers
+            if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                           "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_CoreLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_CoreLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_CoreLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _core_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    v = loader.construct_scalar(node)
+    if v.startswith("0o"):
+        return int(v[2:], 8)
+    if v.startswith("0x"):
+        return int(v[2:], 16)
+    return int(v, 10)
+
+
+def _core_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
+    v = loader.construct_scalar(node).lower()
+    if v.endswith(".inf"):
+        return float("-inf") if v.startswith("-") else float("inf")
+    if v == ".nan":
+        return float("nan")
+    return float(v)
+
+
+_CoreLoader.add_constructor("tag:yaml.org,2002:int", _core_int)
+_CoreLoader.add_constructor("tag:yaml.org,2002:float", _core_float)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with the core schema (see `_CoreLoader`): recipes and --set values alike."""
+    return yaml.load(text, Loader=_CoreLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a","b","c"], yaml-parsed value)."""
+    """`a.b.c=value` -> (["a","b","c"], value parsed as YAML with the core schema: only
+    true/false are booleans, so `model.autocast=off` is the string "off")."""
     if "=" not in item:
         raise RecipeError(f"override {item!r}: expected FIELD=VALUE, e.g. train_set.lr=1e-5")
     key, raw = item.split("=", 1)
@@ -364,22 +420,78 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not path:
         raise RecipeError(f"override {item!r}: empty field name")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    # YAML reads 1e-5 as a string (it wants 1.0e-5); accept what a user types.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
     return path, value
+
+
+def _leaf_types(annotation: Any) -> set[type]:
+    """The scalar types a field annotation accepts (Literal values by their type)."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return {type(a) for a in get_args(annotation)}
+    if origin in (Union, types.UnionType):
+        return set().union(*(_leaf_types(a) for a in get_args(annotation)))
+    if isinstance(annotation, type):
+        return {annotation}
+    return {object}  # containers and anything else: leave the parsed value alone
+
+
+def field_annotation(model: Any, path: list[str]) -> Any:
+    """The annotation of the field at `path` under a pydantic model class, or None if unknown."""
+    ann: Any = None
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        ann = fields[part].annotation
+        args = [a for a in (get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = args[0] if args else None
+    return ann
+
+
+def coerce_text_field(annotation: Any, value: Any, raw: str) -> Any:
+    """A scalar YAML read as a number or boolean goes to a text-only field (a name, a path, a
+    string enum) as the text the user typed: `--set name=1e3` is "1e3", `--set sft.data=2024` "2024"."""
+    if annotation is None or isinstance(value, (str, dict, list)) or value is None:
+        return value
+    leaves = _leaf_types(annotation)
+    if str not in leaves or leaves & {int, float, bool, object}:
+        return value
+    if isinstance(value, bool) and not _plain_str(annotation):
+        return value  # true/false on a string enum: its validator may map them (scale_rewards)
+    return raw.strip()
+
+
+def _plain_str(annotation: Any) -> bool:
+    """Whether `str` itself (not only string Literals) is among the types the annotation accepts."""
+    if annotation is str:
+        return True
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(_plain_str(a) for a in get_args(annotation))
+    return False
+
+
+def _task_config(data: dict[str, Any]) -> Any:
+    task = data.get("task") if isinstance(data.get("task"), dict) else {}
+    try:
+        from spiral_cli.tasks import resolve_task_class
+
+        return resolve_task_class(task.get("name", "countdown")).Config
+    except Exception:  # noqa: BLE001 - an unknown task is reported by the validation
+        return None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     data = copy.deepcopy(data)
     for item in overrides:
         path, value = parse_override(item)
+        raw = item.split("=", 1)[1]
+        if path[0] == "task" and len(path) == 2:
+            value = coerce_text_field(field_annotation(_task_config(data), path[1:]), value, raw)
+        else:
+            value = coerce_text_field(field_annotation(Recipe, path), value, raw)
         node = data
         for part in path[:-1]:
             child = node.get(part)
@@ -397,10 +509,19 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise RecipeError(f"recipe {p} is a directory, not a YAML file")
         if not p.is_file():
             raise RecipeError(f"recipe file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            line = p.read_bytes()[: e.start].count(b"\n") + 1
+            raise RecipeError(f"{p}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save it as UTF-8") from None
+        except OSError as e:
+            raise RecipeError(f"recipe {p} cannot be read ({e.strerror or e})") from None
+        try:
+            data = yaml_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

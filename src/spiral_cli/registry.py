@@ -474,8 +474,12 @@ class Registry:
         recipe: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
     ) -> Entry:
-        """Add checkpoint ``name@step``; if it exists already, replace its fields (keeping its
-        id and tags). The directory need not exist yet, but usually does."""
+        """Add checkpoint ``name@step``. The directory need not exist yet, but usually does.
+
+        If ``name@step`` exists already (a rerun that saves the same step again), only its
+        ``path`` and ``metrics`` are updated: its lineage -- ``stage``, ``parent``, the recipe
+        snapshot and hash, ``created`` -- never changes, and a write whose stage or parent
+        differs is refused (RegistryError) before anything is written. Tags stay."""
         validate_name(name)
         if name in RESERVED_NAMES:
             raise RegistryError(f"invalid checkpoint name {name!r}: reserved (scratch:<preset>)")
@@ -495,19 +499,28 @@ class Registry:
         except (TypeError, ValueError) as exc:
             raise RegistryError(f"recipe/metrics of {name}@{step} are not JSON-serialisable: {exc}") from None
         abspath = str(Path(path).expanduser().absolute())
+        parent = parent.strip() if parent else None
         with self._write() as con:
-            con.execute(
-                """
-                INSERT INTO entries (name, step, stage, parent, recipe, recipe_hash, path, metrics, created)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT (name, step) DO UPDATE SET
-                    stage = excluded.stage, parent = excluded.parent, recipe = excluded.recipe,
-                    recipe_hash = excluded.recipe_hash, path = excluded.path,
-                    metrics = excluded.metrics, created = excluded.created
-                """,
-                (name, step, stage, parent.strip() if parent else None, recipe_json,
-                 recipe_hash(recipe_d), abspath, metrics_json, _now_iso()),
-            )
+            old = self._fetch(con, "WHERE e.name = ? AND e.step = ?", (name, step))
+            if old:
+                (o,) = old
+                changed = [f"{what} {a!r} -> {b!r}" for what, a, b in
+                           (("stage", o.stage, stage), ("parent", o.parent, parent)) if a != b]
+                if changed:
+                    raise RegistryError(
+                        f"{o.ref} is registered already with another lineage ({'; '.join(changed)}): "
+                        f"refusing to rewrite it; register under another name, or remove it first "
+                        f"(spiral registry rm {o.ref})"
+                    )
+                con.execute("UPDATE entries SET path = ?, metrics = ? WHERE id = ?",
+                            (abspath, metrics_json, o.id))
+            else:
+                con.execute(
+                    "INSERT INTO entries (name, step, stage, parent, recipe, recipe_hash, path, metrics, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, step, stage, parent, recipe_json, recipe_hash(recipe_d), abspath, metrics_json,
+                     _now_iso()),
+                )
             (entry,) = self._fetch(con, "WHERE e.name = ? AND e.step = ?", (name, step))
         return entry
 
@@ -583,6 +596,28 @@ class Registry:
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         with self._connect() as con:
             return self._fetch(con, f"{where} ORDER BY e.name, e.step", tuple(args))
+
+    def tagged(self, tag: str) -> Entry | None:
+        """The entry that carries ``tag``, or None."""
+        with self._connect() as con:
+            return self._by_tag(con, tag)
+
+    def require_name(self, name: str) -> None:
+        """RegistryError (with did-you-mean and the known names) unless ``name`` has an entry."""
+        with self._connect() as con:
+            if not self._by_name(con, name):
+                raise RegistryError(self._unknown_name_msg(con, name))
+
+    def children(self, entries: list[Entry]) -> list[Entry]:
+        """Entries (other than ``entries``) whose parent names one of ``entries`` (``name@step``)."""
+        refs = {e.ref for e in entries}
+        ids = {e.id for e in entries}
+        if not refs:
+            return []
+        marks = ",".join("?" * len(refs))
+        with self._connect() as con:
+            rows = self._fetch(con, f"WHERE e.parent IN ({marks}) ORDER BY e.name, e.step", tuple(sorted(refs)))
+        return [e for e in rows if e.id not in ids]
 
     def tag(self, ref: str, tag: str) -> Entry:
         """Put ``tag`` on the entry ``ref`` names, moving it off any other entry. Returns the

@@ -23,6 +23,7 @@ from rich.console import Console
 from spiral_cli.checkpoints import (
     clean_leftovers,
     load_trainer_state,
+    prepare_run,
     resolve_model,
     save_registered,
     save_run_state,
@@ -31,6 +32,7 @@ from spiral_cli.jsonl import InputError, read_jsonl_file
 from spiral_cli.optim import adamw, compile_for_training
 from spiral_cli.generation import close_generator
 from spiral_cli.paths import atomic_write_text, runs_dir
+from spiral_cli.progress import fmt_duration
 from spiral_cli.recipe import Recipe
 from spiral_cli.registry import Registry
 from spiral_cli.tasks import load_task
@@ -174,6 +176,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     console = console or Console(stderr=True)
     cfg = recipe.sft
     name = name or f"{recipe.name}-sft"
+    prepare_run(recipe, home=home, name=name, stage="sft", model_ref=recipe.model.name, resume=resume)
     registry = Registry(home)
     task = load_task(recipe.task.name, recipe.task.options())
     base = resolve_model(recipe.model.name, registry)
@@ -244,6 +247,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     log_path.parent.mkdir(parents=True, exist_ok=True)
     model.train()
     start_time, last_loss = time.time(), float("nan")
+    first_step = step  # of this process (a resumed run): the ETA counts the steps it has timed
     window = (start_time, tokens_seen)  # (time, tokens) at the last log line
     deadline = start_time + cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
     stopped_early = False
@@ -283,7 +287,9 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
             elapsed = now - start_time
             tps = (tokens_seen - window[1]) / max(now - window[0], 1e-9)  # since the last log line
             window = (now, tokens_seen)
-            console.print(f"  step {step}/{cfg.steps} loss {last_loss:.4f} lr {optimizer.param_groups[0]['lr']:.2e} {tps:,.0f} tok/s")
+            eta = (cfg.steps - step) * elapsed / max(1, step - first_step)
+            console.print(f"  step {step}/{cfg.steps} loss {last_loss:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                          f"{tps:,.0f} tok/s, ETA {fmt_duration(eta)}")
             with log_path.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": last_loss, "tokens": tokens_seen, "tok_per_s": tps, "time": elapsed}) + "\n")
         if step % cfg.save_every == 0 and step < cfg.steps:

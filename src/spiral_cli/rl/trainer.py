@@ -19,6 +19,7 @@ the main process writes checkpoints, the registry and the metrics file.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import random
@@ -35,6 +36,7 @@ from spiral_cli.checkpoints import (
     ModelRef,
     clean_leftovers,
     load_trainer_state,
+    prepare_run,
     resolve_model,
     save_registered,
     save_run_state,
@@ -189,6 +191,8 @@ def run_train_set(recipe: Recipe, *, home: Path, name: str | None = None, model:
     grpo = ts.objective == "grpo"
     stage = "grpo" if grpo else "set"
     name = name or f"{recipe.name}-{stage}"
+    prepare_run(recipe, home=home, name=name, stage=stage, model_ref=model or f"{recipe.name}-sft",
+                also_resolve=(ts.aggregator.checkpoint if ts.aggregator.mode == "frozen" else None,))
     rcfg = RolloutConfig(
         num_search=ts.num_generations if grpo else ts.num_search,
         num_sets=ts.num_sets, set_size=ts.set_size, num_aggregations=ts.num_aggregations,
@@ -217,6 +221,8 @@ def run_train_agg(recipe: Recipe, *, home: Path, name: str | None = None, model:
     ta = recipe.train_agg
     gen = recipe.generation
     name = name or f"{recipe.name}-agg"
+    prepare_run(recipe, home=home, name=name, stage="agg", model_ref=model or f"{recipe.name}-sft",
+                also_resolve=(ta.search_model,))
     rcfg = RolloutConfig(
         num_search=ta.num_search, num_sets=ta.num_sets, set_size=ta.set_size, num_aggregations=ta.num_aggregations,
         max_new_tokens=gen.max_new_tokens, agg_max_new_tokens=gen.agg_max_new_tokens,
@@ -309,6 +315,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
                                seed=recipe.seed + 17)
     eval_problems = task.problems("eval", sec.eval_problems, seed=recipe.seed) if sec.eval_problems else []
     prompt_cache: dict[str, list[int]] = {}
+    compiled = _CompiledForward(loaded, console) if _compile_applies(sec, accelerator, adapter_roles, console) else None
     tb = _tensorboard(run_dir) if getattr(sec, "tensorboard", False) and _is_main(accelerator) else None
 
     def run_eval(step: int) -> dict[str, float]:
@@ -327,6 +334,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         _write_curves(run_dir, spec.name, state.history)
 
     model.train()
+    loop_start = (time.perf_counter(), state.step, state.generated_tokens)  # for the ETA
     while state.step < sec.steps and not _budget_met(state, budget):
         step_seed = recipe.seed * 1_000_003 + state.step * 7919 + rank
         rng = random.Random(step_seed)
@@ -369,7 +377,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         t_upd = time.perf_counter()
         samples = [s for r in kept for s in r.samples]
         loss_stats = _update(model, ref_model, optimizer, scheduler, samples, sec, loaded, prompt_cache, accelerator,
-                             adapter_roles)
+                             adapter_roles, compiled)
         update_seconds = time.perf_counter() - t_upd
         t_sync = time.perf_counter()
         policy_gen.update_weights(loaded.model)  # 4. the generator samples from the new weights
@@ -397,6 +405,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
                 f"| {row['seconds']['total']:.1f}s (gen {gen_seconds:.1f}, score {row['seconds']['scoring']:.2f}, "
                 f"update {update_seconds:.1f}, sync {sync_seconds:.2f}) | tokens {state.generated_tokens:,}"
                 + (f"/{budget:,}" if budget else "") + f" generated, {state.total_tokens:,} total"
+                + f", ETA {_eta(state, sec.steps, budget, loop_start)}"
             )
             if _budget_met(state, budget):
                 console.print(f"  token budget reached: {state.generated_tokens:,} >= {budget:,} generated tokens "
@@ -426,6 +435,24 @@ def _all_sum(values: list[float], accelerator) -> list[float]:
 
 
 # ---------------------------------------------------------------- pieces of the loop
+
+
+def _eta(state: "RunState", steps: int, budget: int | None, loop_start: tuple[float, int, int]) -> str:
+    """Time left at this process's pace: by steps, or by generated tokens when a budget will end
+    the run first."""
+    from spiral_cli.progress import fmt_duration
+
+    t0, step0, tokens0 = loop_start
+    done = state.step - step0
+    if done <= 0:
+        return "?"
+    per_step = (time.perf_counter() - t0) / done
+    left = steps - state.step
+    if budget:
+        tokens_per_step = (state.generated_tokens - tokens0) / done
+        if tokens_per_step > 0:
+            left = min(left, max(0, math.ceil((budget - state.generated_tokens) / tokens_per_step)))
+    return fmt_duration(left * per_step)
 
 
 def _aggregator_adapter_roles(loaded, stage: str, agg_mode: str) -> dict[str, str] | None:
@@ -487,8 +514,33 @@ def _reference(recipe: Recipe, sec, loaded, start_ref: ModelRef):
     return ref.model
 
 
+class _CompiledForward:
+    """The policy's training forward under torch.compile, compiled at the first update on its
+    first micro-batch (RL has no batch before its first rollout); see optim.compile_for_training."""
+
+    def __init__(self, loaded, console: Console):
+        self.loaded, self.console, self.forward = loaded, console, None
+
+    def __call__(self, batch: "TokenBatch"):
+        if self.forward is None:
+            from spiral_cli.optim import compile_for_training
+
+            self.forward = compile_for_training(self.loaded, {"input_ids": batch.input_ids}, self.console,
+                                                loss_of=lambda out: out.logits.float().mean())
+        return self.forward
+
+
+def _compile_applies(sec, accelerator, adapter_roles, console: Console) -> bool:
+    if not getattr(sec, "compile", False):
+        return False
+    if accelerator is not None or adapter_roles:
+        console.print("  [yellow]note:[/] compile is for a single process with one adapter; training uncompiled")
+        return False
+    return True
+
+
 def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, loaded, prompt_cache, accelerator,
-            adapter_roles: dict[str, str] | None = None) -> dict[str, float]:
+            adapter_roles: dict[str, str] | None = None, compiled: _CompiledForward | None = None) -> dict[str, float]:
     """updates_per_batch passes over the samples, each one optimizer step of micro-batches.
     The normaliser is the whole batch's token count (token_mean), sequence count (seq_mean) or
     sum of sequence budgets (dr_grpo), so accumulating micro-batches gives exactly the
@@ -537,7 +589,7 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
             sync_ctx = accelerator.no_sync(model) if accelerator is not None and ci < len(chunks) - 1 else nullcontext()
             with sync_ctx, role_adapter(adapter):
                 with loaded.autocast_ctx():
-                    logp, ent = token_logprobs(model, batch, with_entropy=True)
+                    logp, ent = token_logprobs(compiled(batch) if compiled else model, batch, with_entropy=True)
                     logp_ref = None
                     if ref_model is not None:
                         with torch.no_grad():

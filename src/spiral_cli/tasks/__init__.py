@@ -98,6 +98,9 @@ def format_validation_error(err: ValidationError, prefix: str = "task") -> str:
     msg = e.get("msg", "invalid value")
     if e.get("type") == "extra_forbidden":
         msg = "unknown option"
+    elif e.get("type") == "missing":
+        what = "NAME" if loc in ("dataset", "name") else "VALUE"
+        msg = f"Field required (give it in the recipe's task: section, or with --set task.{loc}={what})"
     msg = msg.removeprefix("Value error, ")
     more = len(err.errors()) - 1
     return f"{where}: {msg}" + (f" (and {more} more)" if more > 0 else "")

@@ -1,7 +1,8 @@
 """The Task protocol: what the rest of spiral needs to know about a problem domain.
 
 Tasks know nothing of torch and never generate. A problem is a plain JSON-serialisable dict
-(it travels through JSONL), always with a string "id". Everything a task needs to score a
+(it travels through JSONL), always with an "id": a string, or the integer a user's problem came with
+(ids come back as they were given). Everything a task needs to score a
 completion lives in the problem dict (e.g. countdown: numbers and target; math: the answer).
 """
 from __future__ import annotations

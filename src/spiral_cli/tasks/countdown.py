@@ -27,6 +27,7 @@ import hashlib
 import random
 from collections import Counter
 from fractions import Fraction
+from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -34,6 +35,7 @@ from pydantic import Field, model_validator
 from .base import TaskConfig, TaskError
 
 MAX_ANSWER_CHARS = 200  # longer answers are rejected before parsing
+MAX_TARGET = 1_000_000_000  # the largest target a problem may have (as task.max_target)
 _MAX_NUMBER_DIGITS = 12
 _OPS = "+-*/"
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
@@ -385,12 +387,16 @@ def solve(
 # The task
 # --------------------------------------------------------------------------------------------
 class CountdownConfig(TaskConfig):
+    """Countdown's options. The defaults are those of the default recipe (recipes/countdown.yaml,
+    `task:`), so `spiral tasks sample countdown` draws the problems that recipe trains and
+    evaluates on: 3-4 numbers in 1..25, targets up to 100, each number used at most once."""
+
     min_numbers: int = Field(3, ge=2, le=8)
     max_numbers: int = Field(4, ge=2, le=8)
     min_value: int = Field(1, ge=1, le=1_000_000)
     max_value: int = Field(25, ge=1, le=1_000_000)
-    max_target: int = Field(100, ge=1, le=1_000_000_000)
-    number_rule: Literal["at_most_once", "exactly_once"] = "exactly_once"
+    max_target: int = Field(100, ge=1, le=MAX_TARGET)
+    number_rule: Literal["at_most_once", "exactly_once"] = "at_most_once"
     prompt_format: Literal["compact", "verbose"] = "compact"
     scoring: Literal["binary", "tinyzero"] = "binary"
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -399,7 +405,7 @@ class CountdownConfig(TaskConfig):
     solver_moves_per_node: int = Field(3, ge=1, le=100)
     # node budgets of the SFT search traces, one drawn per trace: longer searches succeed more
     # often, so a model trained on a mix learns that spending more tokens pays (the T knob)
-    sft_max_nodes: list[int] = Field(default_factory=lambda: [4, 8, 16, 32], min_length=1)
+    sft_max_nodes: list[int] = Field(default_factory=lambda: [2, 4, 8, 16], min_length=1)
     agg_view: Literal["answer", "full"] = "answer"
     # the aggregation target: "all" checks every candidate, then answers with the first that
     # verified; "until_ok" stops at the first that verifies and answers at once, so the answer
@@ -461,17 +467,22 @@ class CountdownTask:
         return numbers, target, solution
 
     def problems(self, split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
+        return list(self.iter_problems(split, n, seed))
+
+    def iter_problems(self, split: str, n: int, seed: int = 0) -> Iterator[dict[str, Any]]:
+        """The problems of `problems(split, n, seed)`, in the same order, each as soon as it is
+        made (so `spiral tasks sample -n 100000 | head` prints at once)."""
         if split not in ("train", "eval"):
             raise TaskError(f"split must be 'train' or 'eval', got {split!r}")
         rng = random.Random(f"countdown/{split}/{seed}")
-        out: list[dict[str, Any]] = []
+        made_count = 0
         seen: set[str] = set()
         attempts, max_attempts = 0, 200 * n + 10_000
-        while len(out) < n:
+        while made_count < n:
             attempts += 1
             if attempts > max_attempts:
                 raise TaskError(
-                    f"could only make {len(out)} distinct {split} problems of the {n} asked for; "
+                    f"could only make {made_count} distinct {split} problems of the {n} asked for; "
                     "widen task.max_value / task.max_numbers / task.max_target"
                 )
             made = self._random_problem(rng)
@@ -482,10 +493,8 @@ class CountdownTask:
             if key in seen or self.split_of(numbers, target) != split:
                 continue
             seen.add(key)
-            out.append(
-                {"id": f"cd-{stable_hash(key):016x}", "numbers": numbers, "target": target, "solution": solution}
-            )
-        return out
+            made_count += 1
+            yield {"id": f"cd-{stable_hash(key):016x}", "numbers": numbers, "target": target, "solution": solution}
 
     def validate_problem(self, problem: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(problem, dict):
@@ -498,16 +507,17 @@ class CountdownTask:
                 raise TaskError(f"numbers: {x!r} is not an integer in 1..1000000")
         target = problem.get("target")
         if isinstance(target, bool) or not isinstance(target, int):
-            raise TaskError(f"target: expected an integer, got {target!r}")
+            raise TaskError(f"target: expected an integer, got {target!r:.40}")
+        if not (1 <= target <= MAX_TARGET):
+            raise TaskError(f"target: {target!r:.40} is not an integer in 1..{MAX_TARGET}")
         out = dict(problem)
         key = " ".join(str(x) for x in sorted(nums)) + f" -> {target}"
         pid = problem.get("id")
         if pid is None:
             out["id"] = f"cd-{stable_hash(key):016x}"
         elif not isinstance(pid, (str, int)) or isinstance(pid, bool):
-            raise TaskError("id: expected a string")
-        else:
-            out["id"] = str(pid)
+            raise TaskError("id: expected a string or an integer")
+        # else: the id comes back as given (an integer stays an integer)
         sol = problem.get("solution")
         if sol is not None and not isinstance(sol, str):
             raise TaskError("solution: expected a string")

@@ -173,6 +173,11 @@ class MathTask:
     def split_of(self, problem_id: str) -> str:
         return "eval" if _stable_hash(problem_id) % 1_000_000 < self.config.eval_fraction * 1_000_000 else "train"
 
+    def split_size(self, split: str) -> int:
+        """How many distinct problems `split` holds (requests beyond it repeat train problems
+        and are cut short on eval)."""
+        return sum(self.split_of(r["id"]) == split for r in self._all())
+
     def problems(self, split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
         if split not in ("train", "eval"):
             raise TaskError(f"split must be 'train' or 'eval', got {split!r}")
@@ -202,7 +207,10 @@ class MathTask:
         if a is None or isinstance(a, (dict, list)):
             raise TaskError("answer: expected a string or a number")
         pid = problem.get("id")
-        return {**problem, "id": str(pid) if pid is not None else f"math-{_stable_hash(p):016x}",
+        if isinstance(pid, bool) or not isinstance(pid, (str, int, type(None))):
+            raise TaskError("id: expected a string or an integer")
+        # an id comes back as given (an integer stays an integer)
+        return {**problem, "id": pid if pid is not None else f"math-{_stable_hash(p):016x}",
                 "problem": p, "answer": str(a)}
 
     # ---------------------------------------------------------------- prompts

@@ -126,6 +126,10 @@ class ReasoningGymTask:
             "rg_index": index,
         }
 
+    def split_size(self, split: str) -> int:
+        """How many distinct problems `split` holds (train requests beyond it repeat)."""
+        return len(self._split_indices(split))
+
     def problems(self, split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
         if split not in ("train", "eval"):
             raise TaskError(f"split must be 'train' or 'eval', got {split!r}")
@@ -167,8 +171,9 @@ class ReasoningGymTask:
         if "id" not in out:
             key = json.dumps([out[k] for k in ("rg_dataset", "rg_config", "rg_seed", "rg_size", "rg_index")])
             out["id"] = f"rg-{out['rg_dataset']}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-        out["id"] = str(out["id"])
-        return out
+        if isinstance(out["id"], bool) or not isinstance(out["id"], (str, int)):
+            raise TaskError("id: expected a string or an integer")
+        return out  # an id comes back as given (an integer stays an integer)
 
     # ---------------------------------------------------------------- prompts
     def search_prompt(self, problem: dict[str, Any]) -> str:
