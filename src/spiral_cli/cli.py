@@ -96,9 +96,6 @@ def friendly(fn: Callable) -> Callable:
         except _user_errors() as e:
             _error(str(e))
             raise typer.Exit(2) from None
-        except NotAvailableYet as e:
-            err.print(f"[yellow]not available yet:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(3) from None
         except BrokenPipeError:  # `spiral ... | head` closed the pipe: not an error
             sys.stderr.close()
             raise typer.Exit(0) from None
@@ -112,10 +109,6 @@ def friendly(fn: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-class NotAvailableYet(Exception):
-    pass
 
 
 def _home() -> Path:
@@ -283,17 +276,10 @@ def train_set(
               + _budget("train_set", max_generated_tokens))
     for note in r.train_set.deprecations:
         err.print(f"[yellow]warning:[/] train_set.{note}", highlight=False, soft_wrap=True)
-    try:
-        from spiral_cli.rl.trainer import run_train_set
-    except ImportError:
-        raise NotAvailableYet("the RL engine (train-set) is not built yet; recipe validated OK") from None
-    run_name = name or f"{r.name}-{'grpo' if r.train_set.objective == 'grpo' else 'set'}"
-    try:
-        result = run_train_set(r, home=_home(), name=name, model=model, console=err)
-    except KeyboardInterrupt:
-        _interrupted(run_name, "train_set", r.train_set.save_every)
-    _warn_no_signal(result.get("name", run_name), "train_set")
-    typer.echo(json.dumps(result, default=str))
+    from spiral_cli.rl.trainer import run_train_set
+
+    default_name = f"{r.name}-{'grpo' if r.train_set.objective == 'grpo' else 'set'}"
+    _run_rl(run_train_set, r, name=name, default_name=default_name, model=model, section="train_set")
 
 
 @app.command("train-agg")
@@ -309,16 +295,19 @@ def train_agg(
     """RL on the aggregation role only, over sets from a frozen search policy."""
     _check_name(name)
     r = _load(recipe, _with_backend(overrides, backend) + _budget("train_agg", max_generated_tokens))
+    from spiral_cli.rl.trainer import run_train_agg
+
+    _run_rl(run_train_agg, r, name=name, default_name=f"{r.name}-agg", model=model, section="train_agg")
+
+
+def _run_rl(run, r, *, name: Optional[str], default_name: str, model: Optional[str], section: str) -> None:
+    """train-set / train-agg: run, say where the state is on Ctrl-C, warn on a run without signal."""
+    run_name = name or default_name
     try:
-        from spiral_cli.rl.trainer import run_train_agg
-    except ImportError:
-        raise NotAvailableYet("the RL engine (train-agg) is not built yet; recipe validated OK") from None
-    run_name = name or f"{r.name}-agg"
-    try:
-        result = run_train_agg(r, home=_home(), name=name, model=model, console=err)
+        result = run(r, home=_home(), name=name, model=model, console=err)
     except KeyboardInterrupt:
-        _interrupted(run_name, "train_agg", r.train_agg.save_every)
-    _warn_no_signal(result.get("name", run_name), "train_agg")
+        _interrupted(run_name, section, getattr(r, section).save_every)
+    _warn_no_signal(result.get("name", run_name), section)
     typer.echo(json.dumps(result, default=str))
 
 
