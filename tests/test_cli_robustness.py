@@ -390,8 +390,11 @@ def test_train_set_that_kept_no_prompt_says_so(home, tiny):
 def test_ctrl_c_says_where_the_state_is_and_how_to_resume(tmp_path, home):
     recipe = tmp_path / "long.yaml"
     recipe.write_text(TINY.replace("steps: 2,", "steps: 100000,"))
+    # SIGINT back to its default in the child: a test run started in the background (`cmd &` in a
+    # script) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     p = subprocess.Popen(SPIRAL + ["sft", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "SPIRAL_HOME": str(home)}, cwd=REPO)
+                         env={**os.environ, "SPIRAL_HOME": str(home)}, cwd=REPO,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
         deadline = time.monotonic() + 300
