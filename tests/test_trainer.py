@@ -469,7 +469,7 @@ def test_eta_counts_steps_or_the_token_budget():
     from spiral_cli.progress import fmt_duration
     from spiral_cli.rl.trainer import RunState, _eta
 
-    assert [fmt_duration(s) for s in (0, 42.4, 187, 3900)] == ["0s", "42s", "3m07s", "1h05m"]
+    assert [fmt_duration(s) for s in (0, 42.4, 187, 3900, None, float("inf"))] == ["0s", "42s", "3m07s", "1h05m", "?", "?"]
     start = (_time.perf_counter() - 100.0, 0, 0)  # 10 steps took 100 s, 1,000 tokens each
     state = RunState(step=10, generated_tokens=10_000)
     assert _eta(state, 40, None, start) in ("5m00s", "5m01s")  # 30 steps left

@@ -50,34 +50,23 @@ def _check_preset(preset: str | None) -> None:
 
 # What a rerun may change and still continue the same run (resume, or re-register its last step):
 # how long it trains (steps, token budget, time budget), how it logs, saves, evaluates and where it
-# runs -- never what is trained (task, data, model, seed, optimisation, sampling). Prefixes end
-# with ".". Everything else that differs from the registered recipe refuses the rerun.
+# runs -- never what is trained (task, data, model, seed, optimisation, sampling). A section
+# name frees all of its fields. Everything else that differs from the registered recipe refuses
+# the rerun.
 RERUN_MAY_CHANGE_ALWAYS: tuple[str, ...] = (
-    "name", "infer.", "sweep.", "compare.", "model.device", "model.autocast", "generation.backend",
-    "generation.batch_size", "generation.fast_decode", "generation.vllm.",
+    "name", "infer", "sweep", "compare", "model.device", "model.autocast", "generation.backend",
+    "generation.batch_size", "generation.fast_decode", "generation.vllm",
 )
 RERUN_MAY_CHANGE: dict[str, tuple[str, ...]] = {
-    "sft": ("train_set.", "train_agg.", "sft.steps", "sft.time_budget_minutes", "sft.save_every",
+    "sft": ("train_set", "train_agg", "sft.steps", "sft.time_budget_minutes", "sft.save_every",
             "sft.log_every", "sft.eval_problems", "sft.compile"),
-    "set": ("sft.", "train_agg.", "train_set.steps", "train_set.max_generated_tokens", "train_set.save_every",
+    "set": ("sft", "train_agg", "train_set.steps", "train_set.max_generated_tokens", "train_set.save_every",
             "train_set.eval_every", "train_set.eval_problems", "train_set.tensorboard", "train_set.compile"),
-    "agg": ("sft.", "train_set.", "train_agg.steps", "train_agg.max_generated_tokens", "train_agg.save_every",
+    "agg": ("sft", "train_set", "train_agg.steps", "train_agg.max_generated_tokens", "train_agg.save_every",
             "train_agg.eval_every", "train_agg.eval_problems", "train_agg.tensorboard", "train_agg.compile"),
 }
 RERUN_MAY_CHANGE["grpo"] = RERUN_MAY_CHANGE["set"]
 RUN_RECIPE_FILE = "recipe.json"  # <home>/runs/<name>/recipe.json: what the run started with
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _normalised(snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -93,19 +82,17 @@ def _normalised(snapshot: dict[str, Any]) -> dict[str, Any]:
 def recipe_differences(old: dict[str, Any], new: dict[str, Any], stage: str) -> list[str]:
     """Dotted fields whose values differ between two recipe snapshots, except those a rerun of
     `stage` may change (RERUN_MAY_CHANGE), each as "field (old -> new)"."""
-    a, b = _flatten(_normalised(old)), _flatten(_normalised(new))
+    from spiral_cli.recipe import snapshot_differences
+
     free = RERUN_MAY_CHANGE_ALWAYS + RERUN_MAY_CHANGE.get(stage, ())
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in free):
-            continue
-        if a.get(key, "<unset>") != b.get(key, "<unset>"):
-            out.append(f"{key} ({_short(a.get(key, '<unset>'))} -> {_short(b.get(key, '<unset>'))})")
-    return out
+    return [f"{key} ({_short(va)} -> {_short(vb)})"
+            for key, va, vb in snapshot_differences(_normalised(old), _normalised(new), free)]
 
 
 def _short(v: Any) -> str:
-    s = v if isinstance(v, str) and v == "<unset>" else repr(v)
+    from spiral_cli.recipe import MISSING
+
+    s = "<unset>" if v is MISSING else repr(v)
     return s if len(s) <= 40 else s[:37] + "..."
 
 

@@ -50,6 +50,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from spiral_cli.progress import fmt_duration
+
 RECOMMENDED_PROBLEMS = 500  # what the issue asks for; fewer is allowed but noted
 # --quick: a first taste within ~20 minutes on a 2-core CPU (defaults an explicit flag overrides)
 QUICK_SEEDS = 1
@@ -112,17 +114,6 @@ def _seed(*parts: Any) -> int:
     return int(_hash(list(parts), 8), 16) & 0x7FFFFFFF
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
-
-
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
@@ -155,37 +146,16 @@ def _with(recipe, changes: dict[str, Any]):
         raise RecipeError(_format_validation_error(e)) from None
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _ignored(key: str) -> bool:
-    if key.split(".", 1)[0] in IGNORED_SECTIONS:
-        return True
-    return any(key == f or key.startswith(f + ".") for f in IGNORED_FIELDS)
-
-
 def recipe_differences(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
     """Dotted fields where two recipe snapshots differ, outside IGNORED_FIELDS / IGNORED_SECTIONS,
     each as ``field=<have> (this compare: <want>)``."""
-    missing = object()
-    a, b = _flatten(have or {}), _flatten(want or {})
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if _ignored(key):
-            continue
-        va, vb = a.get(key, missing), b.get(key, missing)
-        if va != vb:
-            show = lambda v: "(absent)" if v is missing else json.dumps(v)  # noqa: E731
-            out.append(f"{key}={show(va)} (this compare: {show(vb)})")
-    return out
+    from spiral_cli.recipe import MISSING, snapshot_differences
+
+    def show(v: Any) -> str:
+        return "(absent)" if v is MISSING else json.dumps(v)
+
+    return [f"{key}={show(va)} (this compare: {show(vb)})"
+            for key, va, vb in snapshot_differences(have, want, IGNORED_FIELDS + IGNORED_SECTIONS)]
 
 
 def step_bound(recipe) -> tuple[int, str]:
@@ -193,11 +163,13 @@ def step_bound(recipe) -> tuple[int, str]:
     and the formula with its numbers.
 
     SPIRAL: prompts_per_step x (N1 x T + K x N2 x T_agg); GRPO: prompts_per_step x G x T_grpo,
-    T_grpo = train_set.grpo_max_new_tokens or 2T (as rl.trainer.grpo_budget). Dynamic sampling
+    T_grpo = recipe.grpo_budget (train_set.grpo_max_new_tokens or 2T). Dynamic sampling
     may draw up to max_prompt_draws x as many prompts in one step; this bound counts one draw."""
+    from spiral_cli.recipe import grpo_budget
+
     ts, gen = recipe.train_set, recipe.generation
     t, t_agg = gen.max_new_tokens, gen.agg_max_new_tokens
-    t_grpo = ts.grpo_max_new_tokens or 2 * t
+    t_grpo = grpo_budget(recipe)
     spiral = ts.num_search * t + ts.num_sets * ts.num_aggregations * t_agg
     grpo = ts.num_generations * t_grpo
     bound = ts.prompts_per_step * max(spiral, grpo)
@@ -470,11 +442,11 @@ def _train_arms(plan: Plan, console: Console) -> tuple[list[str], list[str]]:
         steps = entry.step if entry is not None else result.get("steps")
         flag = "" if gen >= plan.budget else f" (stopped at the steps cap {plan.cap}, before its budget)"
         console.print(escape(f"[{i}/{n}] done: {steps} steps, {gen:,} / {plan.budget:,} generated tokens, "
-                             f"{_duration(seconds)}{flag}"), highlight=False)
+                             f"{fmt_duration(seconds)}{flag}"), highlight=False)
         left = [a for a in plan.arms[i:] if a.status in ("new", "resume")]
         if left:
             eta = _eta(left, spent, plan.budget)
-            console.print(escape(f"  ETA: ~{_duration(eta)} for the {len(left)} arm(s) left (from the arms "
+            console.print(escape(f"  ETA: ~{fmt_duration(eta)} for the {len(left)} arm(s) left (from the arms "
                                  "trained so far), then the sweep"), highlight=False)
     return trained, reused
 
@@ -1069,7 +1041,7 @@ def run_compare(recipe, *, home: Path, sft_model: str | None = None, seeds: int 
     trained, reused = _train_arms(plan, console)
     sweep_summary = _run_sweep(plan, console)
     summary = build_report(plan, console)
-    console.print(escape(f"compare done in {_duration(time.monotonic() - t0)}"), highlight=False)
+    console.print(escape(f"compare done in {fmt_duration(time.monotonic() - t0)}"), highlight=False)
     return {**summary, "trained": trained, "reused": reused,
             "sweep": {k: sweep_summary.get(k) for k in ("out", "generate_calls", "cached_units", "cells")}}
 

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 
-def fmt_duration(seconds: float) -> str:
-    """42s, 3m07s, 1h05m."""
+import math
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """42s, 3m07s, 1h05m; "?" when the time is not known (None, inf, nan)."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
     seconds = max(0, int(round(seconds)))
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

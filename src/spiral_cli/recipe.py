@@ -327,6 +327,41 @@ class Recipe(_Section):
         return recipe_hash(self.snapshot())
 
 
+MISSING: Any = object()  # snapshot_differences' value for a field one snapshot lacks
+
+
+def snapshot_differences(old: dict[str, Any], new: dict[str, Any],
+                         ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """(dotted field, old value, new value) for every leaf where two recipe snapshots differ, in
+    field order, skipping each field of `ignore` and everything under it (a section); a field one
+    snapshot lacks has the value MISSING there."""
+    a, b = _flat(old or {}), _flat(new or {})
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == f or key.startswith(f + ".") for f in ignore):
+            continue
+        va, vb = a.get(key, MISSING), b.get(key, MISSING)
+        if va != vb:
+            out.append((key, va, vb))
+    return out
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def grpo_budget(recipe: Recipe) -> int:
+    """GRPO's sequential budget: `grpo_max_new_tokens`, by default 2T, the paper's compute matching
+    (G = 12 traces of 2T generate at most what SPIRAL's 8 search traces of T and 16 aggregations do)."""
+    return recipe.train_set.grpo_max_new_tokens or 2 * recipe.generation.max_new_tokens
+
+
 def recipe_hash(snapshot: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(snapshot, sort_keys=True).encode()).hexdigest()[:16]
 

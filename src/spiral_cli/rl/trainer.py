@@ -45,8 +45,9 @@ from spiral_cli.generation import close_generator
 from spiral_cli.generation.base import Completion
 from spiral_cli.models import encode_prompts
 from spiral_cli.paths import atomic_write_text, runs_dir
+from spiral_cli.progress import fmt_duration
 from spiral_cli.optim import adamw
-from spiral_cli.recipe import Recipe, RecipeError
+from spiral_cli.recipe import Recipe, RecipeError, grpo_budget
 from spiral_cli.registry import Registry
 from spiral_cli.generation.roles import (
     AGGREGATOR_ADAPTER,
@@ -208,12 +209,6 @@ def run_train_set(recipe: Recipe, *, home: Path, name: str | None = None, model:
             return spiral_rollouts(task, policy_gen, agg_gen, problems, rcfg, rng, seed)
     spec = RLSpec(stage=stage, name=name, section=ts, collect=collect, scale_rewards=rcfg.scale_rewards)
     return _run(recipe, spec, home=home, model_ref=model or f"{recipe.name}-sft", console=console)
-
-
-def grpo_budget(recipe: Recipe) -> int:
-    """GRPO's sequential budget: `grpo_max_new_tokens`, by default 2T, the paper's compute matching
-    (G = 12 traces of 2T generate at most what SPIRAL's 8 search traces of T and 16 aggregations do)."""
-    return recipe.train_set.grpo_max_new_tokens or 2 * recipe.generation.max_new_tokens
 
 
 def run_train_agg(recipe: Recipe, *, home: Path, name: str | None = None, model: str | None = None,
@@ -440,8 +435,6 @@ def _all_sum(values: list[float], accelerator) -> list[float]:
 def _eta(state: "RunState", steps: int, budget: int | None, loop_start: tuple[float, int, int]) -> str:
     """Time left at this process's pace: by steps, or by generated tokens when a budget will end
     the run first."""
-    from spiral_cli.progress import fmt_duration
-
     t0, step0, tokens0 = loop_start
     done = state.step - step0
     if done <= 0:
