@@ -162,38 +162,6 @@ def _interrupted(name: str, section: str, save_every: int, resumes: bool = True)
     raise typer.Exit(130)
 
 
-def _warn_no_signal(name: str, section: str) -> None:
-    """An RL run whose steps kept no prompt learned nothing: say so, and record it on the entry."""
-    from spiral_cli.paths import runs_dir
-
-    try:
-        rows = [json.loads(line) for line in (runs_dir(_home()) / name / "metrics.jsonl").read_text().splitlines()
-                if line.strip()]
-    except (OSError, ValueError):
-        return
-    kept = [r["prompts_kept"] for r in rows if isinstance(r, dict) and "prompts_kept" in r]
-    empty = sum(k == 0 for k in kept)
-    if not kept or not empty:
-        return
-    if empty == len(kept):
-        err.print(
-            f"[bold yellow]warning:[/] all {len(kept)} steps of {name} kept 0 prompts (every prompt's samples got "
-            f"the same reward, so there was nothing to learn; entropy nan): its checkpoint is the starting model, "
-            f"untrained. Start from a stronger model, or raise "
-            + ("train_set.max_prompt_draws / " if section == "train_set" else "") + "generation.max_new_tokens",
-            highlight=False, soft_wrap=True)
-    else:
-        err.print(f"[yellow]note:[/] {empty} of {len(kept)} steps of {name} kept 0 prompts (no reward signal)",
-                  highlight=False, soft_wrap=True)
-    try:
-        reg = _registry()
-        latest = reg.latest(name)
-        if latest is not None:
-            reg.update_metrics(latest.ref, {"steps_without_signal": empty})
-    except Exception:  # noqa: BLE001 - the warning is what matters
-        pass
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"spiral {__version__}")
@@ -301,13 +269,12 @@ def train_agg(
 
 
 def _run_rl(run, r, *, name: Optional[str], default_name: str, model: Optional[str], section: str) -> None:
-    """train-set / train-agg: run, say where the state is on Ctrl-C, warn on a run without signal."""
+    """train-set / train-agg: run, and say where the state is on Ctrl-C."""
     run_name = name or default_name
     try:
         result = run(r, home=_home(), name=name, model=model, console=err)
     except KeyboardInterrupt:
         _interrupted(run_name, section, getattr(r, section).save_every)
-    _warn_no_signal(result.get("name", run_name), section)
     typer.echo(json.dumps(result, default=str))
 
 

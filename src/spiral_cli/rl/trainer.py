@@ -148,6 +148,7 @@ class RunState:
     cursor: int = 0  # next training problem index (data position)
     generated_tokens: int = 0
     total_tokens: int = 0
+    steps_without_signal: int = 0  # steps that kept no prompt (nothing to learn from)
     history: list[dict[str, Any]] = field(default_factory=list)  # eval points
 
     def to_dict(self) -> dict[str, Any]:
@@ -380,6 +381,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         state.step += 1
         last = state.step == sec.steps or _budget_met(state, budget)
 
+        state.steps_without_signal += not kept
         row = _step_metrics(state, kept, drawn, loss_stats, {
             "generation": gen_seconds, "scoring": rollout_seconds - gen_seconds,
             "update": update_seconds, "sync": sync_seconds, "total": time.perf_counter() - t_step,
@@ -410,11 +412,32 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
 
     close_generator(generator)
     final = registry.latest(spec.name)
+    if _is_main(accelerator):
+        _warn_no_signal(console, spec, state)
     result = {"name": spec.name, "stage": spec.stage, "steps": state.step,
               "generated_tokens": state.generated_tokens, "total_tokens": state.total_tokens,
+              "steps_without_signal": state.steps_without_signal,
               "stopped_on": "token_budget" if _budget_met(state, budget) else "steps",
               "path": str(final.path) if final else None, "history": state.history}
     return result
+
+
+def _warn_no_signal(console: Console, spec: RLSpec, state: RunState) -> None:
+    """A run whose steps kept no prompt learned nothing from them: say so (the registry entry
+    records `steps_without_signal`)."""
+    empty = state.steps_without_signal
+    if not empty:
+        return
+    if empty == state.step:
+        console.print(
+            f"[bold yellow]warning:[/] all {empty} steps of {spec.name} kept 0 prompts (every prompt's samples got "
+            f"the same reward, so there was nothing to learn; entropy nan): its checkpoint is the starting model, "
+            f"untrained. Start from a stronger model, or raise "
+            + ("train_set.max_prompt_draws / " if spec.stage != "agg" else "") + "generation.max_new_tokens",
+            highlight=False, soft_wrap=True)
+    else:
+        console.print(f"[yellow]note:[/] {empty} of {state.step} steps of {spec.name} kept 0 prompts (no reward signal)",
+                      highlight=False, soft_wrap=True)
 
 
 def _budget_met(state: RunState, budget: int | None) -> bool:
@@ -717,6 +740,8 @@ def _register(recipe, spec: RLSpec, loaded, state: RunState, registry: Registry,
     last_eval = state.history[-1] if state.history else {}
     metrics = {k: v for k, v in last_eval.items() if isinstance(v, (int, float))}
     metrics.update({"generated_tokens": state.generated_tokens, "total_tokens": state.total_tokens})
+    if state.steps_without_signal:
+        metrics["steps_without_signal"] = state.steps_without_signal
     budget = getattr(spec.section, "max_generated_tokens", None)
     if budget is not None:
         metrics["max_generated_tokens"] = budget
