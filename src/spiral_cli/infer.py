@@ -16,23 +16,13 @@ from typing import Any
 from rich.console import Console
 
 from spiral_cli.checkpoints import resolve_model
-from spiral_cli.generation import close_generator
+from spiral_cli.generation import close_generator, make_generator
 from spiral_cli.progress import fmt_duration
 from spiral_cli.jsonl import InputError, check_input_file, iter_jsonl, write_jsonl_line
 from spiral_cli.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from spiral_cli.registry import Registry
 from spiral_cli.tasks import TaskError, load_task
 from spiral_cli.tasks.base import Task
-
-
-def make_generator(recipe: Recipe, loaded):
-    """The recipe's generation backend for `loaded`; a missing backend is a recipe error."""
-    from spiral_cli import generation
-
-    try:
-        return generation.make_generator(loaded, recipe.generation)
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
 
 
 def recipe_for_model(recipe_path: Path | None, overrides: list[str], entry) -> Recipe:
@@ -254,7 +244,7 @@ def run_infer(
     loaded = load_model(recipe.model, source=ref.source, for_training=False, seed=recipe.seed)
     rounds = cfg.agg_rounds if cfg.aggregate == "learned" else 0
     progress = _Progress(console, 1 + rounds, -(-total // first_chunk_size) if total else None)
-    generator = _CountingGenerator(make_generator(recipe, loaded), progress)
+    generator = _CountingGenerator(make_generator(loaded, recipe.generation), progress)
     console.print(
         f"[bold]infer[/] {model}: N={cfg.parallel} T={cfg.seq_budget} R={rounds} "
         f"aggregate={cfg.aggregate} (P={cfg.population}, k={cfg.agg_set_size}) on {loaded.device}"

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from spiral_cli.generation.roles import AGGREGATOR_ADAPTER
+from spiral_cli.adapters import AGGREGATOR_ADAPTER
 from spiral_cli.recipe import ModelSection
 
 log = logging.getLogger(__name__)

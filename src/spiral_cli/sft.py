@@ -30,7 +30,7 @@ from spiral_cli.checkpoints import (
 )
 from spiral_cli.jsonl import InputError, read_jsonl_file
 from spiral_cli.optim import adamw, compile_for_training
-from spiral_cli.generation import close_generator
+from spiral_cli.generation import close_generator, make_generator
 from spiral_cli.paths import atomic_write_text, runs_dir
 from spiral_cli.progress import fmt_duration
 from spiral_cli.recipe import Recipe
@@ -140,14 +140,13 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 def _self_aggregate_examples(task: Task, loaded, recipe: Recipe, path: Path, console: Console) -> list[Example]:
     """Phase-2 examples: read back on resume (the same ones), else sampled now and saved."""
-    from spiral_cli.infer import make_generator
 
     cfg = recipe.sft
     if path.is_file():
         pairs = [row for _, row in read_jsonl_file(path)]
     else:
         t0 = time.time()
-        generator = make_generator(recipe, loaded)
+        generator = make_generator(loaded, recipe.generation)
         try:
             pairs = self_aggregate_pairs(task, generator, cfg.self_aggregate_examples, cfg.set_size, recipe)
         finally:
@@ -170,7 +169,6 @@ def _save_state(loaded, optimizer, step: int, state_dir: Path, extra: dict[str, 
 
 def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool = True, console: Console | None = None) -> dict[str, Any]:
     from spiral_cli.evaluate import evaluate
-    from spiral_cli.infer import make_generator
     from spiral_cli.models import count_parameters, load_model
 
     console = console or Console(stderr=True)
@@ -309,7 +307,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     if cfg.eval_problems > 0 and not cfg.data:
         problems = task.problems("eval", cfg.eval_problems, seed=recipe.seed)
         gen = recipe.generation
-        generator = make_generator(recipe, loaded)
+        generator = make_generator(loaded, recipe.generation)
         console.print(f"  evaluating on {len(problems)} held-out problems (N={recipe.infer.parallel}, T={gen.max_new_tokens})")
         t_eval = time.time()
         metrics.update(

@@ -100,7 +100,7 @@ from spiral_cli.metrics import (
     scaling_efficiency_interval,
     wilson_interval,
 )
-from spiral_cli.generation import close_generator
+from spiral_cli.generation import close_generator, make_generator
 from spiral_cli.generation.roles import for_aggregation
 from spiral_cli.paths import atomic_write_text, current_umask
 from spiral_cli.pipeline import PipelineConfig, ProblemResult, Trace, aggregate_rounds, run_pipeline, vote_key
@@ -136,11 +136,10 @@ def _resolve(ref: str, registry: Registry) -> ModelRef:
 
 def _open_generator(recipe: Recipe, model_ref: ModelRef, registry: Registry):
     """Load one model for generation (called only when that model has uncached work)."""
-    from spiral_cli.infer import make_generator
     from spiral_cli.models import load_model
 
     loaded = load_model(recipe.model, source=model_ref.source, for_training=False, seed=recipe.seed)
-    return make_generator(recipe, loaded)
+    return make_generator(loaded, recipe.generation)
 
 
 def _close_generator(generator: Any) -> None:

@@ -28,8 +28,10 @@ def __getattr__(name: str) -> Any:  # lazy: importing the protocol does not impo
 
 
 def make_generator(loaded, section) -> Generator:
-    """The backend named by a `GenerationSection` (`backend`, `batch_size`, `vllm`)."""
+    """The backend named by a `GenerationSection` (`backend`, `batch_size`, `vllm`); a backend
+    that is missing or cannot serve this model is a RecipeError (a ValueError) naming the field."""
     from spiral_cli.generation.roles import attach_aggregator, has_aggregator_adapter
+    from spiral_cli.recipe import RecipeError
 
     if section.backend == "hf":
         from spiral_cli.generation.hf import HFGenerator
@@ -39,12 +41,19 @@ def make_generator(loaded, section) -> Generator:
         try:
             from spiral_cli.generation.vllm import VLLMGenerator  # type: ignore[import-not-found]
         except ImportError as e:
-            raise ValueError(f"generation.backend=vllm is not available: {e}") from None
+            raise RecipeError(f"generation.backend=vllm is not available: {e}") from None
         if has_aggregator_adapter(loaded.model):
-            raise ValueError("a model with an aggregator adapter needs generation.backend=hf")
-        generator = VLLMGenerator(loaded, section)
+            raise RecipeError("a model with an aggregator adapter needs generation.backend=hf")
+        try:
+            generator = VLLMGenerator(loaded, section)
+        except ValueError as e:  # the engine refusing the settings (memory, lengths): a recipe matter
+            from spiral_cli.models import ModelError
+
+            if isinstance(e, (RecipeError, ModelError)):
+                raise
+            raise RecipeError(str(e)) from None
     else:
-        raise ValueError(f"generation.backend: unknown backend {section.backend!r} (hf or vllm)")
+        raise RecipeError(f"generation.backend: unknown backend {section.backend!r} (hf or vllm)")
     attach_aggregator(loaded, generator)  # a second LoRA adapter plays the aggregation role
     return generator
 

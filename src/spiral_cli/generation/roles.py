@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 
+from spiral_cli.adapters import AGGREGATOR_ADAPTER, SEARCH_ADAPTER
 from spiral_cli.generation.base import Completion
-
-SEARCH_ADAPTER = "default"
-AGGREGATOR_ADAPTER = "aggregator"
 
 
 def has_aggregator_adapter(model) -> bool:

@@ -41,7 +41,7 @@ from spiral_cli.checkpoints import (
     save_registered,
     save_run_state,
 )
-from spiral_cli.generation import close_generator
+from spiral_cli.generation import close_generator, make_generator
 from spiral_cli.generation.base import Completion
 from spiral_cli.models import encode_prompts
 from spiral_cli.paths import atomic_write_text, runs_dir
@@ -241,7 +241,6 @@ def run_train_agg(recipe: Recipe, *, home: Path, name: str | None = None, model:
 def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: Console | None,
          frozen_search_ref: str | None = None) -> dict[str, Any]:
     from spiral_cli.evaluate import evaluate
-    from spiral_cli.infer import make_generator
     from spiral_cli.models import count_parameters, load_model
 
     console = console or Console(stderr=True)
@@ -268,7 +267,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     if accelerator is not None:
         model, optimizer = accelerator.prepare(model, optimizer)
-    generator = make_generator(recipe, loaded)  # evaluation uses it as is (both roles)
+    generator = make_generator(loaded, recipe.generation)  # evaluation uses it as is (both roles)
     # train-agg trains the aggregation role: with an aggregator adapter, that adapter samples
     policy_gen = TimedGenerator(for_aggregation(generator) if spec.stage == "agg" else generator)
     other_gen = None

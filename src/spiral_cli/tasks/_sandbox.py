@@ -93,7 +93,7 @@ class _Handlers:
         return float(score)
 
     def math(self, req: dict[str, Any]) -> float:
-        from .math_task import verify_math
+        from ._answers import verify_math
 
         return 1.0 if verify_math(req["gold"], req["pred"], timeout=True) else 0.0
 

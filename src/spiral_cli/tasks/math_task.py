@@ -28,7 +28,7 @@ from pydantic import Field
 
 from .base import TaskConfig, TaskError, candidate_view
 from ..jsonl import InputError, iter_jsonl
-from .countdown import extract_answer_text
+from ._answers import extract_answer_text, verify_math
 
 SAMPLE_DATA = str(Path(__file__).parent / "data" / "math_sample.jsonl")
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
@@ -56,31 +56,6 @@ def last_boxed(text: str) -> str | None:
             if depth == 0:
                 return text[i + 1 : j]
     return None
-
-
-def _as_latex(s: str) -> str:
-    s = s.strip()
-    if "$" in s or "\\boxed" in s or "\\(" in s or "\\[" in s:
-        return s
-    return f"${s}$"
-
-
-def verify_math(gold: str, pred: str, timeout: bool | None = None) -> bool:
-    """math_verify equivalence of a gold answer and a predicted answer (both short strings)."""
-    from math_verify import parse, verify
-
-    if timeout is None:
-        timeout = threading.current_thread() is threading.main_thread()
-    t = 5 if timeout else None
-    gold_p = parse(_as_latex(gold), parsing_timeout=t)
-    if not gold_p:
-        gold_p = parse(gold, parsing_timeout=t)
-    pred_p = parse(_as_latex(pred), parsing_timeout=t)
-    if not pred_p:
-        pred_p = parse(pred, parsing_timeout=t)
-    if not gold_p or not pred_p:
-        return False
-    return bool(verify(gold_p, pred_p, timeout_seconds=t))
 
 
 class MathConfig(TaskConfig):

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from ._sandbox import SandboxScorer
 from .base import TaskConfig, TaskError, candidate_view
-from .countdown import extract_answer_text
+from ._answers import extract_answer_text
 
 EVAL_SEED_OFFSET = 100_000_000
 
