@@ -250,3 +250,31 @@ def test_infer_held_out_figures_put_aggregation_beside_the_vote():
     f = held_out_figures([{k: v for k, v in r.items() if k != "aggregation_accuracy"} for r in rows],
                          SimpleNamespace(parallel=8, agg_rounds=0))
     assert [k for k in f if k.startswith("learned")] == []
+
+
+def test_sft_phases_follow_the_steps_and_build_self_aggregation_once():
+    """The phase schedule alone: search examples until aggregate_after, then all of them; from
+    self_aggregate_after also the self-aggregation examples, built once, at the first step that needs
+    them; batches are a pure function of (seed, phase, epoch)."""
+    from types import SimpleNamespace
+
+    from spiral_cli.sft import Example, SftPhases
+
+    examples = [Example([i], [i], "search") for i in range(8)] + [Example([100 + i], [i], "aggregate") for i in range(4)]
+    own = [Example([200 + i], [i], "self_aggregate") for i in range(4)]
+    built = []
+    cfg = SimpleNamespace(steps=20, aggregate_after=0.25, self_aggregate_examples=4, self_aggregate_after=0.5,
+                          data=None, batch_size=4)
+    phases = SftPhases.for_recipe(cfg, examples, seed=3, build_self_agg=lambda: built.append(1) or own)
+    assert (phases.aggregate_from, phases.self_agg_from) == (5, 10)
+    assert phases.at(0) == (0, examples[:8]) and phases.at(4) == (0, examples[:8])
+    assert phases.at(5) == (5, examples) and phases.at(9) == (5, examples)
+    assert not built
+    assert phases.at(10) == (10, examples + own) and phases.at(19)[1] == examples + own and built == [1]
+    assert all(e.kind == "search" for s in range(5) for e in phases.batch(s))
+    again = SftPhases.for_recipe(cfg, examples, seed=3, build_self_agg=lambda: own)
+    assert [phases.batch(s) for s in range(20)] == [again.batch(s) for s in range(20)]
+    # a pool of one kind has one phase; sft.data has no self-aggregation phase
+    one_kind = SftPhases.for_recipe(cfg, examples[:8], seed=3)
+    assert one_kind.aggregate_from == 0
+    assert SftPhases.for_recipe(SimpleNamespace(**{**vars(cfg), "data": "x.jsonl"}), examples, seed=3).self_agg_from is None

@@ -13,14 +13,15 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from rich.console import Console
 
 from spiral_cli.checkpoints import (
+    ModelRef,
     clean_leftovers,
     load_trainer_state,
     prepare_run,
@@ -167,19 +168,149 @@ def _save_state(loaded, optimizer, step: int, state_dir: Path, extra: dict[str, 
     })
 
 
+@dataclass
+class SftPhases:
+    """Which examples step `s` trains on: the phases along the steps (docs/method.md).
+
+    Search examples alone until `aggregate_from` (the arithmetic the aggregator checks with is
+    learned there first), then every example; from `self_agg_from` on (sft.self_aggregate_examples)
+    also aggregation examples over the model's own candidates, built by `build_self_agg` the first
+    time a step needs them. The boundaries count steps, never seconds: the same recipe trains the
+    same model on a fast and on a slow machine. Within a phase, each epoch's batches are
+    `batch_schedule(phase pool, epoch)`, a pure function of (seed, phase, epoch), so a resumed run
+    sees the same batches."""
+
+    examples: list[Example]
+    aggregate_from: int  # 0: mixed from the start
+    self_agg_from: int | None  # None: no self-aggregation phase
+    batch_size: int
+    seed: int
+    build_self_agg: Callable[[], list[Example]] | None = None
+    search_only: list[Example] = field(init=False)
+    _self_agg_pool: list[Example] | None = field(default=None, init=False)
+    _schedule: tuple[tuple[int, int], list[list[int]]] = field(default=((-1, -1), []), init=False)
+
+    def __post_init__(self) -> None:
+        self.search_only = [e for e in self.examples if e.kind != "aggregate"]
+
+    @classmethod
+    def for_recipe(cls, cfg, examples: list[Example], seed: int,
+                   build_self_agg: Callable[[], list[Example]] | None = None) -> "SftPhases":
+        """The phases of an SftSection: `aggregate_after` and `self_aggregate_after` are fractions
+        of `steps`; a pool with no aggregation examples (or only those) has one phase."""
+        has_both = any(e.kind == "aggregate" for e in examples) and any(e.kind != "aggregate" for e in examples)
+        return cls(
+            examples=examples,
+            aggregate_from=int(cfg.steps * cfg.aggregate_after) if has_both else 0,
+            self_agg_from=int(cfg.steps * cfg.self_aggregate_after) if cfg.self_aggregate_examples and not cfg.data else None,
+            batch_size=cfg.batch_size, seed=seed, build_self_agg=build_self_agg,
+        )
+
+    def at(self, step: int) -> tuple[int, list[Example]]:
+        """(the step the phase began, its example pool) for `step`."""
+        if self.self_agg_from is not None and step >= self.self_agg_from:
+            if self._self_agg_pool is None:
+                extra = self.build_self_agg() if self.build_self_agg else []
+                self._self_agg_pool = self.examples + extra
+            return self.self_agg_from, self._self_agg_pool
+        if step < self.aggregate_from:
+            return 0, self.search_only
+        return self.aggregate_from, self.examples
+
+    def batch(self, step: int) -> list[Example]:
+        """The examples of `step`'s batch."""
+        pool_start, pool = self.at(step)
+        batches_per_epoch = max(1, len(pool) // self.batch_size)
+        epoch, pos = divmod(step - pool_start, batches_per_epoch)
+        if self._schedule[0] != (pool_start, epoch):
+            lengths = [len(e.input_ids) for e in pool]
+            self._schedule = ((pool_start, epoch), batch_schedule(len(pool), self.batch_size, epoch, self.seed, lengths))
+        return [pool[i] for i in self._schedule[1][pos % batches_per_epoch]]
+
+
+@dataclass
+class SftRun:
+    """What the SFT loop needs, built by `_setup_sft`."""
+
+    name: str
+    cfg: Any  # SftSection
+    loaded: Any  # LoadedModel, training mode
+    base: ModelRef  # the starting model
+    task: Task
+    registry: Registry
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    phases: SftPhases
+    state_dir: Path
+    log_path: Path
+    resuming: bool
+    step: int  # where the loop starts (a resumed run's saved step)
+    tokens_seen: int
+
+
+@dataclass
+class SftOutcome:
+    step: int
+    tokens_seen: int
+    last_loss: float
+    stopped_early: bool
+    train_seconds: float
+
+
 def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool = True, console: Console | None = None) -> dict[str, Any]:
     from spiral_cli.evaluate import evaluate
-    from spiral_cli.models import count_parameters, load_model
 
     console = console or Console(stderr=True)
+    run = _setup_sft(recipe, home=home, name=name or f"{recipe.name}-sft", resume=resume, console=console)
+    done = _train(run, recipe, console)
+    run.loaded.model.eval()
+
+    cfg = run.cfg
+    metrics: dict[str, Any] = {"train_loss": done.last_loss, "steps": done.step, "planned_steps": cfg.steps,
+                               "train_tokens": done.tokens_seen}
+    if done.step < cfg.steps:  # the registry says so too: this is not the recipe's model
+        metrics["stopped_by_time_budget"] = 1
+    if cfg.eval_problems > 0 and not cfg.data:
+        problems = run.task.problems("eval", cfg.eval_problems, seed=recipe.seed)
+        gen = recipe.generation
+        generator = make_generator(run.loaded, gen)
+        console.print(f"  evaluating on {len(problems)} held-out problems (N={recipe.infer.parallel}, T={gen.max_new_tokens})")
+        t_eval = time.time()
+        try:
+            metrics.update(
+                evaluate(
+                    run.task, generator, problems, parallel=recipe.infer.parallel, seq_budget=gen.max_new_tokens,
+                    population=recipe.infer.population, agg_set_size=recipe.infer.agg_set_size,
+                    agg_max_new_tokens=gen.agg_max_new_tokens, temperature=gen.temperature, seed=recipe.seed,
+                    short_budget=max(1, gen.max_new_tokens // 4),
+                )
+            )
+        finally:
+            close_generator(generator)
+        metrics["eval_seconds"] = time.time() - t_eval
+    entry = save_registered(
+        run.loaded, run.registry, home, name=run.name, stage="sft", step=done.step, parent=run.base.lineage,
+        recipe=recipe.snapshot(), metrics=metrics,
+    )
+    result = {"name": run.name, "step": done.step, "path": str(entry.path), "train_seconds": round(done.train_seconds, 1),
+              "stopped_early": done.stopped_early, "metrics": metrics}
+    _print_metrics(console, metrics)
+    return result
+
+
+def _setup_sft(recipe: Recipe, *, home: Path, name: str, resume: bool, console: Console) -> SftRun:
+    """Checks, the model (from the run's state when resuming), the examples, the optimizer and the
+    phases. The order of the seeded steps is the order they consume randomness in: keep it."""
+    from spiral_cli.models import count_parameters, load_model
+
     cfg = recipe.sft
-    name = name or f"{recipe.name}-sft"
     prepare_run(recipe, home=home, name=name, stage="sft", model_ref=recipe.model.name, resume=resume)
     registry = Registry(home)
     task = load_task(recipe.task.name, recipe.task.options())
     base = resolve_model(recipe.model.name, registry)
-    state_dir = runs_dir(home) / name / "state"
-    clean_leftovers(home, name, runs_dir(home) / name)
+    run_dir = runs_dir(home) / name
+    state_dir = run_dir / "state"
+    clean_leftovers(home, name, run_dir)
     resuming = resume and (state_dir / "trainer_state.pt").is_file()
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
@@ -203,10 +334,9 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
         f"{dropped} dropped as longer than {cfg.max_len} ({time.time() - t0:.1f}s)"
     )
 
-    model = loaded.model
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
     optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    step, tokens_seen, state = 0, 0, {}
+    step, tokens_seen = 0, 0
     if resuming:
         state = load_trainer_state(state_dir)
         optimizer.load_state_dict(state["optimizer"])
@@ -215,60 +345,43 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
         random.setstate(state["python_rng"])
         console.print(f"  resumed from {state_dir} at step {step}" + (" (already finished; --no-resume starts over)" if step >= cfg.steps else ""))
 
-    pad_id = loaded.tokenizer.pad_token_id
-    # Phases along the steps: search examples alone until `aggregate_after` (the arithmetic the
-    # aggregator checks with is learned there first), then every example; from
-    # `self_aggregate_after` on (sft.self_aggregate_examples), also aggregation examples over the
-    # model's own candidates, kept in the run dir for resume.
-    # The boundaries count steps, never seconds: the same recipe trains the same model on a
-    # fast and on a slow machine.
-    search_only = [e for e in examples if e.kind != "aggregate"]
-    aggregate_from = int(cfg.steps * cfg.aggregate_after) if search_only and len(search_only) < len(examples) else 0
-    self_agg_from = int(cfg.steps * cfg.self_aggregate_after) if cfg.self_aggregate_examples and not cfg.data else None
-    self_agg_file = runs_dir(home) / name / "self_aggregate.jsonl"
+    self_agg_file = run_dir / "self_aggregate.jsonl"  # kept in the run dir for resume
     if not resuming:
         self_agg_file.unlink(missing_ok=True)
-    self_agg_pool: list[Example] | None = None
+    phases = SftPhases.for_recipe(
+        cfg, examples, recipe.seed,
+        build_self_agg=lambda: _self_aggregate_examples(task, loaded, recipe, self_agg_file, console))
+    return SftRun(name=name, cfg=cfg, loaded=loaded, base=base, task=task, registry=registry, optimizer=optimizer,
+                  params=params, phases=phases, state_dir=state_dir, log_path=run_dir / "metrics.jsonl",
+                  resuming=resuming, step=step, tokens_seen=tokens_seen)
 
-    def phase_at(at: int) -> tuple[int, list[Example]]:
-        """(the step the phase began, its example pool) for step `at`."""
-        nonlocal self_agg_pool
-        if self_agg_from is not None and at >= self_agg_from:
-            if self_agg_pool is None:
-                self_agg_pool = examples + _self_aggregate_examples(task, loaded, recipe, self_agg_file, console)
-            return self_agg_from, self_agg_pool
-        if at < aggregate_from:
-            return 0, search_only
-        return aggregate_from, examples
 
-    log_path = runs_dir(home) / name / "metrics.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    model.train()
+def _train(run: SftRun, recipe: Recipe, console: Console) -> SftOutcome:
+    """The loop: one optimizer step per batch of the phase schedule, a log line every `log_every`
+    steps, the run's state every `save_every` (and at the end)."""
+    cfg, loaded, optimizer, phases = run.cfg, run.loaded, run.optimizer, run.phases
+    step, tokens_seen = run.step, run.tokens_seen
+    pad_id = loaded.tokenizer.pad_token_id
+    run.log_path.parent.mkdir(parents=True, exist_ok=True)
+    loaded.model.train()
     start_time, last_loss = time.time(), float("nan")
     first_step = step  # of this process (a resumed run): the ETA counts the steps it has timed
     window = (start_time, tokens_seen)  # (time, tokens) at the last log line
     deadline = start_time + cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
     stopped_early = False
-    forward = model
+    forward = loaded.model
     if cfg.compile and step < cfg.steps:
         # a full batch: compiled with dynamic shapes, a batch of 1 would be specialised and recompiled
-        first = collate(phase_at(step)[1][: cfg.batch_size // cfg.grad_accum], pad_id, loaded.device)
+        first = collate(phases.at(step)[1][: cfg.batch_size // cfg.grad_accum], pad_id, loaded.device)
         forward = compile_for_training(loaded, {"input_ids": first["input_ids"], "labels": first["labels"]}, console)
-    schedule: tuple[tuple[int, int], list[list[int]]] = ((-1, -1), [])  # ((phase start, epoch), its batches)
     while step < cfg.steps:
-        pool_start, pool = phase_at(step)
-        batches_per_epoch = max(1, len(pool) // cfg.batch_size)
-        epoch, pos = divmod(step - pool_start, batches_per_epoch)
-        if schedule[0] != (pool_start, epoch):
-            lengths = [len(e.input_ids) for e in pool]
-            schedule = ((pool_start, epoch), batch_schedule(len(pool), cfg.batch_size, epoch, recipe.seed, lengths))
-        batch_ids = schedule[1][pos % batches_per_epoch]
+        batch_examples = phases.batch(step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for micro in _split(batch_ids, cfg.grad_accum):
-            batch = collate([pool[i] for i in micro], pad_id, loaded.device)
+        for micro in _split(batch_examples, cfg.grad_accum):
+            batch = collate(micro, pad_id, loaded.device)
             with loaded.autocast_ctx():
                 # right padding + causal attention: real tokens never see the pads, so no mask is
                 # needed (same logits), and the maskless attention kernel is much faster on the CPU
@@ -276,58 +389,31 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
             loss.backward()
             loss_sum += loss.item()
             tokens_seen += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(run.params, 1.0)
         optimizer.step()
         step += 1
         last_loss = loss_sum
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.time()
-            elapsed = now - start_time
             tps = (tokens_seen - window[1]) / max(now - window[0], 1e-9)  # since the last log line
             window = (now, tokens_seen)
-            eta = (cfg.steps - step) * elapsed / max(1, step - first_step)
+            eta = (cfg.steps - step) * (now - start_time) / max(1, step - first_step)
             console.print(f"  step {step}/{cfg.steps} loss {last_loss:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
                           f"{tps:,.0f} tok/s, ETA {fmt_duration(eta)}")
-            with log_path.open("a") as f:
-                f.write(json.dumps({"step": step, "loss": last_loss, "tokens": tokens_seen, "tok_per_s": tps, "time": elapsed}) + "\n")
+            with run.log_path.open("a") as f:
+                f.write(json.dumps({"step": step, "loss": last_loss, "tokens": tokens_seen, "tok_per_s": tps,
+                                    "time": now - start_time}) + "\n")
         if step % cfg.save_every == 0 and step < cfg.steps:
-            _save_state(loaded, optimizer, step, state_dir, {"tokens_seen": tokens_seen})
+            _save_state(loaded, optimizer, step, run.state_dir, {"tokens_seen": tokens_seen})
         if deadline and time.time() > deadline and step < cfg.steps:
-            _warn_time_budget(console, cfg, step, aggregate_from, self_agg_from)
+            _warn_time_budget(console, cfg, step, phases.aggregate_from, phases.self_agg_from)
             stopped_early = True
             break
     train_seconds = time.time() - start_time
-    if train_seconds > 1 or not resuming:  # the final state too, so a rerun does not retrain
-        _save_state(loaded, optimizer, step, state_dir, {"tokens_seen": tokens_seen})
-    model.eval()
-
-    metrics: dict[str, Any] = {"train_loss": last_loss, "steps": step, "planned_steps": cfg.steps, "train_tokens": tokens_seen}
-    if step < cfg.steps:  # the registry says so too: this is not the recipe's model
-        metrics["stopped_by_time_budget"] = 1
-    if cfg.eval_problems > 0 and not cfg.data:
-        problems = task.problems("eval", cfg.eval_problems, seed=recipe.seed)
-        gen = recipe.generation
-        generator = make_generator(loaded, recipe.generation)
-        console.print(f"  evaluating on {len(problems)} held-out problems (N={recipe.infer.parallel}, T={gen.max_new_tokens})")
-        t_eval = time.time()
-        metrics.update(
-            evaluate(
-                task, generator, problems, parallel=recipe.infer.parallel, seq_budget=gen.max_new_tokens,
-                population=recipe.infer.population, agg_set_size=recipe.infer.agg_set_size,
-                agg_max_new_tokens=gen.agg_max_new_tokens, temperature=gen.temperature, seed=recipe.seed,
-                short_budget=max(1, gen.max_new_tokens // 4),
-            )
-        )
-        close_generator(generator)
-        metrics["eval_seconds"] = time.time() - t_eval
-    entry = save_registered(
-        loaded, registry, home, name=name, stage="sft", step=step, parent=base.lineage,
-        recipe=recipe.snapshot(), metrics=metrics,
-    )
-    result = {"name": name, "step": step, "path": str(entry.path), "train_seconds": round(train_seconds, 1),
-              "stopped_early": stopped_early, "metrics": metrics}
-    _print_metrics(console, metrics)
-    return result
+    if train_seconds > 1 or not run.resuming:  # the final state too, so a rerun does not retrain
+        _save_state(loaded, optimizer, step, run.state_dir, {"tokens_seen": tokens_seen})
+    return SftOutcome(step=step, tokens_seen=tokens_seen, last_loss=last_loss, stopped_early=stopped_early,
+                      train_seconds=train_seconds)
 
 
 def _warn_time_budget(console: Console, cfg, step: int, aggregate_from: int, self_agg_from: int | None) -> None:
@@ -343,9 +429,9 @@ def _warn_time_budget(console: Console, cfg, step: int, aggregate_from: int, sel
             console.print(f"[bold red]WARNING:[/] {what} (from step {at}) were never trained on.")
 
 
-def _split(ids: list[int], parts: int) -> list[list[int]]:
-    size = math.ceil(len(ids) / parts)
-    return [ids[i : i + size] for i in range(0, len(ids), size)]
+def _split(items: list[Any], parts: int) -> list[list[Any]]:
+    size = math.ceil(len(items) / parts)
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _print_metrics(console: Console, metrics: dict[str, Any]) -> None:

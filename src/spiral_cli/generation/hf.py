@@ -122,35 +122,10 @@ class HFGenerator:
         return self.tokenizer.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _run_chunk(self, decoder, chunk, prompt_ids, max_new_tokens, temperature, top_p, top_k, stop, gen) -> list[Completion]:
+        """Sample one chunk of (prompt, sample) rows: prefill each prompt once, then decode until
+        every row has hit EOS or a stop string or the budget; finished rows leave the batch."""
         dev = self.device
-        # unique prompts of this chunk, in order, and how many rows (samples) each gets
-        uniq: list[int] = []
-        counts: list[int] = []
-        for i, _ in chunk:
-            if uniq and uniq[-1] == i:
-                counts[-1] += 1
-            else:
-                uniq.append(i)
-                counts.append(1)
-        lens = [len(prompt_ids[i]) for i in uniq]
-        L = max(lens)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
-        input_ids = torch.full((len(uniq), L), int(pad_id), dtype=torch.long)
-        attn = torch.zeros((len(uniq), L), dtype=torch.long)
-        for r, i in enumerate(uniq):
-            ids = prompt_ids[i]
-            input_ids[r, L - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attn[r, L - len(ids):] = 1
-        input_ids, attn = input_ids.to(dev), attn.to(dev)
-        pos = (attn.cumsum(-1) - 1).clamp_(min=0)
-
-        logits = decoder.prefill(input_ids, attn, pos, capacity=L + max_new_tokens)
-        next_pos = pos[:, -1] + 1
-        if any(c > 1 for c in counts):
-            idx = torch.repeat_interleave(torch.arange(len(uniq), device=dev), torch.tensor(counts, device=dev))
-            decoder.select(idx)
-            logits, attn, next_pos = logits[idx], attn[idx], next_pos[idx]
-
+        logits, attn, next_pos = self._prefill(decoder, chunk, prompt_ids, max_new_tokens)
         B = len(chunk)
         out_tok = torch.zeros((B, max_new_tokens), dtype=torch.long, device=dev)
         out_lp = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=dev)
@@ -159,7 +134,6 @@ class HFGenerator:
         active = torch.arange(B, device=dev)  # chunk row of each batch row
         active_list = list(range(B))
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
-        window = max((len(s.encode("utf-8")) for s in stop), default=0) + 1
         tok_hist: list[list[int]] | None = [[] for _ in range(B)] if stop else None
 
         alive = [True] * B  # per batch row; finished rows are dropped lazily (see below)
@@ -170,16 +144,7 @@ class HFGenerator:
             out_lp[active, t] = lp
             done_list = torch.isin(tok, eos).tolist()
             if tok_hist is not None:
-                tl = tok.tolist()
-                rows_b = [b for b in range(len(active_list)) if alive[b]]
-                tails = []
-                for b in rows_b:
-                    h = tok_hist[active_list[b]]
-                    h.append(tl[b])
-                    tails.append(h[-window:])
-                for b, text in zip(rows_b, self._decode_batch(tails)):
-                    if not done_list[b] and any(s in text for s in stop):
-                        done_list[b] = True
+                self._mark_stops(done_list, tok.tolist(), tok_hist, active_list, alive, stop)
             last = t == max_new_tokens - 1
             for b, r in enumerate(active_list):
                 if not alive[b]:
@@ -208,6 +173,58 @@ class HFGenerator:
             next_pos = next_pos + 1
 
         decoder.release()
+        return self._completions(chunk, prompt_ids, out_tok, out_lp, lengths, reason, stop)
+
+    def _prefill(self, decoder, chunk, prompt_ids, max_new_tokens):
+        """Prefill each distinct prompt of the chunk once (left-padded), then repeat its cache and
+        last logits for its samples. Returns (logits, attention mask, next positions) per row."""
+        dev = self.device
+        # unique prompts of this chunk, in order, and how many rows (samples) each gets
+        uniq: list[int] = []
+        counts: list[int] = []
+        for i, _ in chunk:
+            if uniq and uniq[-1] == i:
+                counts[-1] += 1
+            else:
+                uniq.append(i)
+                counts.append(1)
+        lens = [len(prompt_ids[i]) for i in uniq]
+        L = max(lens)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        input_ids = torch.full((len(uniq), L), int(pad_id), dtype=torch.long)
+        attn = torch.zeros((len(uniq), L), dtype=torch.long)
+        for r, i in enumerate(uniq):
+            ids = prompt_ids[i]
+            input_ids[r, L - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attn[r, L - len(ids):] = 1
+        input_ids, attn = input_ids.to(dev), attn.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp_(min=0)
+
+        logits = decoder.prefill(input_ids, attn, pos, capacity=L + max_new_tokens)
+        next_pos = pos[:, -1] + 1
+        if any(c > 1 for c in counts):
+            idx = torch.repeat_interleave(torch.arange(len(uniq), device=dev), torch.tensor(counts, device=dev))
+            decoder.select(idx)
+            logits, attn, next_pos = logits[idx], attn[idx], next_pos[idx]
+        return logits, attn, next_pos
+
+    def _mark_stops(self, done_list: list[bool], tokens: list[int], tok_hist: list[list[int]],
+                    active_list: list[int], alive: list[bool], stop: list[str]) -> None:
+        """Append each live row's new token to its history and mark `done_list[b]` where the
+        decoded tail (the longest stop string's bytes plus one token) contains a stop string."""
+        window = max(len(s.encode("utf-8")) for s in stop) + 1
+        rows_b = [b for b in range(len(active_list)) if alive[b]]
+        tails = []
+        for b in rows_b:
+            h = tok_hist[active_list[b]]
+            h.append(tokens[b])
+            tails.append(h[-window:])
+        for b, text in zip(rows_b, self._decode_batch(tails)):
+            if not done_list[b] and any(s in text for s in stop):
+                done_list[b] = True
+
+    def _completions(self, chunk, prompt_ids, out_tok, out_lp, lengths, reason, stop) -> list[Completion]:
+        B = len(chunk)
         toks = out_tok.cpu().tolist()
         lps = out_lp.cpu().tolist()
         ids_list = [toks[r][: lengths[r]] for r in range(B)]

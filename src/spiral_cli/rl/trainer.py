@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 from rich.console import Console
 
+from spiral_cli.evaluate import evaluate
 from spiral_cli.checkpoints import (
     ModelRef,
     clean_leftovers,
@@ -238,12 +239,109 @@ def run_train_agg(recipe: Recipe, *, home: Path, name: str | None = None, model:
 # ---------------------------------------------------------------- the loop
 
 
+@dataclass
+class RLRun:
+    """What the RL loop needs, built by `_setup_rl`."""
+
+    recipe: Recipe
+    spec: RLSpec
+    home: Path
+    registry: Registry
+    task: Any
+    start_ref: ModelRef
+    run_dir: Path
+    state_dir: Path
+    loaded: Any  # LoadedModel of the policy, training mode
+    model: Any  # the policy's module (DDP-wrapped in a multi-process run)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    accelerator: Any  # None in a single process
+    rank: int
+    world: int
+    adapter_roles: dict[str, str] | None
+    generator: Any  # the policy's sampler (evaluation uses it as is: both roles)
+    policy_gen: TimedGenerator  # samples the role being trained
+    other_gen: TimedGenerator | None  # a frozen model, or the aggregator adapter, for the other role
+    ref_model: Any  # KL reference: None, "adapter-disabled" or a frozen model
+    state: RunState
+    resumed: bool  # the state came from a saved run
+    budget: int | None  # max_generated_tokens
+    train_pool: list[dict[str, Any]]
+    eval_problems: list[dict[str, Any]]
+    compiled: Any  # _CompiledForward | None
+    tb: Any  # tensorboard writer | None
+    console: Console
+    prompt_cache: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def second_gen(self) -> TimedGenerator:
+        return self.other_gen or self.policy_gen
+
+    @property
+    def main(self) -> bool:
+        return _is_main(self.accelerator)
+
+
 def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: Console | None,
          frozen_search_ref: str | None = None) -> dict[str, Any]:
-    from spiral_cli.evaluate import evaluate
+    run = _setup_rl(recipe, spec, home=home, model_ref=model_ref, console=console or Console(stderr=True),
+                    frozen_search_ref=frozen_search_ref)
+    state, sec = run.state, spec.section
+    if not run.resumed and run.eval_problems and run.main:
+        _eval_point(run)
+    run.model.train()
+    loop_start = (time.perf_counter(), state.step, state.generated_tokens)  # for the ETA
+    while state.step < sec.steps and not _budget_met(state, run.budget):
+        step_seed = recipe.seed * 1_000_003 + state.step * 7919 + run.rank
+        rng = random.Random(step_seed)
+        t_step = time.perf_counter()
+        # 1-2. rollouts with dynamic sampling
+        kept, drawn, gen_seconds, rollout_seconds = _collect(run, rng, step_seed)
+        # 3. update
+        t_upd = time.perf_counter()
+        samples = [s for r in kept for s in r.samples]
+        loss_stats = _update(run.model, run.ref_model, run.optimizer, run.scheduler, samples, sec, run.loaded,
+                             run.prompt_cache, run.accelerator, run.adapter_roles, run.compiled)
+        update_seconds = time.perf_counter() - t_upd
+        # 4. the generator samples from the new weights
+        t_sync = time.perf_counter()
+        run.policy_gen.update_weights(run.loaded.model)
+        sync_seconds = time.perf_counter() - t_sync
+        state.step += 1
+        last = state.step == sec.steps or _budget_met(state, run.budget)
+
+        state.steps_without_signal += not kept
+        row = _step_metrics(state, kept, drawn, loss_stats, {
+            "generation": gen_seconds, "scoring": rollout_seconds - gen_seconds,
+            "update": update_seconds, "sync": sync_seconds, "total": time.perf_counter() - t_step,
+        })
+        if (state.step % sec.eval_every == 0 or last) and run.eval_problems and run.main:
+            row["eval"] = _eval_point(run)
+        if run.main:
+            _log(run.run_dir / "metrics.jsonl", row, run.tb)
+            _print_step(run, row, kept, drawn, loop_start)
+        if state.step % sec.save_every == 0 or last:
+            _checkpoint(recipe, spec, run.loaded, run.optimizer, run.scheduler, state, run.registry, run.home,
+                        run.state_dir, run.start_ref, run.accelerator)
+
+    close_generator(run.generator)
+    final = run.registry.latest(spec.name)
+    if run.main:
+        _warn_no_signal(run.console, spec, state)
+    return {"name": spec.name, "stage": spec.stage, "steps": state.step,
+            "generated_tokens": state.generated_tokens, "total_tokens": state.total_tokens,
+            "steps_without_signal": state.steps_without_signal,
+            "stopped_on": "token_budget" if _budget_met(state, run.budget) else "steps",
+            "path": str(final.path) if final else None, "history": state.history}
+
+
+def _setup_rl(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: Console,
+              frozen_search_ref: str | None) -> RLRun:
+    """The policy (from the run's state when resuming), its optimizer and generators, the frozen
+    models a stage needs, the resumed run state, the problem pools. The order of the seeded steps
+    is the order they consume randomness in: keep it."""
     from spiral_cli.models import count_parameters, load_model
 
-    console = console or Console(stderr=True)
     sec = spec.section
     registry = Registry(home)
     task = load_task(recipe.task.name, recipe.task.options())
@@ -267,21 +365,10 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     if accelerator is not None:
         model, optimizer = accelerator.prepare(model, optimizer)
-    generator = make_generator(loaded, recipe.generation)  # evaluation uses it as is (both roles)
+    generator = make_generator(loaded, recipe.generation)
     # train-agg trains the aggregation role: with an aggregator adapter, that adapter samples
     policy_gen = TimedGenerator(for_aggregation(generator) if spec.stage == "agg" else generator)
-    other_gen = None
-    if adapter_roles and spec.stage == "set":  # the aggregator adapter plays the aggregation role
-        other_gen = TimedGenerator(for_aggregation(generator))
-    elif spec.stage == "agg" and frozen_search_ref:
-        frozen = load_model(recipe.model, source=resolve_model(frozen_search_ref, registry).source, for_training=False)
-        other_gen = TimedGenerator(_frozen_generator(recipe, frozen))
-    elif spec.stage == "set" and agg_mode == "frozen":
-        if not sec.aggregator.checkpoint:
-            raise RecipeError("train_set.aggregator.checkpoint: required when aggregator.mode is frozen")
-        frozen = load_model(recipe.model, source=resolve_model(sec.aggregator.checkpoint, registry).source, for_training=False)
-        other_gen = TimedGenerator(for_aggregation(_frozen_generator(recipe, frozen)))
-    second_gen = other_gen or policy_gen
+    other_gen = _other_generator(recipe, spec, registry, generator, adapter_roles, agg_mode, frozen_search_ref)
     ref_model = _reference(recipe, sec, loaded, start_ref)
 
     state = RunState()
@@ -293,132 +380,126 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         _truncate_metrics(run_dir / "metrics.jsonl", state.step)
         if _is_main(accelerator):
             _register_missing(recipe, spec, loaded, state, registry, home, start_ref)
-    total, trainable = count_parameters(loaded.model)
     budget = getattr(sec, "max_generated_tokens", None)
     if _is_main(accelerator):
-        console.print(
-            f"[bold]{spec.stage}[/] {spec.name}: from {start_ref.ref} ({total / 1e6:.2f}M params, "
-            f"{trainable / 1e6:.2f}M trainable) on {loaded.device}, {world} process(es)"
-            + (f"; resumed at step {state.step} ({state.generated_tokens:,} generated tokens)" if resuming else "")
-            + (f"; stops at {budget:,} generated tokens or step {sec.steps}" if budget else "")
-        )
-        if resuming and _budget_met(state, budget):
-            console.print(f"  token budget already met: {state.generated_tokens:,} >= {budget:,} generated tokens "
-                          f"at step {state.step}; no more steps (raise max_generated_tokens to go on)")
+        _print_start(console, spec, start_ref, loaded, count_parameters(loaded.model), world,
+                     state if resuming else None, budget)
     # capped: a token budget comes with a large `steps` cap, and `_take` wraps around the pool
     train_pool = task.problems("train", min(MAX_TRAIN_POOL, max(2000, sec.steps * sec.prompts_per_step * 4 * world)),
                                seed=recipe.seed + 17)
     eval_problems = task.problems("eval", sec.eval_problems, seed=recipe.seed) if sec.eval_problems else []
-    prompt_cache: dict[str, list[int]] = {}
     compiled = _CompiledForward(loaded, console) if _compile_applies(sec, accelerator, adapter_roles, console) else None
     tb = _tensorboard(run_dir) if getattr(sec, "tensorboard", False) and _is_main(accelerator) else None
+    return RLRun(recipe=recipe, spec=spec, home=home, registry=registry, task=task, start_ref=start_ref,
+                run_dir=run_dir, state_dir=state_dir, loaded=loaded, model=model, optimizer=optimizer,
+                scheduler=scheduler, accelerator=accelerator, rank=rank, world=world, adapter_roles=adapter_roles,
+                generator=generator, policy_gen=policy_gen, other_gen=other_gen, ref_model=ref_model, state=state,
+                resumed=resuming, budget=budget, train_pool=train_pool, eval_problems=eval_problems, compiled=compiled, tb=tb,
+                console=console)
 
-    def run_eval(step: int) -> dict[str, float]:
-        model.eval()
-        m = evaluate(task, generator, eval_problems,  # holds the current weights
-                     parallel=recipe.infer.parallel, seq_budget=recipe.generation.max_new_tokens,
-                     population=recipe.infer.population, agg_set_size=recipe.infer.agg_set_size,
-                     agg_max_new_tokens=recipe.generation.agg_max_new_tokens, seed=recipe.seed)
-        model.train()
-        return m
 
-    if not resuming and eval_problems and _is_main(accelerator):
-        m0 = run_eval(0)
-        state.history.append({"step": 0, "generated_tokens": 0, **m0})
-        console.print("  eval step 0: " + _fmt_eval(m0))
-        _write_curves(run_dir, spec.name, state.history)
+def _other_generator(recipe: Recipe, spec: RLSpec, registry: Registry, generator, adapter_roles, agg_mode: str,
+                     frozen_search_ref: str | None) -> TimedGenerator | None:
+    """The sampler of the role that is not trained from the policy's own weights, or None."""
+    from spiral_cli.models import load_model
 
-    model.train()
-    loop_start = (time.perf_counter(), state.step, state.generated_tokens)  # for the ETA
-    while state.step < sec.steps and not _budget_met(state, budget):
-        step_seed = recipe.seed * 1_000_003 + state.step * 7919 + rank
-        rng = random.Random(step_seed)
-        t_step = time.perf_counter()
-        policy_gen.seconds = 0.0
-        if other_gen:
-            other_gen.seconds = 0.0
+    sec = spec.section
+    if adapter_roles and spec.stage == "set":  # the aggregator adapter plays the aggregation role
+        return TimedGenerator(for_aggregation(generator))
+    if spec.stage == "agg" and frozen_search_ref:
+        frozen = load_model(recipe.model, source=resolve_model(frozen_search_ref, registry).source, for_training=False)
+        return TimedGenerator(_frozen_generator(recipe, frozen))
+    if spec.stage == "set" and agg_mode == "frozen":
+        if not sec.aggregator.checkpoint:
+            raise RecipeError("train_set.aggregator.checkpoint: required when aggregator.mode is frozen")
+        frozen = load_model(recipe.model, source=resolve_model(sec.aggregator.checkpoint, registry).source, for_training=False)
+        return TimedGenerator(for_aggregation(_frozen_generator(recipe, frozen)))
+    return None
 
-        # 1-2. rollouts with dynamic sampling
-        model.eval()
-        kept: list[PromptRollout] = []
-        drawn = 0
-        max_draws = sec.prompts_per_step * getattr(sec, "max_prompt_draws", 1)
-        dynamic = getattr(sec, "dynamic_sampling", False)
-        t_roll = time.perf_counter()
-        local_generated = local_total = 0
-        while len(kept) < sec.prompts_per_step and drawn < max_draws:
-            need = sec.prompts_per_step - len(kept)
-            problems = _take(train_pool, state.cursor + rank * need, need)  # each rank its own prompts
-            state.cursor += need * world
-            drawn += need
-            rollouts = spec.collect(task, policy_gen, second_gen, problems, rng, step_seed + drawn)
-            for r in rollouts:
-                local_generated += r.generated_tokens
-                local_total += r.prompt_tokens + r.generated_tokens
-            kept += [r for r in rollouts if r.has_signal] if dynamic else rollouts
-            if not dynamic:
-                break
-        # exact counts over all ranks, so every rank takes the same decision on the token budget
-        generated, total_tokens = _all_sum([local_generated, local_total], accelerator)
-        state.generated_tokens += int(generated)
-        state.total_tokens += int(total_tokens)
-        if spec.scale_rewards == "batch":  # TRL's batch std: over the whole step's batch, all ranks
-            scale_batch(kept, spec.stage == "grpo", lambda xs: _all_sum(xs, accelerator))
-        rollout_seconds = time.perf_counter() - t_roll
-        gen_seconds = policy_gen.seconds + (other_gen.seconds if other_gen else 0.0)
-        model.train()
 
-        # 3. update
-        t_upd = time.perf_counter()
-        samples = [s for r in kept for s in r.samples]
-        loss_stats = _update(model, ref_model, optimizer, scheduler, samples, sec, loaded, prompt_cache, accelerator,
-                             adapter_roles, compiled)
-        update_seconds = time.perf_counter() - t_upd
-        t_sync = time.perf_counter()
-        policy_gen.update_weights(loaded.model)  # 4. the generator samples from the new weights
-        sync_seconds = time.perf_counter() - t_sync
-        state.step += 1
-        last = state.step == sec.steps or _budget_met(state, budget)
+def _print_start(console: Console, spec: RLSpec, start_ref: ModelRef, loaded, counts: tuple[int, int], world: int,
+                 resumed: RunState | None, budget: int | None) -> None:
+    total, trainable = counts
+    console.print(
+        f"[bold]{spec.stage}[/] {spec.name}: from {start_ref.ref} ({total / 1e6:.2f}M params, "
+        f"{trainable / 1e6:.2f}M trainable) on {loaded.device}, {world} process(es)"
+        + (f"; resumed at step {resumed.step} ({resumed.generated_tokens:,} generated tokens)" if resumed else "")
+        + (f"; stops at {budget:,} generated tokens or step {spec.section.steps}" if budget else "")
+    )
+    if resumed and _budget_met(resumed, budget):
+        console.print(f"  token budget already met: {resumed.generated_tokens:,} >= {budget:,} generated tokens "
+                      f"at step {resumed.step}; no more steps (raise max_generated_tokens to go on)")
 
-        state.steps_without_signal += not kept
-        row = _step_metrics(state, kept, drawn, loss_stats, {
-            "generation": gen_seconds, "scoring": rollout_seconds - gen_seconds,
-            "update": update_seconds, "sync": sync_seconds, "total": time.perf_counter() - t_step,
-        })
-        if state.step % sec.eval_every == 0 or last:
-            if eval_problems and _is_main(accelerator):
-                m = run_eval(state.step)
-                state.history.append({"step": state.step, "generated_tokens": state.generated_tokens, **m})
-                row["eval"] = m
-                _write_curves(run_dir, spec.name, state.history)
-                console.print(f"  eval step {state.step}: " + _fmt_eval(m))
-        if _is_main(accelerator):
-            _log(run_dir / "metrics.jsonl", row, tb)
-            console.print(
-                f"  step {state.step}/{sec.steps} reward {row['reward_search']:.3f}"
-                + (f" agg {row['reward_aggregate']:.3f}" if row.get("reward_aggregate") is not None else "")
-                + f" kept {len(kept)}/{drawn} entropy {row['entropy_search']:.3f} "
-                f"| {row['seconds']['total']:.1f}s (gen {gen_seconds:.1f}, score {row['seconds']['scoring']:.2f}, "
-                f"update {update_seconds:.1f}, sync {sync_seconds:.2f}) | tokens {state.generated_tokens:,}"
-                + (f"/{budget:,}" if budget else "") + f" generated, {state.total_tokens:,} total"
-                + f", ETA {_eta(state, sec.steps, budget, loop_start)}"
-            )
-            if _budget_met(state, budget):
-                console.print(f"  token budget reached: {state.generated_tokens:,} >= {budget:,} generated tokens "
-                              f"at step {state.step}")
-        if state.step % sec.save_every == 0 or last:
-            _checkpoint(recipe, spec, loaded, optimizer, scheduler, state, registry, home, state_dir, start_ref, accelerator)
 
-    close_generator(generator)
-    final = registry.latest(spec.name)
-    if _is_main(accelerator):
-        _warn_no_signal(console, spec, state)
-    result = {"name": spec.name, "stage": spec.stage, "steps": state.step,
-              "generated_tokens": state.generated_tokens, "total_tokens": state.total_tokens,
-              "steps_without_signal": state.steps_without_signal,
-              "stopped_on": "token_budget" if _budget_met(state, budget) else "steps",
-              "path": str(final.path) if final else None, "history": state.history}
-    return result
+def _collect(run: RLRun, rng: random.Random, step_seed: int) -> tuple[list[PromptRollout], int, float, float]:
+    """One step's rollouts: prompts drawn (with dynamic sampling, until enough carry signal or the
+    draw cap is hit), generated, scored and given advantages; the token counters advanced over all
+    ranks. Returns (kept rollouts, prompts drawn, generation seconds, rollout seconds)."""
+    sec, state, spec = run.spec.section, run.state, run.spec
+    run.policy_gen.seconds = 0.0
+    if run.other_gen:
+        run.other_gen.seconds = 0.0
+    run.model.eval()
+    kept: list[PromptRollout] = []
+    drawn = 0
+    max_draws = sec.prompts_per_step * getattr(sec, "max_prompt_draws", 1)
+    dynamic = getattr(sec, "dynamic_sampling", False)
+    t_roll = time.perf_counter()
+    local_generated = local_total = 0
+    while len(kept) < sec.prompts_per_step and drawn < max_draws:
+        need = sec.prompts_per_step - len(kept)
+        problems = _take(run.train_pool, state.cursor + run.rank * need, need)  # each rank its own prompts
+        state.cursor += need * run.world
+        drawn += need
+        rollouts = spec.collect(run.task, run.policy_gen, run.second_gen, problems, rng, step_seed + drawn)
+        for r in rollouts:
+            local_generated += r.generated_tokens
+            local_total += r.prompt_tokens + r.generated_tokens
+        kept += [r for r in rollouts if r.has_signal] if dynamic else rollouts
+        if not dynamic:
+            break
+    # exact counts over all ranks, so every rank takes the same decision on the token budget
+    generated, total_tokens = _all_sum([local_generated, local_total], run.accelerator)
+    state.generated_tokens += int(generated)
+    state.total_tokens += int(total_tokens)
+    if spec.scale_rewards == "batch":  # TRL's batch std: over the whole step's batch, all ranks
+        scale_batch(kept, spec.stage == "grpo", lambda xs: _all_sum(xs, run.accelerator))
+    rollout_seconds = time.perf_counter() - t_roll
+    gen_seconds = run.policy_gen.seconds + (run.other_gen.seconds if run.other_gen else 0.0)
+    run.model.train()
+    return kept, drawn, gen_seconds, rollout_seconds
+
+
+def _eval_point(run: RLRun) -> dict[str, float]:
+    """Evaluate the current weights, add the point to the history and the curves, print it."""
+    recipe, state = run.recipe, run.state
+    run.model.eval()
+    m = evaluate(run.task, run.generator, run.eval_problems,  # holds the current weights
+                 parallel=recipe.infer.parallel, seq_budget=recipe.generation.max_new_tokens,
+                 population=recipe.infer.population, agg_set_size=recipe.infer.agg_set_size,
+                 agg_max_new_tokens=recipe.generation.agg_max_new_tokens, seed=recipe.seed)
+    run.model.train()
+    state.history.append({"step": state.step, "generated_tokens": state.generated_tokens, **m})
+    _write_curves(run.run_dir, run.spec.name, state.history)
+    run.console.print(f"  eval step {state.step}: " + _fmt_eval(m))
+    return m
+
+
+def _print_step(run: RLRun, row: dict[str, Any], kept: list[PromptRollout], drawn: int,
+                loop_start: tuple[float, int, int]) -> None:
+    state, budget, secs = run.state, run.budget, row["seconds"]
+    run.console.print(
+        f"  step {state.step}/{run.spec.section.steps} reward {row['reward_search']:.3f}"
+        + (f" agg {row['reward_aggregate']:.3f}" if row.get("reward_aggregate") is not None else "")
+        + f" kept {len(kept)}/{drawn} entropy {row['entropy_search']:.3f} "
+        f"| {secs['total']:.1f}s (gen {secs['generation']:.1f}, score {secs['scoring']:.2f}, "
+        f"update {secs['update']:.1f}, sync {secs['sync']:.2f}) | tokens {state.generated_tokens:,}"
+        + (f"/{budget:,}" if budget else "") + f" generated, {state.total_tokens:,} total"
+        + f", ETA {_eta(state, run.spec.section.steps, budget, loop_start)}"
+    )
+    if _budget_met(state, budget):
+        run.console.print(f"  token budget reached: {state.generated_tokens:,} >= {budget:,} generated tokens "
+                          f"at step {state.step}")
 
 
 def _warn_no_signal(console: Console, spec: RLSpec, state: RunState) -> None:
