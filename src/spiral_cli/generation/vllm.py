@@ -141,6 +141,40 @@ def _refresh_cpu_weight_gemms(worker) -> int:
     return n
 
 
+def attention_head_size(config) -> int | None:
+    """The model's attention head size: ``head_dim`` when the config sets it (Qwen3, Llama),
+    else hidden_size // num_attention_heads (Qwen2). None when the config says neither."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hd = getattr(cfg, "head_dim", None)
+    if hd:
+        return int(hd)
+    hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
+    return int(hidden) // int(heads) if hidden and heads else None
+
+
+def check_head_size(config) -> None:
+    """Refuse, in one line and before an engine starts, a head size that vLLM's CPU attention
+    kernels lack: vLLM 0.32 would load the model and then fail deep in its first forward
+    ("Unsupported CPU attention configuration: head_dim=16"). On other platforms vLLM picks an
+    attention backend per head size itself."""
+    if not _on_cpu():
+        return
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(cfg, "kv_lora_rank", None):  # multi-head latent attention: other kernels, other sizes
+        return
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = list(CPUAttentionBackend.get_supported_head_sizes())
+    except Exception:  # noqa: BLE001 - another vLLM layout: let the engine decide
+        return
+    hd = attention_head_size(cfg)
+    if hd is not None and hd not in supported:
+        raise ModelError(
+            f"generation.backend=vllm: this model's attention head size is {hd}, which vLLM's CPU attention kernels "
+            f"do not support (supported: {', '.join(map(str, supported))}); use generation.backend=hf")
+
+
 class VLLMGenerator:
     """Generator backed by a vLLM engine colocated with the trainer (see the module docstring)."""
 
@@ -172,6 +206,7 @@ class VLLMGenerator:
                              "multi-process (DDP) training yet; use generation.backend=hf")
 
         model = _unwrap(loaded.model)
+        check_head_size((model.get_base_model() if _is_peft(model) else model).config)
         if loaded.autocast or loaded.dtype == torch.bfloat16:
             self.torch_dtype = torch.bfloat16
         elif loaded.dtype == torch.float16:
