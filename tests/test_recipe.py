@@ -121,3 +121,20 @@ def test_hash_is_stable_and_sensitive():
     assert a.hash() == b.hash()
     b.train_set.lr = 1e-3
     assert a.hash() != b.hash()
+
+
+def test_rl_sections_share_one_base_and_their_defaults():
+    """train_set and train_agg read their shared fields from one base class: same names, same
+    defaults; only the stage-specific fields differ."""
+    from spiral_cli.recipe import TrainAggSection, TrainSetSection, _RLSection
+
+    shared = set(_RLSection.model_fields)
+    assert {"steps", "lr", "beta", "loss_type", "scale_rewards", "max_grad_norm", "warmup_steps"} <= shared
+    for name in shared:
+        assert TrainSetSection.model_fields[name].default == TrainAggSection.model_fields[name].default, name
+    assert set(TrainSetSection.model_fields) - shared >= {"objective", "dynamic_sampling", "updates_per_batch"}
+    assert set(TrainAggSection.model_fields) - shared == {"search_model", "balance"}
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):  # the deprecated alias belongs to train_set only
+        TrainAggSection(scale_std=True)

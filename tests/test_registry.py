@@ -196,6 +196,14 @@ def test_recipe_hash_stored_equals_function(reg):
     assert reg.show("h").recipe == r
 
 
+def test_a_recipes_hash_is_the_registrys(reg):
+    """One recipe_hash: what sweep and compare report for a recipe is what its entries store."""
+    from spiral_cli.recipe import Recipe
+
+    recipe = Recipe.model_validate({"name": "r", "train_set": {"lr": 3e-5}, "task": {"name": "countdown"}})
+    assert add(reg, "hashed", recipe=recipe.snapshot()).recipe_hash == recipe.hash()
+
+
 def test_ls_order_and_filters(reg):
     add(reg, "b", 10, stage="set")
     add(reg, "a", 200, stage="sft")

@@ -11,12 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from spiral_cli.generation.base import Generator
+from spiral_cli.metrics import mean
 from spiral_cli.pipeline import PipelineConfig, ProblemResult, run_pipeline
 from spiral_cli.tasks.base import Task
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
 
 
 def summarize(results: list[ProblemResult], prefix: str = "") -> dict[str, float]:
@@ -26,15 +23,15 @@ def summarize(results: list[ProblemResult], prefix: str = "") -> dict[str, float
     if not rows:
         return out
     n = len(results[0].search)
-    out[f"{prefix}pass@1"] = _mean([row["trace_accuracy"] for row in rows])
-    out[f"{prefix}pass@{n}"] = _mean([float(row["any_correct"]) for row in rows])
-    out[f"{prefix}majority@{n}"] = _mean([float(row["majority_correct"]) for row in rows])
+    out[f"{prefix}pass@1"] = mean([row["trace_accuracy"] for row in rows])
+    out[f"{prefix}pass@{n}"] = mean([float(row["any_correct"]) for row in rows])
+    out[f"{prefix}majority@{n}"] = mean([float(row["majority_correct"]) for row in rows])
     if all("aggregation_accuracy" in row for row in rows):
-        out[f"{prefix}learned_agg@{n}"] = _mean([row["aggregation_accuracy"] for row in rows])
-    out[f"{prefix}final_answer_accuracy"] = _mean([float(bool(r.correct)) for r in results if r.labelled])
+        out[f"{prefix}learned_agg@{n}"] = mean([row["aggregation_accuracy"] for row in rows])
+    out[f"{prefix}final_answer_accuracy"] = mean([float(bool(r.correct)) for r in results if r.labelled])
     tokens = [r.token_totals() for r in results]
-    out[f"{prefix}generated_tokens_per_problem"] = _mean([t.generated for t in tokens])
-    out[f"{prefix}total_tokens_per_problem"] = _mean([t.total for t in tokens])
+    out[f"{prefix}generated_tokens_per_problem"] = mean([t.generated for t in tokens])
+    out[f"{prefix}total_tokens_per_problem"] = mean([t.total for t in tokens])
     return out
 
 
@@ -81,3 +78,19 @@ def evaluate(
         metrics.update({k: v for k, v in m.items() if "pass@1" in k or "majority" in k or "tokens" in k})
     metrics["eval_problems"] = float(len(problems))
     return metrics
+
+
+def evaluate_recipe(task: Task, generator: Generator, problems: list[dict[str, Any]], recipe,
+                    *, short_budget: bool = False) -> dict[str, float]:
+    """`evaluate` with a recipe's settings, the one way every training stage evaluates: N =
+    infer.parallel traces of T = generation.max_new_tokens at generation.temperature, one learned
+    aggregation round of P = infer.population subsets of k = infer.agg_set_size. `short_budget`
+    adds single-trace accuracy at T/4 (sft's end-of-run figures; the RL stages evaluate every
+    `eval_every` steps and leave it out)."""
+    gen, inf = recipe.generation, recipe.infer
+    return evaluate(
+        task, generator, problems, parallel=inf.parallel, seq_budget=gen.max_new_tokens,
+        population=inf.population, agg_set_size=inf.agg_set_size, agg_max_new_tokens=gen.agg_max_new_tokens,
+        temperature=gen.temperature, seed=recipe.seed,
+        short_budget=max(1, gen.max_new_tokens // 4) if short_budget else None,
+    )

@@ -18,7 +18,7 @@ from rich.console import Console
 from spiral_cli.checkpoints import resolve_model
 from spiral_cli.generation import close_generator, make_generator
 from spiral_cli.progress import fmt_duration
-from spiral_cli.jsonl import InputError, check_input_file, iter_jsonl, write_jsonl_line
+from spiral_cli.jsonl import InputError, check_input_file, chunks, iter_jsonl, write_jsonl_line
 from spiral_cli.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from spiral_cli.registry import Registry
 from spiral_cli.tasks import TaskError, load_task
@@ -125,23 +125,6 @@ def _problem_from_text(task: Task, text: str) -> dict[str, Any]:
         return parse(text)
     except TaskError as e:
         raise InputError(f"--prompt: {e}") from None
-
-
-def _chunks(it: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    """Batches of `size`; on a bad input line, the batch read so far first, then the error."""
-    chunk: list[dict[str, Any]] = []
-    try:
-        for item in it:
-            chunk.append(item)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-    except InputError:
-        if chunk:
-            yield chunk
-        raise
-    if chunk:
-        yield chunk
 
 
 class _Progress:
@@ -255,7 +238,7 @@ def run_infer(
     per_problem: list[dict[str, Any]] = []  # the labelled problems' figures, for the summary
     t0 = time.time()
     try:
-        for chunk_idx, chunk in enumerate(_chunks(problems, first_chunk_size)):
+        for chunk_idx, chunk in enumerate(chunks(problems, first_chunk_size)):
             cfg.seed = recipe.seed + chunk_idx  # distinct samples per chunk, reproducible run to run
             for r in run_pipeline(task, generator, chunk, cfg):
                 row = {"problem": r.problem, **r.to_dict(include_traces=include_traces)}

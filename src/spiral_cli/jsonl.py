@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -77,7 +78,50 @@ def read_jsonl_file(path: str | Path, what: str = "input file") -> list[tuple[in
         return list(iter_jsonl(f, str(p)))
 
 
+def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive batches of `size` (the last may be shorter). Reading rows from a JSONL stream,
+    a bad line yields the batch read so far first, then raises its InputError, so every good
+    line before it is answered."""
+    chunk: list[Any] = []
+    try:
+        for item in items:
+            chunk.append(item)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    except InputError:
+        if chunk:
+            yield chunk
+        raise
+    if chunk:
+        yield chunk
+
+
 def write_jsonl_line(obj: dict[str, Any], stream: IO[str] | None = None) -> None:
     stream = stream or sys.stdout
     stream.write(json.dumps(obj, ensure_ascii=False) + "\n")
     stream.flush()  # downstream in a pipeline sees each result as soon as it exists
+
+
+def _json_default(obj: Any) -> Any:
+    """Encode the few non-JSON values that commonly appear in recipes and metrics."""
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    item = getattr(obj, "item", None)  # numpy / torch scalars, without importing either
+    if callable(item):
+        try:
+            value = item()
+        except Exception:  # noqa: BLE001 - e.g. a tensor with more than one element
+            value = None
+        if isinstance(value, (bool, int, float, str)):
+            return value
+    raise TypeError(f"{type(obj).__name__} value {obj!r:.60} is not JSON-serialisable")
+
+
+def canonical_json(obj: Any) -> str:
+    """One text per value whatever its key order: what the registry stores and recipe hashes hash."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
+    )

@@ -26,7 +26,7 @@ import itertools
 import math
 import random
 from collections import Counter
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -46,6 +46,13 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- pass@k
+
+
+def mean(xs: Iterable[float], empty: Any = 0.0) -> Any:
+    """The arithmetic mean; `empty` when there are no values (0.0, or None where "no value" must
+    stay distinguishable from zero, as in the RL step metrics)."""
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else empty
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

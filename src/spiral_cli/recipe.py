@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import re
 import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from spiral_cli.jsonl import canonical_json
 
 
 class RecipeError(ValueError):
@@ -45,6 +46,32 @@ class LoraSection(_Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+# keys apply_chat_template sets itself (or that change what it returns): never template kwargs
+_CHAT_RESERVED = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                            "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                            "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+class ChatTemplateSection(_Section):
+    """Prompts through the tokenizer's chat template (models.encode_prompts, the one place prompts
+    become token ids: sft, rollouts, infer and sweep alike). auto = when the tokenizer has a
+    template (hub instruct models; the scratch byte tokenizer has none and keeps the compact
+    format), on = required, off = the raw prompt text."""
+
+    use: Literal["auto", "on", "off"] = "auto"
+    system_prompt: str | None = None  # a system message before the prompt (None = none)
+    # extra template variables, e.g. {enable_thinking: false} for Qwen3
+    kwargs: dict[str, str | int | float | bool | None] = {}
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_reserved(cls, v: dict) -> dict:
+        bad = sorted(set(v) & _CHAT_RESERVED)
+        if bad:
+            raise ValueError(f"{', '.join(bad)} cannot be set here (apply_chat_template's own argument)")
+        return v
+
+
 class ModelSection(_Section):
     # scratch:<preset> | hub id | local directory | registry name (name, name@step, name:tag)
     name: str = "scratch:tiny"
@@ -58,6 +85,7 @@ class ModelSection(_Section):
     trust_remote_code: bool = False
     max_seq_len: int = Field(1024, gt=0)  # context of a scratch model; prompt+completion cap otherwise
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    chat_template: ChatTemplateSection = ChatTemplateSection()
 
 
 class VllmSection(_Section):
@@ -164,8 +192,12 @@ def _trl_names(data: Any, handler, *, deprecated_scale_std: bool):
     return section
 
 
-class TrainSetSection(_Section):
-    objective: Literal["spiral", "grpo"] = "spiral"
+class _RLSection(_Section):
+    """What `train_set` and `train_agg` share: the step, budget, set shape, loss, optimiser and
+    bookkeeping fields (docs/method.md). TRL's spellings are accepted where spiral's names differ
+    (`_trl_names`)."""
+
+    _accepts_scale_std: ClassVar[bool] = False  # the deprecated alias predates train_agg's field
     steps: int = Field(200, gt=0)  # a cap: the run ends at `steps` or `max_generated_tokens`, first reached
     # training budget in generated tokens (all ranks, search + aggregation); the run stops after the
     # optimizer step that reaches it. None = off. Give a SPIRAL run and its GRPO twin the same value.
@@ -175,10 +207,6 @@ class TrainSetSection(_Section):
     num_sets: int = Field(4, gt=0)  # K
     set_size: int = Field(4, gt=0)  # n
     num_aggregations: int = Field(4, gt=0)  # N2 per set
-    num_generations: int = Field(12, gt=0)  # G for --objective grpo (TRL's name)
-    # GRPO's sequential budget; None = 2 x generation.max_new_tokens, the paper's compute matching
-    # (12 x 2T = SPIRAL's 8T + 16T)
-    grpo_max_new_tokens: int | None = Field(None, gt=0)
     lr: float = Field(2e-5, gt=0)
     beta: float = Field(0.0, ge=0)  # KL coefficient
     # ratio form; TRL's loss_type names (grpo, bnpo, dapo, dr_grpo) are accepted and mapped to
@@ -189,13 +217,8 @@ class TrainSetSection(_Section):
     # token_mean = TRL's dapo/bnpo, seq_mean = TRL's grpo, dr_grpo = Dr. GRPO's constant normaliser
     loss_aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
     # TRL's scale_rewards: divide advantages by the group's std, the step batch's std, or not at
-    # all. None = by objective: "group" for grpo (TRL's default), "none" for spiral (the paper's).
-    # The deprecated `scale_std: true/false` still loads as "group"/"none".
+    # all; None = the stage's default (`effective_scale_rewards`)
     scale_rewards: ScaleRewards | None = None
-    length_target: int | None = Field(None, gt=0)  # L_target of the length gate; None = off
-    dynamic_sampling: bool = True
-    max_prompt_draws: int = Field(3, gt=0)  # cap on dynamic sampling, as a multiple of prompts_per_step
-    updates_per_batch: int = Field(1, gt=0)
     micro_batch_size: int = Field(16, gt=0)
     # torch.compile the policy's training forward at the first update (single process, one adapter)
     compile: bool = False
@@ -205,60 +228,48 @@ class TrainSetSection(_Section):
     eval_problems: int = Field(100, ge=0)
     save_every: int = Field(25, gt=0)
     tensorboard: bool = False
-    aggregator: AggregatorSection = AggregatorSection()
     _deprecations: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="wrap")
     @classmethod
     def _trl_aliases(cls, data: Any, handler):
-        return _trl_names(data, handler, deprecated_scale_std=True)
+        return _trl_names(data, handler, deprecated_scale_std=cls._accepts_scale_std)
 
     @property
     def deprecations(self) -> list[str]:
         """One-line notes about deprecated keys this section was loaded with (the CLI prints them)."""
         return list(self._deprecations)
 
+
+class TrainSetSection(_RLSection):
+    """Set RL (or GRPO). scale_rewards None = by objective: "group" for grpo (TRL's default),
+    "none" for spiral (the paper's); the deprecated `scale_std: true/false` loads as group/none."""
+
+    _accepts_scale_std: ClassVar[bool] = True
+    objective: Literal["spiral", "grpo"] = "spiral"
+    num_generations: int = Field(12, gt=0)  # G for --objective grpo (TRL's name)
+    # GRPO's sequential budget; None = 2 x generation.max_new_tokens, the paper's compute matching
+    # (12 x 2T = SPIRAL's 8T + 16T)
+    grpo_max_new_tokens: int | None = Field(None, gt=0)
+    length_target: int | None = Field(None, gt=0)  # L_target of the length gate; None = off
+    dynamic_sampling: bool = True
+    max_prompt_draws: int = Field(3, gt=0)  # cap on dynamic sampling, as a multiple of prompts_per_step
+    updates_per_batch: int = Field(1, gt=0)
+    aggregator: AggregatorSection = AggregatorSection()
+
     @property
     def effective_scale_rewards(self) -> str:
         return self.scale_rewards or ("group" if self.objective == "grpo" else "none")
 
 
-class TrainAggSection(_Section):
+class TrainAggSection(_RLSection):
     search_model: str | None = None  # frozen search policy (registry name); None = the model itself
-    steps: int = Field(200, gt=0)  # a cap, as in train_set
-    max_generated_tokens: int | None = Field(None, gt=0)  # as in train_set; None = off
-    prompts_per_step: int = Field(8, gt=0)
-    num_search: int = Field(8, gt=0)
-    set_size: int = Field(4, gt=0)
-    num_sets: int = Field(4, gt=0)
-    num_aggregations: int = Field(4, gt=0)
     balance: bool = False  # balance easy (majority right) and hard (majority wrong) sets
-    lr: float = Field(2e-5, gt=0)
-    beta: float = Field(0.0, ge=0)
-    loss_type: Literal["is", "ppo_clip"] = "ppo_clip"  # TRL's names accepted, as in train_set
-    epsilon_low: float = Field(0.2, ge=0)
-    epsilon_high: float = Field(0.28, ge=0)
-    loss_aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
-    # the aggregation advantage r - f_i divided by the std of r within its set ("group"), over the
-    # step's batch ("batch"), or not at all; None = "none", the paper's
-    scale_rewards: ScaleRewards | None = None
-    micro_batch_size: int = Field(16, gt=0)
-    # torch.compile the policy's training forward at the first update (single process, one adapter)
-    compile: bool = False
-    max_grad_norm: float = Field(1.0, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    eval_every: int = Field(25, gt=0)
-    eval_problems: int = Field(100, ge=0)
-    save_every: int = Field(25, gt=0)
-    tensorboard: bool = False
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _trl_aliases(cls, data: Any, handler):
-        return _trl_names(data, handler, deprecated_scale_std=False)
 
     @property
     def effective_scale_rewards(self) -> str:
+        # the aggregation advantage r - f_i divided by the std of r within its set ("group"), over
+        # the step's batch ("batch"), or not at all: "none" by default, the paper's
         return self.scale_rewards or "none"
 
 
@@ -362,8 +373,12 @@ def grpo_budget(recipe: Recipe) -> int:
     return recipe.train_set.grpo_max_new_tokens or 2 * recipe.generation.max_new_tokens
 
 
-def recipe_hash(snapshot: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(snapshot, sort_keys=True).encode()).hexdigest()[:16]
+def recipe_hash(snapshot: dict[str, Any] | None) -> str | None:
+    """First 16 hex digits of the sha256 of a recipe snapshot's canonical JSON (key order ignored):
+    the hash the registry stores, sweep and compare report."""
+    if snapshot is None:
+        return None
+    return hashlib.sha256(canonical_json(snapshot).encode("utf-8")).hexdigest()[:16]
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -27,7 +27,6 @@ Standard library only: no torch.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 import re
@@ -40,7 +39,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from .jsonl import canonical_json
 from .paths import atomic_dir, checkpoint_path, checkpoints_dir, cleanup_stale_tmp
+from .recipe import recipe_hash
 
 __all__ = [
     "STAGES",
@@ -156,36 +157,6 @@ class ResolvedRef:
             "ref": self.ref,
             "entry": self.entry.to_dict() if self.entry is not None else None,
         }
-
-
-def _json_default(obj: Any) -> Any:
-    """Encode the few non-JSON values that commonly appear in recipes and metrics."""
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=repr)
-    item = getattr(obj, "item", None)  # numpy / torch scalars, without importing either
-    if callable(item):
-        try:
-            value = item()
-        except Exception:  # noqa: BLE001 - e.g. a tensor with more than one element
-            value = None
-        if isinstance(value, (bool, int, float, str)):
-            return value
-    raise TypeError(f"{type(obj).__name__} value {obj!r:.60} is not JSON-serialisable")
-
-
-def _canonical_json(obj: Any) -> str:
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
-    )
-
-
-def recipe_hash(recipe: dict[str, Any] | None) -> str | None:
-    """First 16 hex digits of the sha256 of the recipe's canonical JSON (key order ignored)."""
-    if recipe is None:
-        return None
-    return hashlib.sha256(_canonical_json(recipe).encode("utf-8")).hexdigest()[:16]
 
 
 def validate_name(name: Any, what: str = "checkpoint name") -> str:
@@ -494,8 +465,8 @@ class Registry:
         recipe_d = _json_dict(recipe, "recipe") if recipe is not None else None
         metrics_d = _json_dict(metrics, "metrics")
         try:
-            recipe_json = _canonical_json(recipe_d if recipe_d is not None else {})
-            metrics_json = _canonical_json(metrics_d)
+            recipe_json = canonical_json(recipe_d if recipe_d is not None else {})
+            metrics_json = canonical_json(metrics_d)
         except (TypeError, ValueError) as exc:
             raise RegistryError(f"recipe/metrics of {name}@{step} are not JSON-serialisable: {exc}") from None
         abspath = str(Path(path).expanduser().absolute())
@@ -658,7 +629,7 @@ class Registry:
         """Merge ``metrics`` into the metrics of the entry ``ref`` names (e.g. after a sweep)."""
         _json_dict(metrics, "metrics")
         try:
-            _canonical_json(metrics)
+            canonical_json(metrics)
         except (TypeError, ValueError) as exc:
             raise RegistryError(f"metrics for {ref} are not JSON-serialisable: {exc}") from None
         with self._write() as con:
@@ -666,7 +637,7 @@ class Registry:
             merged = {**entry.metrics, **metrics}
             con.execute(
                 "UPDATE entries SET metrics = ? WHERE id = ?",
-                (_canonical_json(merged), entry.id),
+                (canonical_json(merged), entry.id),
             )
             (entry,) = self._fetch(con, "WHERE e.id = ?", (entry.id,))
         return entry

@@ -258,7 +258,7 @@ class SftOutcome:
 
 
 def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool = True, console: Console | None = None) -> dict[str, Any]:
-    from spiral_cli.evaluate import evaluate
+    from spiral_cli.evaluate import evaluate_recipe
 
     console = console or Console(stderr=True)
     run = _setup_sft(recipe, home=home, name=name or f"{recipe.name}-sft", resume=resume, console=console)
@@ -277,14 +277,7 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
         console.print(f"  evaluating on {len(problems)} held-out problems (N={recipe.infer.parallel}, T={gen.max_new_tokens})")
         t_eval = time.time()
         try:
-            metrics.update(
-                evaluate(
-                    run.task, generator, problems, parallel=recipe.infer.parallel, seq_budget=gen.max_new_tokens,
-                    population=recipe.infer.population, agg_set_size=recipe.infer.agg_set_size,
-                    agg_max_new_tokens=gen.agg_max_new_tokens, temperature=gen.temperature, seed=recipe.seed,
-                    short_budget=max(1, gen.max_new_tokens // 4),
-                )
-            )
+            metrics.update(evaluate_recipe(run.task, generator, problems, recipe, short_budget=True))
         finally:
             close_generator(generator)
         metrics["eval_seconds"] = time.time() - t_eval

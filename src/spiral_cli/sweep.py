@@ -95,6 +95,7 @@ from spiral_cli.metrics import (
     bootstrap_ci,
     compute_to_reach,
     majority_at_k_expected,
+    mean,
     pass_at_k,
     scaling_efficiency,
     scaling_efficiency_interval,
@@ -102,6 +103,7 @@ from spiral_cli.metrics import (
 )
 from spiral_cli.generation import close_generator, make_generator
 from spiral_cli.generation.roles import for_aggregation
+from spiral_cli.jsonl import chunks
 from spiral_cli.paths import atomic_write_text, current_umask
 from spiral_cli.pipeline import PipelineConfig, ProblemResult, Trace, aggregate_rounds, run_pipeline, vote_key
 from spiral_cli.recipe import Recipe, RecipeError
@@ -183,14 +185,6 @@ def _read_rows(path: Path, ids: list[str]) -> list[dict[str, Any]] | None:
 
 def _problem_id(p: dict[str, Any], i: int) -> str:
     return str(p.get("id", i))
-
-
-def _chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
 
 
 def _ci(values: list[float], seed: int) -> tuple[float, float, str]:
@@ -335,8 +329,8 @@ def _advance(ctx: _Context, description: str) -> None:
 def _plan_missing(ctx: _Context, works: list[_ModelWork]) -> dict[str, int]:
     """Generate calls still to make per model (cache files absent)."""
     missing: dict[str, int] = {}
-    n_problem_chunks = len(_chunks(ctx.ids, ctx.pool_chunk))
-    n_agg_chunks = len(_chunks(ctx.ids, ctx.agg_chunk))
+    n_problem_chunks = len(list(chunks(ctx.ids, ctx.pool_chunk)))
+    n_agg_chunks = len(list(chunks(ctx.ids, ctx.agg_chunk)))
     max_r = max(ctx.grid.learned_rounds, default=0)
     for w in works:
         count = 0
@@ -355,8 +349,8 @@ def _plan_missing(ctx: _Context, works: list[_ModelWork]) -> dict[str, int]:
 def _sample_pool(ctx: _Context, w: _ModelWork, t: int, generator: Callable[[], Any]) -> list[dict[str, Any]]:
     key = w.pool_keys[t]
     rows_all: list[dict[str, Any]] = []
-    chunks = _chunks(list(zip(ctx.problems, ctx.ids)), ctx.pool_chunk)
-    for c, chunk in enumerate(chunks):
+    batches = list(chunks(list(zip(ctx.problems, ctx.ids)), ctx.pool_chunk))
+    for c, chunk in enumerate(batches):
         ids = [i for _, i in chunk]
         path = _pool_path(ctx, key, c)
         rows = _read_rows(path, ids)
@@ -377,7 +371,7 @@ def _sample_pool(ctx: _Context, w: _ModelWork, t: int, generator: Callable[[], A
                 for pid, r in zip(ids, results)
             ]
             _write_jsonl(path, rows)
-            _advance(ctx, f"{w.label} T={t}: search traces {c + 1}/{len(chunks)}")
+            _advance(ctx, f"{w.label} T={t}: search traces {c + 1}/{len(batches)}")
         rows_all.extend(rows)
     return rows_all
 
@@ -388,7 +382,7 @@ def _run_learned(ctx: _Context, w: _ModelWork, t: int, n: int, generator: Callab
     key = _learned_key(ctx, w.pool_keys[t], n)
     pool = {row["id"]: row for row in w.pools[t]}
     problems = dict(zip(ctx.ids, ctx.problems))
-    chunks = _chunks(ctx.ids, ctx.agg_chunk)
+    batches = list(chunks(ctx.ids, ctx.agg_chunk))
     prev: dict[str, list[dict[str, Any]]] = {}  # id -> population of the previous round
     by_round: dict[int, list[dict[str, Any]]] = {}
     cfg_base = dict(
@@ -397,7 +391,7 @@ def _run_learned(ctx: _Context, w: _ModelWork, t: int, n: int, generator: Callab
     )
     for r in range(1, max_r + 1):
         rows_round: list[dict[str, Any]] = []
-        for c, ids in enumerate(chunks):
+        for c, ids in enumerate(batches):
             path = _round_path(ctx, key, r, c)
             rows = _read_rows(path, ids)
             if rows is not None:
@@ -423,7 +417,7 @@ def _run_learned(ctx: _Context, w: _ModelWork, t: int, n: int, generator: Callab
                     for pid, res in zip(ids, results)
                 ]
                 _write_jsonl(path, rows)
-                _advance(ctx, f"{w.label} T={t} N={n}: aggregation round {r} ({c + 1}/{len(chunks)})")
+                _advance(ctx, f"{w.label} T={t} N={n}: aggregation round {r} ({c + 1}/{len(batches)})")
             rows_round.extend(rows)
         prev = {row["id"]: row["population"] for row in rows_round}
         by_round[r] = rows_round
@@ -457,7 +451,7 @@ def _run_model(ctx: _Context, w: _ModelWork) -> None:
 def _cell(model: str, method: str, n: int, t: int, r: int, values: list[float], n_problems: int,
           gen_tokens: float, total_tokens: float, seed: int) -> dict[str, Any]:
     if values:
-        acc = _mean(values)
+        acc = mean(values)
         lo, hi, how = _ci(values, seed)
     else:  # no labelled problems: nothing to score
         acc, lo, hi, how = None, None, None, None
@@ -512,7 +506,7 @@ def build_cells(ctx_grid: Grid, works: list[_ModelWork]) -> list[dict[str, Any]]
                         for n in grid.parallel:
                             by_round = w.learned[(t, n)]
                             final = [row for row in by_round[r] if row["labelled"]]
-                            values = [_mean([float(bool(tr["correct"])) for tr in row["population"]]) for row in final]
+                            values = [mean([float(bool(tr["correct"])) for tr in row["population"]]) for row in final]
                             n_all = len(by_round[r])
                             agg_gen = sum(row["agg_generated_tokens"] for q in range(1, r + 1) for row in by_round[q]) / n_all
                             agg_total = agg_gen + sum(

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from rich.console import Console
 
-from spiral_cli.evaluate import evaluate
+from spiral_cli.evaluate import evaluate_recipe
 from spiral_cli.checkpoints import (
     ModelRef,
     clean_leftovers,
@@ -44,11 +44,12 @@ from spiral_cli.checkpoints import (
 )
 from spiral_cli.generation import close_generator, make_generator
 from spiral_cli.generation.base import Completion
+from spiral_cli.metrics import mean
 from spiral_cli.models import encode_prompts
 from spiral_cli.paths import atomic_write_text, runs_dir
 from spiral_cli.progress import fmt_duration
 from spiral_cli.optim import adamw
-from spiral_cli.recipe import Recipe, RecipeError, grpo_budget
+from spiral_cli.recipe import Recipe, RecipeError, TrainAggSection, TrainSetSection, grpo_budget
 from spiral_cli.registry import Registry
 from spiral_cli.generation.roles import (
     AGGREGATOR_ADAPTER,
@@ -162,9 +163,14 @@ class RLSpec:
 
     stage: str  # "set" | "grpo" | "agg"
     name: str
-    section: Any  # TrainSetSection | TrainAggSection
+    section: TrainSetSection | TrainAggSection  # the shared fields come from their common base
     collect: Callable[..., list[PromptRollout]]
     scale_rewards: str = "none"  # resolved; "batch" is applied by the loop once the step's batch is complete
+    # train_set only; train-agg draws its prompts once and updates once per batch, one policy
+    dynamic_sampling: bool = False
+    max_prompt_draws: int = 1  # as a multiple of prompts_per_step
+    updates_per_batch: int = 1
+    aggregator_mode: str = "shared"
 
 
 def _is_main(accelerator) -> bool:
@@ -209,7 +215,9 @@ def run_train_set(recipe: Recipe, *, home: Path, name: str | None = None, model:
     else:
         def collect(task, policy_gen, agg_gen, problems, rng, seed):
             return spiral_rollouts(task, policy_gen, agg_gen, problems, rcfg, rng, seed)
-    spec = RLSpec(stage=stage, name=name, section=ts, collect=collect, scale_rewards=rcfg.scale_rewards)
+    spec = RLSpec(stage=stage, name=name, section=ts, collect=collect, scale_rewards=rcfg.scale_rewards,
+                  dynamic_sampling=ts.dynamic_sampling, max_prompt_draws=ts.max_prompt_draws,
+                  updates_per_batch=ts.updates_per_batch, aggregator_mode=ts.aggregator.mode)
     return _run(recipe, spec, home=home, model_ref=model or f"{recipe.name}-sft", console=console)
 
 
@@ -301,7 +309,8 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         t_upd = time.perf_counter()
         samples = [s for r in kept for s in r.samples]
         loss_stats = _update(run.model, run.ref_model, run.optimizer, run.scheduler, samples, sec, run.loaded,
-                             run.prompt_cache, run.accelerator, run.adapter_roles, run.compiled)
+                             run.prompt_cache, run.accelerator, run.adapter_roles, run.compiled,
+                             passes=spec.updates_per_batch)
         update_seconds = time.perf_counter() - t_upd
         # 4. the generator samples from the new weights
         t_sync = time.perf_counter()
@@ -354,14 +363,14 @@ def _setup_rl(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, conso
     # -- models: the policy (trained), and optionally a frozen aggregator or search policy
     loaded = load_model(recipe.model, source=str(state_dir / "model") if resuming else start_ref.source,
                         for_training=True, seed=recipe.seed)
-    agg_mode = getattr(getattr(sec, "aggregator", None), "mode", "shared")
+    agg_mode = spec.aggregator_mode
     adapter_roles = _aggregator_adapter_roles(loaded, spec.stage, agg_mode)
     accelerator = _make_accelerator(loaded.device)
     rank, world = _rank_world(accelerator)
     model = loaded.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, lr=sec.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    warmup = getattr(sec, "warmup_steps", 0)
+    warmup = sec.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     if accelerator is not None:
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -380,7 +389,7 @@ def _setup_rl(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, conso
         _truncate_metrics(run_dir / "metrics.jsonl", state.step)
         if _is_main(accelerator):
             _register_missing(recipe, spec, loaded, state, registry, home, start_ref)
-    budget = getattr(sec, "max_generated_tokens", None)
+    budget = sec.max_generated_tokens
     if _is_main(accelerator):
         _print_start(console, spec, start_ref, loaded, count_parameters(loaded.model), world,
                      state if resuming else None, budget)
@@ -389,7 +398,7 @@ def _setup_rl(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, conso
                                seed=recipe.seed + 17)
     eval_problems = task.problems("eval", sec.eval_problems, seed=recipe.seed) if sec.eval_problems else []
     compiled = _CompiledForward(loaded, console) if _compile_applies(sec, accelerator, adapter_roles, console) else None
-    tb = _tensorboard(run_dir) if getattr(sec, "tensorboard", False) and _is_main(accelerator) else None
+    tb = _tensorboard(run_dir) if sec.tensorboard and _is_main(accelerator) else None
     return RLRun(recipe=recipe, spec=spec, home=home, registry=registry, task=task, start_ref=start_ref,
                 run_dir=run_dir, state_dir=state_dir, loaded=loaded, model=model, optimizer=optimizer,
                 scheduler=scheduler, accelerator=accelerator, rank=rank, world=world, adapter_roles=adapter_roles,
@@ -442,8 +451,8 @@ def _collect(run: RLRun, rng: random.Random, step_seed: int) -> tuple[list[Promp
     run.model.eval()
     kept: list[PromptRollout] = []
     drawn = 0
-    max_draws = sec.prompts_per_step * getattr(sec, "max_prompt_draws", 1)
-    dynamic = getattr(sec, "dynamic_sampling", False)
+    max_draws = sec.prompts_per_step * spec.max_prompt_draws
+    dynamic = spec.dynamic_sampling
     t_roll = time.perf_counter()
     local_generated = local_total = 0
     while len(kept) < sec.prompts_per_step and drawn < max_draws:
@@ -472,12 +481,9 @@ def _collect(run: RLRun, rng: random.Random, step_seed: int) -> tuple[list[Promp
 
 def _eval_point(run: RLRun) -> dict[str, float]:
     """Evaluate the current weights, add the point to the history and the curves, print it."""
-    recipe, state = run.recipe, run.state
+    state = run.state
     run.model.eval()
-    m = evaluate(run.task, run.generator, run.eval_problems,  # holds the current weights
-                 parallel=recipe.infer.parallel, seq_budget=recipe.generation.max_new_tokens,
-                 population=recipe.infer.population, agg_set_size=recipe.infer.agg_set_size,
-                 agg_max_new_tokens=recipe.generation.agg_max_new_tokens, seed=recipe.seed)
+    m = evaluate_recipe(run.task, run.generator, run.eval_problems, run.recipe)  # the generator holds the current weights
     run.model.train()
     state.history.append({"step": state.step, "generated_tokens": state.generated_tokens, **m})
     _write_curves(run.run_dir, run.spec.name, state.history)
@@ -600,7 +606,7 @@ def _take(pool: list[dict[str, Any]], start: int, n: int) -> list[dict[str, Any]
 def _reference(recipe: Recipe, sec, loaded, start_ref: ModelRef):
     """The KL reference: with LoRA, the model with its adapter disabled (no second copy);
     with full fine-tuning, a frozen copy of the starting model."""
-    if getattr(sec, "beta", 0.0) <= 0:
+    if sec.beta <= 0:
         return None
     if loaded.is_lora:
         return "adapter-disabled"
@@ -627,7 +633,7 @@ class _CompiledForward:
 
 
 def _compile_applies(sec, accelerator, adapter_roles, console: Console) -> bool:
-    if not getattr(sec, "compile", False):
+    if not sec.compile:
         return False
     if accelerator is not None or adapter_roles:
         console.print("  [yellow]note:[/] compile is for a single process with one adapter; training uncompiled")
@@ -636,8 +642,9 @@ def _compile_applies(sec, accelerator, adapter_roles, console: Console) -> bool:
 
 
 def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, loaded, prompt_cache, accelerator,
-            adapter_roles: dict[str, str] | None = None, compiled: _CompiledForward | None = None) -> dict[str, float]:
-    """updates_per_batch passes over the samples, each one optimizer step of micro-batches.
+            adapter_roles: dict[str, str] | None = None, compiled: _CompiledForward | None = None,
+            passes: int = 1) -> dict[str, float]:
+    """`passes` (train_set.updates_per_batch) passes over the samples, each one optimizer step of micro-batches.
     The normaliser is the whole batch's token count (token_mean), sequence count (seq_mean) or
     sum of sequence budgets (dr_grpo), so accumulating micro-batches gives exactly the
     full-batch gradient.
@@ -645,7 +652,7 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
     micro-batches then hold one role each."""
     # Zero-advantage sequences contribute no policy gradient; with beta = 0 they can be skipped.
     # They still count in the normaliser so the loss scale does not depend on the skipping.
-    beta = getattr(sec, "beta", 0.0)
+    beta = sec.beta
     active = samples if beta > 0 else [s for s in samples if s.advantage != 0.0]
     if sec.loss_aggregation == "token_mean":
         normalizer = sum(len(s.completion_ids) for s in samples)
@@ -655,7 +662,7 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
         # under (search and aggregation budgets may differ); constant in the lengths sampled
         normalizer = sum(s.max_new_tokens for s in samples)
     stats: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "entropy_search": float("nan"), "grad_norm": 0.0}
-    passes = getattr(sec, "updates_per_batch", 1)
+
     micro = sec.micro_batch_size
     # Sort by length so micro-batches carry little padding (and by role when roles have adapters).
     groups: list[tuple[str | None, list[Sample]]] = [(None, active)]
@@ -704,7 +711,7 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
             ent_sum += float((ent * m).sum())
             ent_count += float(m.sum())
         params = [p for p in model.parameters() if p.requires_grad]
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, getattr(sec, "max_grad_norm", 1.0)))
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, sec.max_grad_norm))
         optimizer.step()
         scheduler.step()
     if ent_count:
@@ -727,27 +734,23 @@ def _zero_backward(model, accelerator) -> None:
     accelerator.backward(loss) if accelerator is not None else loss.backward()
 
 
-def _mean(xs) -> float | None:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else None
-
-
 def _step_metrics(state: RunState, kept: list[PromptRollout], drawn: int, loss_stats: dict[str, float],
                   seconds: dict[str, float]) -> dict[str, Any]:
     samples = [s for r in kept for s in r.samples]
     advs = [s.advantage for s in samples]
+    # None where a figure has no values (no aggregation in GRPO), 0.0 where zero is the honest figure
     return {
         "step": state.step,
-        "reward_search": _mean(x for r in kept for x in r.search_rewards) or 0.0,
-        "reward_aggregate": _mean(x for r in kept for x in r.agg_rewards),
-        "set_score": _mean(x for r in kept for x in r.set_scores),
+        "reward_search": mean(x for r in kept for x in r.search_rewards),
+        "reward_aggregate": mean((x for r in kept for x in r.agg_rewards), None),
+        "set_score": mean((x for r in kept for x in r.set_scores), None),
         "prompts_drawn": drawn,
         "prompts_kept": len(kept),
-        "adv_mean": _mean(advs) or 0.0,
-        "adv_abs_mean": _mean(abs(a) for a in advs) or 0.0,
-        "adv_nonzero_frac": _mean(a != 0 for a in advs) or 0.0,
-        "len_search": _mean(x for r in kept for x in r.search_lengths) or 0.0,
-        "len_aggregate": _mean(len(s.completion_ids) for s in samples if s.role == "aggregate"),
+        "adv_mean": mean(advs),
+        "adv_abs_mean": mean(abs(a) for a in advs),
+        "adv_nonzero_frac": mean(a != 0 for a in advs),
+        "len_search": mean(x for r in kept for x in r.search_lengths),
+        "len_aggregate": mean((len(s.completion_ids) for s in samples if s.role == "aggregate"), None),
         "generated_tokens": state.generated_tokens,
         "total_tokens": state.total_tokens,
         **loss_stats,
@@ -822,7 +825,7 @@ def _register(recipe, spec: RLSpec, loaded, state: RunState, registry: Registry,
     metrics.update({"generated_tokens": state.generated_tokens, "total_tokens": state.total_tokens})
     if state.steps_without_signal:
         metrics["steps_without_signal"] = state.steps_without_signal
-    budget = getattr(spec.section, "max_generated_tokens", None)
+    budget = spec.section.max_generated_tokens
     if budget is not None:
         metrics["max_generated_tokens"] = budget
         if _budget_met(state, budget):
