@@ -2,7 +2,7 @@
 
 Plain Python + numpy, no model code: inputs are rewards, outputs are one scalar advantage
 per sequence (the trainer broadcasts it over the sequence's tokens). Equations follow
-shared/SPIRAL.md ("Advantages"), our reading of Hamid et al., "SPIRAL: Learning to Search
+docs/method.md ("Advantages"), our reading of Hamid et al., "SPIRAL: Learning to Search
 and Aggregate" (2026):
 
     f_i     = mean_j r(x, y*_ij)                 set score (over the N2 aggregations of G_i)
@@ -165,7 +165,7 @@ def set_advantages(
     eps: float = 1e-6,
     batch_stds: tuple[float, float] | None = None,
 ) -> SetAdvantages:
-    """SPIRAL advantages for one prompt (SPIRAL.md "Advantages").
+    """SPIRAL advantages for one prompt (docs/method.md, "Advantages").
 
     ``agg_rewards[i][j]`` = r(x, y*_ij), the reward of the j-th aggregation of set G_i =
     ``subsets[i]`` (indices into the ``n_traces`` = N1 search traces).
@@ -363,7 +363,7 @@ def length_gate(
 ) -> list[float]:
     """Zero the positive advantage of any sequence longer than ``l_target`` tokens.
 
-    SPIRAL.md "Length gate": a long correct answer earns nothing (so length is not rewarded),
+    docs/method.md ("Advantages", length gate): a long correct answer earns nothing (so length is not rewarded),
     but a long wrong answer keeps its negative advantage. A sequence of exactly ``l_target``
     tokens is not gated. ``l_target=None`` disables the gate.
     """
@@ -377,7 +377,7 @@ def length_gate(
 def has_signal(advantages, tol: float = 1e-8) -> bool:
     """True when some advantage is non-zero (|A| > tol).
 
-    Dynamic sampling (SPIRAL.md): a prompt whose advantages are all zero contributes no
+    Dynamic sampling (docs/method.md, "Loss"): a prompt whose advantages are all zero contributes no
     gradient, so it is dropped and another prompt drawn. Accepts a flat sequence or a
     rectangular nested one (e.g. ``SetAdvantages.agg_advantages``).
     """

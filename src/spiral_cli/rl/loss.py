@@ -1,8 +1,8 @@
 """Policy-gradient loss shared by SPIRAL (search + aggregation traces) and GRPO.
 
 One function, ``policy_loss``, turning per-token log-probs and per-sequence advantages into a
-scalar loss. SPIRAL.md ("Loss and training details") reports an importance-sampling policy
-gradient −Σ exp(logp_new − logp_old)·A; clipping and loss normalisation are unconfirmed, so
+scalar loss. The paper reports an importance-sampling policy gradient −Σ exp(logp_new − logp_old)·A
+(docs/method.md, "Loss"); clipping and loss normalisation are unconfirmed, so
 both plain IS and PPO/DAPO-style clipping are offered, with token-mean, seq-mean or Dr. GRPO
 aggregation (TRL's loss_type dapo, grpo and dr_grpo).
 """
