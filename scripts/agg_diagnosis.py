@@ -7,7 +7,9 @@ every verdict with the candidate's true correctness and prints the confusion cou
 the aggregation's final answer is right (overall and when at least one candidate was right), and
 how often it rejected every candidate.
 
-    .venv/bin/python scripts/agg_diagnosis.py <checkpoint dir or registry path> [temperature] [problems]
+    .venv/bin/python scripts/agg_diagnosis.py <checkpoint dir or registry path> [temperature] [problems] [recipe overrides...]
+
+e.g. `... 1.0 100 task.agg_view=grouped task.agg_answer=select` for a model trained with those.
 """
 from __future__ import annotations
 
@@ -17,14 +19,15 @@ import re
 import sys
 
 
-def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100) -> None:
+def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: list[str] = ()) -> None:
     from spiral_cli.generation.hf import HFGenerator
     from spiral_cli.models import load_model
     from spiral_cli.pipeline import PipelineConfig, draw_subsets, run_pipeline
     from spiral_cli.recipe import load_recipe
     from spiral_cli.tasks import load_task
+    from spiral_cli.tasks.base import resolve_aggregation
 
-    recipe = load_recipe("recipes/countdown.yaml", [])
+    recipe = load_recipe("recipes/countdown.yaml", overrides)
     task = load_task(recipe.task.name, recipe.task.options())
     gen = HFGenerator(load_model(recipe.model, source=ckpt, for_training=False), batch_size=256)
     problems = task.problems("eval", n_problems, seed=0)
@@ -35,12 +38,15 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100) -> None:
     for i, r in enumerate(results):
         for subset in draw_subsets(8, 4, 8, rng):
             cands = [r.search[j] for j in subset]
-            prompts.append(task.aggregate_prompt(problems[i], [c.text for c in cands]))
-            sets.append((i, cands))
+            if task.config.agg_view == "grouped":  # the verdicts are per distinct answer
+                by_key = {"".join(t.answer.split()): t for t in cands if t.answer}
+                cands = [by_key["".join(a.split())] for a in task.candidate_answers([t.text for t in cands])]
+            prompts.append(task.aggregate_prompt(problems[i], [r.search[j].text for j in subset]))
+            sets.append((i, cands, [r.search[j].text for j in subset]))
     outs = gen.generate(prompts, n=1, max_new_tokens=256, temperature=temperature, stop=task.stop_strings(), seed=1)
     c = collections.Counter()
-    for (i, cands), out in zip(sets, outs):
-        text = out[0].text
+    for (i, cands, texts), out in zip(sets, outs):
+        text = resolve_aggregation(task, texts, out[0].text)
         right = task.is_correct(problems[i], text)
         any_right = any(t.correct for t in cands)
         c["sets"] += 1
@@ -72,4 +78,5 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 1.0, int(sys.argv[3]) if len(sys.argv) > 3 else 100)
+    main(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 1.0, int(sys.argv[3]) if len(sys.argv) > 3 else 100,
+         sys.argv[4:])

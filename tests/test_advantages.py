@@ -422,3 +422,22 @@ def test_has_signal():
     assert not has_signal([0.0, 1e-12, -1e-10])
     assert has_signal([0.0, -0.5])
     assert has_signal([[0.0, 0.0], [0.0, 1e-3]])
+
+
+def test_spiral_rollouts_score_a_named_candidate_as_its_answer():
+    """countdown with agg_answer=select: an aggregation "answer: #i" earns the reward of the i-th
+    answer of its prompt (resolved by the task), while the sample trains on the tokens sampled."""
+    from spiral_cli.tasks.countdown import CountdownConfig, CountdownTask
+
+    task = CountdownTask(CountdownConfig(agg_view="grouped", agg_answer="select"))
+    p = {"id": "p", "numbers": [3, 7, 12, 25], "target": 70}
+    right, wrong = "answer: 25*3-12+7\n", "answer: 3+7\n"
+    grouped = task.aggregate_prompt(p, [right, wrong])  # one set of both: "1: 1x 25*3-12+7", "2: 1x 3+7"
+    gen = _ScriptedGenerator({task.search_prompt(p): [right, wrong], grouped: ["answer: #1\n", "answer: #2\n"]})
+    cfg = RolloutConfig(num_search=2, num_sets=1, set_size=2, num_aggregations=2, max_new_tokens=32,
+                        agg_max_new_tokens=32, scale_rewards="none")
+    (r,) = spiral_rollouts(task, gen, gen, [p], cfg, random.Random(0), seed=0)
+    assert r.agg_rewards == [1.0, 0.0] and r.search_rewards == [1.0, 0.0]
+    agg = [s for s in r.samples if s.role == "aggregate"]
+    assert [s.advantage for s in agg] == pytest.approx([0.5, -0.5])
+    assert [len(s.completion_ids) for s in agg] == [len("answer: #1\n")] * 2

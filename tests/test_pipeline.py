@@ -93,3 +93,35 @@ def test_subsets_and_vote_key():
     assert len(subsets) == 5 and all(len(set(s)) == 4 and max(s) < 8 for s in subsets)
     assert draw_subsets(2, 4, 1, random.Random(0))[0] in ([0, 1], [1, 0])
     assert vote_key(" (1 + 2) * 3 ") == "(1+2)*3" and vote_key(None) is None
+
+
+def test_named_candidates_are_resolved_before_scoring_and_the_next_round():
+    """countdown with agg_answer=select: an aggregation that names a candidate ("answer: #1") is
+    scored, voted and passed to the next RSA round as that candidate's answer."""
+    from spiral_cli.tasks.countdown import CountdownConfig, CountdownTask
+
+    task = CountdownTask(CountdownConfig(agg_view="grouped", agg_answer="select"))
+    p = {"id": "p", "numbers": [3, 7, 12, 25], "target": 70}
+
+    class NamesFirst:
+        def __init__(self):
+            self.prompts = []
+
+        def generate(self, prompts, *, n=1, **kw):
+            self.prompts += prompts
+            search = ["answer: 25*3-12+7\n", "fail\n", "fail\n"]
+            return [[completion("1: x ok\nanswer: #1\n" if pr.startswith("agg") else search[i], pr)
+                     for i in range(n)] for pr in prompts]
+
+        def update_weights(self, model):
+            pass
+
+    gen = NamesFirst()
+    cfg = PipelineConfig(parallel=3, seq_budget=16, agg_rounds=2, population=2, agg_set_size=3, aggregate="learned")
+    (r,) = run_pipeline(task, gen, [p], cfg)
+    # search: one right answer, two without; the grouped prompt numbers the right one 1
+    assert [t.answer for t in r.search] == ["25*3-12+7", None, None]
+    assert all(t.answer == "25*3-12+7" and t.correct for pop in r.rounds for t in pop)
+    assert r.answer == "25*3-12+7" and r.correct
+    # round 2 saw round 1's resolved answers, two votes for the one answer
+    assert gen.prompts[-1] == "agg 3 7 12 25 -> 70\n1: 2x 25*3-12+7\n--\n"

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from spiral_cli.generation.base import Completion, Generator
 from spiral_cli.generation.roles import for_aggregation
 from spiral_cli.metrics import majority_vote
-from spiral_cli.tasks.base import Task
+from spiral_cli.tasks.base import Task, resolve_aggregation
 
 AggregateMode = Literal["learned", "majority", "none"]
 
@@ -125,12 +125,15 @@ class PipelineConfig:
     seed: int = 0
 
 
-def _score(task: Task, problem: dict[str, Any], c: Completion, labelled: bool) -> Trace:
+def _score(task: Task, problem: dict[str, Any], c: Completion, labelled: bool, text: str | None = None) -> Trace:
+    """`text`: the completion as scored when it differs from what was sampled (an aggregation
+    that names a candidate, resolved to that candidate's answer)."""
+    text = c.text if text is None else text
     return Trace(
-        text=c.text,
-        answer=task.extract_answer(c.text),
-        reward=task.reward(problem, c.text) if labelled else None,
-        correct=task.is_correct(problem, c.text) if labelled else None,
+        text=text,
+        answer=task.extract_answer(text),
+        reward=task.reward(problem, text) if labelled else None,
+        correct=task.is_correct(problem, text) if labelled else None,
         tokens=len(c.token_ids),
         finish_reason=c.finish_reason,
     )
@@ -167,19 +170,22 @@ def aggregate_rounds(
     for round_idx in range(rounds):
         prompts: list[str] = []
         owners: list[int] = []
+        candidates: list[list[str]] = []
         for i, (p, pool) in enumerate(zip(problems, populations)):
             for subset in draw_subsets(len(pool), cfg.agg_set_size, cfg.population, rng):
-                prompts.append(task.aggregate_prompt(p, [pool[j].text for j in subset]))
+                candidates.append([pool[j].text for j in subset])
+                prompts.append(task.aggregate_prompt(p, candidates[-1]))
                 owners.append(i)
         outs = generator.generate(
             prompts, n=1, max_new_tokens=cfg.agg_max_new_tokens, temperature=cfg.temperature,
             top_p=cfg.top_p, top_k=cfg.top_k, stop=stop, seed=cfg.seed + 1 + len(results[0].rounds),
         )
         new_pops: list[list[Trace]] = [[] for _ in problems]
-        for i, samples in zip(owners, outs):
+        for i, cands, samples in zip(owners, candidates, outs):
             c = samples[0]
             results[i].tokens["aggregate"].add(c)
-            new_pops[i].append(_score(task, problems[i], c, labelled[i]))
+            text = resolve_aggregation(task, cands, c.text)
+            new_pops[i].append(_score(task, problems[i], c, labelled[i], text))
         for i, pop in enumerate(new_pops):
             results[i].rounds.append(pop)
         populations = new_pops

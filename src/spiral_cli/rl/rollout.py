@@ -26,7 +26,7 @@ from spiral_cli.rl.advantages import (
     sample_subsets,
     set_advantages,
 )
-from spiral_cli.tasks.base import Task
+from spiral_cli.tasks.base import Task, resolve_aggregation
 
 
 @dataclass
@@ -102,7 +102,7 @@ def spiral_rollouts(
     )
     # Build every aggregation prompt of the batch, then generate them in one call: the N2
     # aggregations of one set share their prompt (n=N2), so the prefill is done once.
-    agg_prompts, owners, subsets_per_problem = [], [], []
+    agg_prompts, agg_candidates, owners, subsets_per_problem = [], [], [], []
     for i, (p, traces) in enumerate(zip(problems, search)):
         subsets = sample_subsets(len(traces), cfg.set_size, cfg.num_sets, rng)
         if cfg.balance:
@@ -112,7 +112,8 @@ def spiral_rollouts(
         for subset in subsets:
             order = list(subset)
             rng.shuffle(order)  # the aggregator should not learn a position prior
-            agg_prompts.append(task.aggregate_prompt(p, [traces[j].text for j in order]))
+            agg_candidates.append([traces[j].text for j in order])
+            agg_prompts.append(task.aggregate_prompt(p, agg_candidates[-1]))
             owners.append(i)
     aggs = agg_gen.generate(
         agg_prompts, n=cfg.num_aggregations, max_new_tokens=cfg.agg_max_new_tokens,
@@ -123,8 +124,10 @@ def spiral_rollouts(
     for i, (p, traces, subsets) in enumerate(zip(problems, search, subsets_per_problem)):
         set_prompts = agg_prompts[cursor : cursor + len(subsets)]
         set_outputs = aggs[cursor : cursor + len(subsets)]
+        set_candidates = agg_candidates[cursor : cursor + len(subsets)]
         cursor += len(subsets)
-        agg_rewards = [[task.reward(p, c.text) for c in cs] for cs in set_outputs]
+        agg_rewards = [[task.reward(p, resolve_aggregation(task, cands, c.text)) for c in cs]
+                       for cands, cs in zip(set_candidates, set_outputs)]
         adv = set_advantages(agg_rewards, subsets, len(traces), scale_rewards=_per_prompt(cfg))
         samples: list[Sample] = []
         search_rewards = [task.reward(p, c.text) for c in traces]

@@ -72,3 +72,11 @@ def candidate_view(trace: str, agg_view: str, max_chars: int, extract: Callable[
     if len(text) > max_chars:
         text = "..." + text[-(max_chars - 3) :]
     return text
+
+
+def resolve_aggregation(task: Task, traces: list[str], completion: str) -> str:
+    """The aggregation completion as it is scored and passed on to the next round: tasks whose
+    aggregator may name a candidate instead of writing its answer (`resolve_aggregation`,
+    optional) substitute it here; for every other task the completion itself."""
+    resolve = getattr(task, "resolve_aggregation", None)
+    return resolve(traces, completion) if callable(resolve) else completion

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections import Counter
 from fractions import Fraction
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ MAX_ANSWER_CHARS = 200  # longer answers are rejected before parsing
 MAX_TARGET = 1_000_000_000  # the largest target a problem may have (as task.max_target)
 _MAX_NUMBER_DIGITS = 12
 _OPS = "+-*/"
+_SELECT = re.compile(r"#\s*(\d{1,3})")  # "answer: #2": the aggregator names candidate 2
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 
@@ -406,15 +408,24 @@ class CountdownConfig(TaskConfig):
     # node budgets of the SFT search traces, one drawn per trace: longer searches succeed more
     # often, so a model trained on a mix learns that spending more tokens pays (the T knob)
     sft_max_nodes: list[int] = Field(default_factory=lambda: [2, 4, 8, 16], min_length=1)
-    agg_view: Literal["answer", "full"] = "answer"
+    # what the aggregator sees of each candidate: its answer line ("answer"), its trace ("full"),
+    # or the distinct answers with their vote counts, most votes first ("grouped": the vote's
+    # information, one line per distinct answer)
+    agg_view: Literal["answer", "full", "grouped"] = "answer"
     # the aggregation target: "all" checks every candidate, then answers with the first that
     # verified; "until_ok" stops at the first that verifies and answers at once, so the answer
     # line follows the check of the candidate it copies (a small model miscopies across lines)
     agg_checks: Literal["all", "until_ok"] = "all"
+    # how the aggregator gives a verified candidate's answer: "write" copies it out (the paper's
+    # form); "select" names it ("answer: #2") and `resolve_aggregation` substitutes that
+    # candidate's answer, so the answer is exactly the candidate the check accepted
+    agg_answer: Literal["write", "select"] = "write"
     agg_max_chars: int = Field(400, ge=20)
 
     @model_validator(mode="after")
     def _ranges(self) -> "CountdownConfig":
+        if self.agg_answer == "select" and self.agg_view == "full":
+            raise ValueError("agg_answer: select needs agg_view answer or grouped (a full trace has no answer line to name)")
         if self.min_numbers > self.max_numbers:
             raise ValueError("min_numbers must be <= max_numbers")
         if self.min_value > self.max_value:
@@ -565,12 +576,54 @@ class CountdownTask:
             text = "..." + text[-(self.config.agg_max_chars - 3) :]
         return text
 
+    def _answer_groups(self, traces: list[str]) -> tuple[list[tuple[str, int]], int]:
+        """The distinct answers of `traces` with their counts, most votes first (ties in order of
+        first appearance; answers that differ only in white space are one), and how many gave none."""
+        groups: dict[str, list] = {}
+        none = 0
+        for t in traces:
+            ans = self.extract_answer(t)
+            if ans is None:
+                none += 1
+                continue
+            key = "".join(ans.split())
+            if key in groups:
+                groups[key][1] += 1
+            else:
+                groups[key] = [ans, 1]
+        ordered = sorted(groups.values(), key=lambda g: -g[1])  # stable sort keeps first appearance
+        return [(a, n) for a, n in ordered], none
+
+    def candidate_answers(self, traces: list[str]) -> list[str | None]:
+        """The answers the aggregator numbers 1, 2, ... in its prompt (None: a candidate without
+        one): one per candidate, or one per distinct answer in the grouped view."""
+        if self.config.agg_view == "grouped":
+            return [a for a, _ in self._answer_groups(traces)[0]]
+        return [self.extract_answer(t) for t in traces]
+
     def aggregate_prompt(self, problem: dict[str, Any], traces: list[str]) -> str:
+        c = self.config
+        if c.agg_view == "grouped":
+            groups, none = self._answer_groups(traces)
+            if c.prompt_format == "compact":
+                out = ["agg " + self._header(problem)]
+                out += [f"{i}: {n}x {a}" for i, (a, n) in enumerate(groups, 1)]
+                if none:
+                    out.append(f"none: {none}x")
+                out.append("--")
+                return "\n".join(out) + "\n"
+            parts = [self._verbose_problem(problem),
+                     f"Here are the distinct answers of {len(traces)} candidate solutions, most common first:"]
+            parts += [f"Answer {i} (given by {n} of {len(traces)}): {a}" for i, (a, n) in enumerate(groups, 1)]
+            if none:
+                parts.append(f"{none} of {len(traces)} candidates gave no answer.")
+            parts.append(self._verbose_instruction())
+            return "\n\n".join(parts)
         views = [self._candidate_view(t) for t in traces]
-        if self.config.prompt_format == "compact":
+        if c.prompt_format == "compact":
             out = ["agg " + self._header(problem)]
             for i, v in enumerate(views, 1):
-                if self.config.agg_view == "answer":
+                if c.agg_view == "answer":
                     out.append(f"{i}: {v}")
                 else:
                     out.append(f"[{i}]")
@@ -580,12 +633,33 @@ class CountdownTask:
         parts = [self._verbose_problem(problem), f"Here are {len(views)} candidate solutions:"]
         for i, v in enumerate(views, 1):
             parts.append(f"Candidate {i}:\n{v}")
-        parts.append(
-            "Check each candidate's answer step by step: its arithmetic and that it only uses the given "
-            "numbers. Then give a correct final answer in <answer> </answer> tags; if no candidate is "
-            "correct, solve the problem yourself. Show your work in <think> </think> tags.\n"
-        )
+        parts.append(self._verbose_instruction())
         return "\n\n".join(parts)
+
+    def _verbose_instruction(self) -> str:
+        give = ("name it by its number, e.g. <answer>#2</answer>" if self.config.agg_answer == "select"
+                else "give it in <answer> </answer> tags")
+        return (
+            "Check each candidate's answer step by step: its arithmetic and that it only uses the given "
+            f"numbers. Then, for a correct one, {give}; if no candidate is correct, solve the problem "
+            "yourself and give your answer in <answer> </answer> tags. Show your work in <think> </think> tags.\n"
+        )
+
+    def resolve_aggregation(self, traces: list[str], completion: str) -> str:
+        """With `agg_answer: select`, an aggregation that names candidate i ("answer: #2") gets that
+        candidate's answer appended as its final answer; anything else is returned unchanged (a
+        number with no answer behind it stays an unscorable answer)."""
+        if self.config.agg_answer != "select":
+            return completion
+        m = _SELECT.fullmatch(self.extract_answer(completion) or "")
+        if m is None:
+            return completion
+        answers = self.candidate_answers(traces)
+        i = int(m.group(1))
+        if not 1 <= i <= len(answers) or answers[i - 1] is None:
+            return completion
+        tail = f"answer: {answers[i - 1]}\n" if self.config.prompt_format == "compact" else f"<answer>{answers[i - 1]}</answer>"
+        return completion.rstrip("\n") + "\n" + tail
 
     def stop_strings(self) -> list[str]:
         return [] if self.config.prompt_format == "compact" else ["</answer>"]
@@ -694,17 +768,17 @@ class CountdownTask:
         return self._finish(lines, cexpr)
 
     def aggregate_completion(self, problem: dict[str, Any], traces: list[str], rng: random.Random) -> str:
-        """The target aggregation completion: check the candidates in order, answer from the first
-        that verifies (checking the rest first unless `agg_checks` is until_ok); if none does,
-        search (a solver trace) and end with its answer or fail."""
+        """The target aggregation completion: check the candidates in the order the prompt numbers
+        them (distinct answers in the grouped view), answer from the first that verifies (checking
+        the rest first unless `agg_checks` is until_ok), by writing it or, with `agg_answer:
+        select`, naming it; if none does, search (a solver trace) and end with its answer or fail."""
         checks = []
         chosen = None
-        for i, t in enumerate(traces, 1):
-            ans = self.extract_answer(t)
+        for i, ans in enumerate(self.candidate_answers(traces), 1):
             ok, line = self.check(problem, ans)
             checks.append(f"{i}: {line}")
             if ok and chosen is None:
-                chosen = ans
+                chosen = f"#{i}" if self.config.agg_answer == "select" else ans
                 if self.config.agg_checks == "until_ok":
                     break
         if chosen is not None:
