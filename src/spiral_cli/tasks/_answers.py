@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 
 
-# countdown.py still has its own identical copy; it is to import this one
 def extract_answer_text(text: str) -> str | None:
     """The last answer in `text`: an `answer: ...` line or an `<answer>...</answer>` block,
     whichever comes last. Linear time on any input. Returns the stripped answer (may be long)."""

@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from ._answers import extract_answer_text
 from .base import TaskConfig, TaskError
 
 MAX_ANSWER_CHARS = 200  # longer answers are rejected before parsing
@@ -232,36 +233,6 @@ def check_answer(
             bad = " ".join(str(x) for x in sorted(missing.elements()))
             return False, " ".join(steps + [f"unused {bad} no"])
     return True, " ".join(steps + ["ok"])
-
-
-def extract_answer_text(text: str) -> str | None:
-    """The last answer in `text`: an `answer: ...` line or an `<answer>...</answer>` block,
-    whichever comes last. Linear time on any input. Returns the stripped answer (may be long)."""
-    if not text:
-        return None
-    best_pos, best = -1, None
-    # <answer>...</answer>; a final unclosed <answer> (stop string trimmed) counts too
-    open_pos = text.rfind("<answer>")
-    if open_pos >= 0:
-        close_pos = text.find("</answer>", open_pos)
-        body = text[open_pos + 8 : close_pos] if close_pos >= 0 else text[open_pos + 8 :]
-        best_pos, best = open_pos, body
-    # the last line starting with "answer:"
-    pos = len(text)
-    while True:
-        k = text.rfind("answer:", 0, pos)
-        if k < 0:
-            break
-        line_start = text.rfind("\n", 0, k) + 1
-        if text[line_start:k].strip() == "":
-            if k > best_pos:
-                end = text.find("\n", k)
-                best_pos, best = k, text[k + 7 : end if end >= 0 else len(text)]
-            break
-        pos = k
-    if best is None:
-        return None
-    return " ".join(best.split())
 
 
 # --------------------------------------------------------------------------------------------
