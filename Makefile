@@ -1,10 +1,11 @@
-# `make demo` runs the default pipeline on the built-in countdown recipe; `make test` runs the tests.
+# `make demo` runs the default pipeline on the built-in countdown recipe; `make test` runs the tests;
+# `make lint` runs ruff (configured in pyproject.toml).
 # Both set up .venv on first use (scripts/setup.sh).
 VENV := .venv
 PY := $(VENV)/bin/python
 SPIRAL := $(VENV)/bin/spiral
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast lint demo clean
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -20,6 +21,9 @@ test: $(VENV)/.installed $(VENV)/.vllm
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests bench scripts
 
 demo: $(VENV)/.installed
 	bash scripts/demo.sh $(ARGS)

@@ -25,9 +25,10 @@ sys.path.insert(0, str(BENCH))
 
 
 def prepare(out: Path) -> None:
+    from toy_reward_task import BenchTask
+
     from spiral_cli.models import load_model, save_checkpoint
     from spiral_cli.recipe import ModelSection
-    from toy_reward_task import BenchTask
 
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(ModelSection(name="scratch:tiny"), for_training=False, seed=0)

@@ -16,11 +16,11 @@ import time
 
 import torch
 from rich.console import Console
+from train_attention import sdpa  # bench/ is on the path when run as a script
 
 from spiral_cli.models import load_model
 from spiral_cli.optim import adamw, compile_for_training
 from spiral_cli.recipe import ModelSection
-from train_attention import sdpa  # bench/ is on the path when run as a script
 
 CONFIGS = [
     ("for-each AdamW, SDPA attention", dict(fused=False, use_sdpa=True, compiled=False)),
@@ -61,7 +61,7 @@ def run(name: str, fused: bool, use_sdpa: bool, compiled: bool, args) -> None:
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             with grad_ctx(), loaded.autocast_ctx():
-                loss = forward(**b).loss
+                loss = forward(**b).loss  # noqa: B023 - step() runs within this iteration
             loss.backward()
             loss.item()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

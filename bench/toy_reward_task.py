@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from spiral_cli.tasks.base import TaskConfig
 from spiral_cli.tasks.countdown import CountdownTask
 
 

@@ -20,7 +20,14 @@ from spiral_cli.rl.advantages import (
     set_advantages,
     set_advantages_batch,
 )
-from spiral_cli.rl.rollout import PromptRollout, RolloutConfig, Sample, grpo_rollouts, scale_batch, spiral_rollouts
+from spiral_cli.rl.rollout import (
+    PromptRollout,
+    RolloutConfig,
+    Sample,
+    grpo_rollouts,
+    scale_batch,
+    spiral_rollouts,
+)
 
 # --------------------------------------------------------------------------- set advantages
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fakes import EchoTask, completion
 from rich.console import Console
 
-from fakes import EchoTask, completion
 from spiral_cli import compare as cmp
 from spiral_cli import sweep as sweep_mod
 from spiral_cli.jsonl import InputError

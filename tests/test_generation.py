@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fakes import teacher_forced_logprobs
 
 from spiral_cli.generation import Completion, Generator, HFGenerator, cut_at_stop, make_generator
 from spiral_cli.generation.hf import _sample
 from spiral_cli.models import encode_prompts, load_model
 from spiral_cli.recipe import GenerationSection, LoraSection, ModelSection
-
-from fakes import teacher_forced_logprobs
 
 PROMPTS = ["3 7 12 -> ", "hi", "a much longer prompt, with spaces and symbols: (1+2)*3 = 9\n", ""]
 TRAINED_TEXT = "Q: 12 + 30 = 42\n"
@@ -121,7 +120,7 @@ def test_prompt_tokens(loaded):
     for prompt, s in zip(PROMPTS, outs):
         expected = len(loaded.tokenizer(prompt)["input_ids"]) or 1  # "" gets one start token
         assert s[0].prompt_tokens == expected
-    assert outs[0][0].prompt_tokens == len("3 7 12 -> ".encode())
+    assert outs[0][0].prompt_tokens == len(b"3 7 12 -> ")
     assert [s[0].prompt_tokens for s in outs] == [len(x) for x in encode_prompts(loaded.tokenizer, PROMPTS)]
 
 

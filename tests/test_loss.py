@@ -8,7 +8,6 @@ import torch
 from spiral_cli.rl.loss import policy_loss
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     """Exact-ish comparisons in float64, restoring the global default for other test modules."""

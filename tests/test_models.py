@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -308,16 +307,15 @@ def test_hub_id_loads_from_local_cache(tmp_path):
     (tmp_path / "hub" / "models--spiral-test--nano" / "refs" / "main").write_text("a" * 40)
     expected = _greedy(lm.model, lm.tokenizer)
     code = textwrap.dedent(
-        """
+        f"""
         import json, torch
         from spiral_cli.models import load_model
         from spiral_cli.recipe import ModelSection
         lm = load_model(ModelSection(name="spiral-test/nano", autocast="off"), for_training=False)
-        enc = lm.tokenizer(%r, return_tensors="pt", padding=True)
+        enc = lm.tokenizer({PROMPTS!r}, return_tensors="pt", padding=True)
         out = lm.model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=lm.tokenizer.pad_token_id)
         print(json.dumps(out[:, enc.input_ids.shape[1]:].tolist()))
         """
-        % (PROMPTS,)
     )
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from fakes import EchoTask, completion
-from spiral_cli.pipeline import PipelineConfig, draw_subsets, run_pipeline, vote_key
+
 from spiral_cli.evaluate import summarize
+from spiral_cli.pipeline import PipelineConfig, draw_subsets, run_pipeline, vote_key
 
 
 class ScriptedGenerator:

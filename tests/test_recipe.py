@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from spiral_cli.recipe import RecipeError, Recipe, apply_overrides, load_recipe, parse_override
+from spiral_cli.recipe import Recipe, RecipeError, apply_overrides, load_recipe, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 

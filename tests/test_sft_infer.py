@@ -67,7 +67,6 @@ def test_sft_then_infer_reproduces_the_examples(trained):
 
 @pytest.mark.slow
 def test_checkpoint_loads_with_plain_transformers_same_greedy_output(trained):
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spiral_cli.generation.hf import HFGenerator
@@ -103,9 +102,10 @@ def test_sft_resumes_from_its_last_state(trained, tmp_path):
 def test_sft_adds_aggregation_examples_over_its_own_candidates(tmp_path):
     """sft.self_aggregate_examples: halfway through, the model samples candidates for new train
     problems; the verifier writes the targets; training continues on the mixed pool."""
+    from rich.console import Console
+
     from spiral_cli.recipe import load_recipe
     from spiral_cli.sft import run_sft
-    from rich.console import Console
 
     recipe_path = tmp_path / "tiny.yaml"
     recipe_path.write_text(RECIPE)
@@ -147,8 +147,9 @@ def record_sft_batches(monkeypatch, crash_at: list):
 def test_sft_trains_on_search_examples_alone_until_aggregate_after(tmp_path, monkeypatch):
     """sft.aggregate_after=0.5: the first half of the steps sees only search examples, the second
     half the whole pool; a run interrupted in the second half resumes with the same batches."""
-    import spiral_cli.sft as sft
     from rich.console import Console
+
+    import spiral_cli.sft as sft
     from spiral_cli.recipe import load_recipe
 
     crash_at = [None]
@@ -183,8 +184,9 @@ def test_sft_time_budget_is_a_loud_safety_net_not_a_schedule(tmp_path, monkeypat
     records it, and rerunning the command trains on from where it stopped."""
     import io
 
-    import spiral_cli.sft as sft
     from rich.console import Console
+
+    import spiral_cli.sft as sft
     from spiral_cli.recipe import load_recipe
     from spiral_cli.registry import Registry
 

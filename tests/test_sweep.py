@@ -8,9 +8,9 @@ from collections import Counter
 from fractions import Fraction
 
 import pytest
+from fakes import EchoTask, completion
 
 from spiral_cli import sweep as sweep_mod
-from fakes import EchoTask, completion
 from spiral_cli.metrics import pass_at_k, scaling_efficiency
 from spiral_cli.recipe import Recipe, RecipeError
 
@@ -82,8 +82,9 @@ def fake(monkeypatch):
 
 
 def run(tmp_path, out_name, **kw):
-    from rich.console import Console
     import io
+
+    from rich.console import Console
 
     console = Console(file=io.StringIO(), width=200)
     summary = sweep_mod.run_sweep(make_recipe(**kw), models=MODELS, out=tmp_path / out_name, home=tmp_path / "home",
@@ -328,8 +329,9 @@ def test_resume_after_interruption_redoes_nothing(tmp_path, fake, fail_after):
 
 
 def test_baseline_field_default_out_and_errors(tmp_path, fake, monkeypatch):
-    from rich.console import Console
     import io
+
+    from rich.console import Console
 
     # sweep.baseline picks the baseline; default out under <home>/sweeps
     recipe = make_recipe(methods=["pass"], agg_rounds=[0])
@@ -349,8 +351,9 @@ def test_baseline_field_default_out_and_errors(tmp_path, fake, monkeypatch):
 @pytest.mark.slow
 def test_real_scratch_model_end_to_end(tmp_path):
     pytest.importorskip("torch")
-    from rich.console import Console
     import io
+
+    from rich.console import Console
 
     recipe = Recipe.model_validate({
         "name": "nano-sweep", "model": {"name": "scratch:nano", "device": "cpu"},

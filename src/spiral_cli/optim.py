@@ -9,7 +9,8 @@ attention for training (models.py); 68 ms with `torch.compile`, after a one-off 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from rich.console import Console

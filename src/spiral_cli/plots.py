@@ -15,8 +15,9 @@ Inputs are the plain cell dicts written to ``cells.jsonl`` and the comparison di
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 METHOD_STYLE = {"pass": "-", "majority": "--", "learned": "-."}
 METHOD_MARKER = {"pass": "o", "majority": "s", "learned": "^"}

@@ -1,7 +1,6 @@
 """Progress lines on stderr: how long is left, in one short form for every command."""
 from __future__ import annotations
 
-
 import math
 
 

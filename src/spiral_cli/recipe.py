@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from spiral_cli.jsonl import canonical_json
@@ -325,7 +333,7 @@ class Recipe(_Section):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Recipe":
+    def _consistent(self) -> Recipe:
         ts = self.train_set
         if ts.set_size > ts.num_search:
             raise ValueError(f"train_set.set_size ({ts.set_size}) must be <= train_set.num_search ({ts.num_search})")

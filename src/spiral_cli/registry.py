@@ -33,11 +33,12 @@ import re
 import shutil
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from .jsonl import canonical_json
 from .paths import atomic_dir, checkpoint_path, checkpoints_dir, cleanup_stale_tmp

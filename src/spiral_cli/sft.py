@@ -13,9 +13,10 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -29,9 +30,9 @@ from spiral_cli.checkpoints import (
     save_registered,
     save_run_state,
 )
+from spiral_cli.generation import close_generator, make_generator
 from spiral_cli.jsonl import InputError, read_jsonl_file
 from spiral_cli.optim import adamw, compile_for_training
-from spiral_cli.generation import close_generator, make_generator
 from spiral_cli.paths import atomic_write_text, runs_dir
 from spiral_cli.progress import fmt_duration
 from spiral_cli.recipe import Recipe
@@ -195,7 +196,7 @@ class SftPhases:
 
     @classmethod
     def for_recipe(cls, cfg, examples: list[Example], seed: int,
-                   build_self_agg: Callable[[], list[Example]] | None = None) -> "SftPhases":
+                   build_self_agg: Callable[[], list[Example]] | None = None) -> SftPhases:
         """The phases of an SftSection: `aggregate_after` and `self_aggregate_after` are fractions
         of `steps`; a pool with no aggregation examples (or only those) has one phase."""
         has_both = any(e.kind == "aggregate" for e in examples) and any(e.kind != "aggregate" for e in examples)

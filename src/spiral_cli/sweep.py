@@ -84,13 +84,17 @@ import json
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rich.console import Console
 
 from spiral_cli.checkpoints import ModelRef, resolve_model
+from spiral_cli.generation import close_generator, make_generator
+from spiral_cli.generation.roles import for_aggregation
+from spiral_cli.jsonl import chunks
 from spiral_cli.metrics import (
     bootstrap_ci,
     compute_to_reach,
@@ -101,11 +105,15 @@ from spiral_cli.metrics import (
     scaling_efficiency_interval,
     wilson_interval,
 )
-from spiral_cli.generation import close_generator, make_generator
-from spiral_cli.generation.roles import for_aggregation
-from spiral_cli.jsonl import chunks
 from spiral_cli.paths import atomic_write_text, current_umask
-from spiral_cli.pipeline import PipelineConfig, ProblemResult, Trace, aggregate_rounds, run_pipeline, vote_key
+from spiral_cli.pipeline import (
+    PipelineConfig,
+    ProblemResult,
+    Trace,
+    aggregate_rounds,
+    run_pipeline,
+    vote_key,
+)
 from spiral_cli.recipe import Recipe, RecipeError
 from spiral_cli.registry import Registry
 
@@ -230,7 +238,7 @@ class Grid:
         return dict(self.__dict__)
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe) -> "Grid":
+    def from_recipe(cls, recipe: Recipe) -> Grid:
         sw = recipe.sweep
         grid = cls(
             parallel=sorted(set(sw.parallel)), seq_budget=sorted(set(sw.seq_budget)),
@@ -790,7 +798,14 @@ def run_sweep(
     ``models``: registry names, paths, hub ids or ``scratch:<preset>``; the first one is the
     baseline of the scaling-efficiency comparison unless the recipe names ``sweep.baseline``.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = console or Console(stderr=True)
     labels = [m.strip() for m in models if m and m.strip()]

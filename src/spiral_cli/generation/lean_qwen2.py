@@ -118,7 +118,7 @@ class LeanQwen2:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                cache: "KVCache") -> torch.Tensor:
+                cache: KVCache) -> torch.Tensor:
         """Logits (float32) of the last position of each row, [B, V].
 
         input_ids/positions: [B, T] new tokens; mask: bool [B, 1, T, S] (True = may attend),
@@ -148,7 +148,7 @@ class LeanQwen2:
         h = self._rms(x[:, -1], self.norm).to(cd)
         return F.linear(h, self.lm_head).float()
 
-    def new_cache(self, batch: int, capacity: int) -> "KVCache":
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(len(self.layers), batch, self.num_kv_heads, capacity, self.head_dim,
                        self.compute_dtype, self.device)
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from spiral_cli.generation.base import Completion, Generator
 from spiral_cli.rl.advantages import (
@@ -121,7 +122,7 @@ def spiral_rollouts(
     )
     out: list[PromptRollout] = []
     cursor = 0
-    for i, (p, traces, subsets) in enumerate(zip(problems, search, subsets_per_problem)):
+    for p, traces, subsets in zip(problems, search, subsets_per_problem):
         set_prompts = agg_prompts[cursor : cursor + len(subsets)]
         set_outputs = aggs[cursor : cursor + len(subsets)]
         set_candidates = agg_candidates[cursor : cursor + len(subsets)]

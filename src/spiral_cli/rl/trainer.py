@@ -19,20 +19,20 @@ the main process writes checkpoints, the registry and the metrics file.
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from rich.console import Console
 
-from spiral_cli.evaluate import evaluate_recipe
 from spiral_cli.checkpoints import (
     ModelRef,
     clean_leftovers,
@@ -42,15 +42,9 @@ from spiral_cli.checkpoints import (
     save_registered,
     save_run_state,
 )
+from spiral_cli.evaluate import evaluate_recipe
 from spiral_cli.generation import close_generator, make_generator
 from spiral_cli.generation.base import Completion
-from spiral_cli.metrics import mean
-from spiral_cli.models import encode_prompts
-from spiral_cli.paths import atomic_write_text, runs_dir
-from spiral_cli.progress import fmt_duration
-from spiral_cli.optim import adamw
-from spiral_cli.recipe import Recipe, RecipeError, TrainAggSection, TrainSetSection, grpo_budget
-from spiral_cli.registry import Registry
 from spiral_cli.generation.roles import (
     AGGREGATOR_ADAPTER,
     SEARCH_ADAPTER,
@@ -60,8 +54,22 @@ from spiral_cli.generation.roles import (
     for_aggregation,
     has_aggregator_adapter,
 )
+from spiral_cli.metrics import mean
+from spiral_cli.models import encode_prompts
+from spiral_cli.optim import adamw
+from spiral_cli.paths import atomic_write_text, runs_dir
+from spiral_cli.progress import fmt_duration
+from spiral_cli.recipe import Recipe, RecipeError, TrainAggSection, TrainSetSection, grpo_budget
+from spiral_cli.registry import Registry
 from spiral_cli.rl.loss import policy_loss
-from spiral_cli.rl.rollout import PromptRollout, RolloutConfig, Sample, grpo_rollouts, scale_batch, spiral_rollouts
+from spiral_cli.rl.rollout import (
+    PromptRollout,
+    RolloutConfig,
+    Sample,
+    grpo_rollouts,
+    scale_batch,
+    spiral_rollouts,
+)
 from spiral_cli.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -541,7 +549,7 @@ def _all_sum(values: list[float], accelerator) -> list[float]:
 # ---------------------------------------------------------------- pieces of the loop
 
 
-def _eta(state: "RunState", steps: int, budget: int | None, loop_start: tuple[float, int, int]) -> str:
+def _eta(state: RunState, steps: int, budget: int | None, loop_start: tuple[float, int, int]) -> str:
     """Time left at this process's pace: by steps, or by generated tokens when a budget will end
     the run first."""
     t0, step0, tokens0 = loop_start
@@ -623,7 +631,7 @@ class _CompiledForward:
     def __init__(self, loaded, console: Console):
         self.loaded, self.console, self.forward = loaded, console, None
 
-    def __call__(self, batch: "TokenBatch"):
+    def __call__(self, batch: TokenBatch):
         if self.forward is None:
             from spiral_cli.optim import compile_for_training
 

@@ -7,7 +7,8 @@ completion lives in the problem dict (e.g. countdown: numbers and target; math: 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 

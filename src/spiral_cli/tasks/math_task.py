@@ -17,7 +17,6 @@ time-limited subprocess.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import threading
@@ -26,9 +25,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from .base import TaskConfig, TaskError, candidate_view
 from ..jsonl import InputError, iter_jsonl
 from ._answers import extract_answer_text, verify_math
+from .base import TaskConfig, TaskError, candidate_view
 
 SAMPLE_DATA = str(Path(__file__).parent / "data" / "math_sample.jsonl")
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")

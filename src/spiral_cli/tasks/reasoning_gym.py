@@ -26,9 +26,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from ._answers import extract_answer_text
 from ._sandbox import SandboxScorer
 from .base import TaskConfig, TaskError, candidate_view
-from ._answers import extract_answer_text
 
 EVAL_SEED_OFFSET = 100_000_000
 
