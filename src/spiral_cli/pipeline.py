@@ -167,7 +167,7 @@ def aggregate_rounds(
     labelled = [r.labelled for r in results]
     stop = task.stop_strings()
     populations: list[list[Trace]] = [r.rounds[-1] if r.rounds else r.search for r in results]
-    for round_idx in range(rounds):
+    for _ in range(rounds):
         prompts: list[str] = []
         owners: list[int] = []
         candidates: list[list[str]] = []

@@ -27,8 +27,8 @@ import hashlib
 import random
 import re
 from collections import Counter
-from fractions import Fraction
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -394,7 +394,7 @@ class CountdownConfig(TaskConfig):
     agg_max_chars: int = Field(400, ge=20)
 
     @model_validator(mode="after")
-    def _ranges(self) -> "CountdownConfig":
+    def _ranges(self) -> CountdownConfig:
         if self.agg_answer == "select" and self.agg_view == "full":
             raise ValueError("agg_answer: select needs agg_view answer or grouped (a full trace has no answer line to name)")
         if self.min_numbers > self.max_numbers:
