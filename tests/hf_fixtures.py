@@ -82,7 +82,16 @@ def corpus(n: int = 600, seed: int = 0) -> list[str]:
 def build_tokenizer(arch: str, vocab_size: int = 384, max_len: int = 512):
     """A trained byte-level BPE as a transformers fast tokenizer, with special tokens and the
     chat template (see the module docstring)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 

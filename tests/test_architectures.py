@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hf_fixtures import ARCHS, hub_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,6 +209,15 @@ def test_infer_and_sweep(pipeline):
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(rows) == 2 and all(r["tokens"]["search"]["generated"] > 0 for r in rows)
     assert all(r["tokens"]["aggregate"]["generated"] > 0 for r in rows)
+    # the prompts went through the chat template (model.chat_template.use=auto), and are counted so
+    from toy_task import ToyTask
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(pipeline["model"])
+    for r in rows:
+        chat = [{"role": "user", "content": ToyTask().search_prompt(r["problem"])}]
+        want = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)["input_ids"]
+        assert r["tokens"]["search"]["prompt"] == 2 * len(want)  # --parallel 2
     out = home / "sweep"
     spiral(["sweep", str(recipe), "--models", f"{arch}-set", "--out", str(out)], home)
     cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
@@ -231,8 +239,9 @@ def test_adapter_reloads_with_plain_peft_same_logits(pipeline):
     plain = PeftModel.from_pretrained(base, str(path)).eval()
     ours = load_model(ModelSection(autocast="off"), source=str(path), for_training=False)
     tok = AutoTokenizer.from_pretrained(path)
-    ids = torch.tensor([encode_prompts(ours.tokenizer, ["q3:1 ok|2 no:"])[0]])
-    assert ids[0].tolist() == tok("q3:1 ok|2 no:")["input_ids"]
+    ids = torch.tensor([encode_prompts(ours.tokenizer, ["q3:1 ok|2 no:"])[0]])  # through the chat template
+    chat = [{"role": "user", "content": "q3:1 ok|2 no:"}]
+    assert ids[0].tolist() == tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)["input_ids"]
     with torch.no_grad():
         a = plain(input_ids=ids).logits
         b = ours.model(input_ids=ids).logits
@@ -267,8 +276,8 @@ def test_vllm_logprobs_match_transformers_with_lora(tmp_path_factory, arch):
     import gc
 
     import torch
-
     from fakes import teacher_forced_logprobs
+
     from spiral_cli.generation import close_generator, make_generator
     from spiral_cli.models import load_model
     from spiral_cli.recipe import GenerationSection, LoraSection, ModelSection, VllmSection

@@ -384,11 +384,68 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """How prompts go through a tokenizer's chat template (recipe: model.chat_template). The task's
+    prompt is the user message, after an optional system message; the template adds the
+    assistant's turn header (add_generation_prompt) and sees the extra `kwargs`."""
+
+    system_prompt: str | None = None
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def messages(self, prompt: str) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        return system + [{"role": "user", "content": prompt}]
+
+    def render(self, tokenizer, prompts: list[str]) -> list[str]:
+        return [tokenizer.apply_chat_template(self.messages(p), tokenize=False, add_generation_prompt=True,
+                                              **dict(self.kwargs)) for p in prompts]
+
+
+CHAT_ATTR = "_spiral_chat_format"  # where load_model leaves a tokenizer's ChatFormat (None = raw text)
+
+
+def chat_format(tokenizer) -> ChatFormat | None:
+    return getattr(tokenizer, CHAT_ATTR, None)
+
+
+def set_chat_format(tokenizer, section: ModelSection, source: str = "") -> ChatFormat | None:
+    """Decide, from model.chat_template, whether prompts go through this tokenizer's chat template;
+    record it on the tokenizer (encode_prompts reads it) and return it. The template is tried on a
+    probe prompt now, so a broken template or kwarg fails at load time in one line."""
+    cfg = section.chat_template
+    has = bool(getattr(tokenizer, "chat_template", None))
+    fmt = None
+    if cfg.use == "on" and not has:
+        raise ModelError(f"model.chat_template.use=on: the tokenizer of {source or 'the model'} has no chat template "
+                         "(use auto or off)")
+    if cfg.use != "off" and has:
+        fmt = ChatFormat(cfg.system_prompt, tuple(sorted(cfg.kwargs.items())))
+        try:
+            fmt.render(tokenizer, ["probe"])
+        except Exception as e:  # noqa: BLE001 - jinja errors, a template that needs other roles...
+            raise ModelError(f"model.chat_template: the chat template of {source or 'the model'} failed on a test "
+                             f"prompt: {_one_line(e)} (set model.chat_template.use=off to send raw prompts)") from None
+    elif cfg.use == "auto" and (cfg.system_prompt is not None or cfg.kwargs):
+        log.warning("model.chat_template: the tokenizer of %s has no chat template; system_prompt and kwargs are unused",
+                    source or "the model")
+    setattr(tokenizer, CHAT_ATTR, fmt)
+    return fmt
+
+
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Prompt ids exactly as the generators see them: `tokenizer(prompt)` with the tokenizer's
-    own special tokens (a BOS for models that use one; none for the byte tokenizer or Qwen), and
-    an empty prompt as a single start token (bos, else eos). Use this wherever a prompt is
-    re-encoded (e.g. the RL loss's teacher-forced pass) so the contexts match."""
+    """Prompt ids exactly as the generators see them. Use this wherever a prompt is re-encoded
+    (sft's examples, the RL loss's teacher-forced pass) so the contexts match.
+
+    With a chat format (`set_chat_format`; hub models with a template): the prompt rendered by
+    ``apply_chat_template`` as the user message (system message, generation prompt, template
+    kwargs), then encoded without adding special tokens, as ``apply_chat_template(tokenize=True)``
+    does (the template writes its own BOS). Otherwise the raw text: `tokenizer(prompt)` with the
+    tokenizer's own special tokens (a BOS for models that use one; none for the byte tokenizer or
+    Qwen), and an empty prompt as a single start token (bos, else eos)."""
+    fmt = chat_format(tokenizer)
+    if fmt is not None:
+        return [list(ids) for ids in tokenizer(fmt.render(tokenizer, list(prompts)), add_special_tokens=False)["input_ids"]]
     enc = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     return [list(ids) if len(ids) else [int(start)] for ids in enc]
@@ -666,6 +723,7 @@ def load_model(
             tokenizer = _load_tokenizer(src, section)
 
     tokenizer = _finish_tokenizer(tokenizer)
+    set_chat_format(tokenizer, section, src)
     _use_cpu_attention(model.get_base_model() if hasattr(model, "get_base_model") else model, device)
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -78,7 +78,14 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
     raise ImportError(f"vllm is not installed or failed to import ({_e.__class__.__name__}: {str(_e).splitlines()[0] if str(_e) else ''}); install it with: {_how}") from None
 
 from spiral_cli.generation.base import Completion, check_generate_args, cut_at_stop  # noqa: E402
-from spiral_cli.models import BASE_SUBDIR, LoadedModel, ModelError, encode_prompts, eos_token_ids, save_checkpoint  # noqa: E402
+from spiral_cli.models import (  # noqa: E402
+    BASE_SUBDIR,
+    LoadedModel,
+    ModelError,
+    encode_prompts,
+    eos_token_ids,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +94,7 @@ _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's LoRAConfig a
 
 def _unwrap(model):
     """The model under an accelerate/DDP wrapper."""
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model
 
