@@ -12,6 +12,7 @@ from fakes import EchoTask, completion
 from rich.console import Console
 
 from spiral_cli import compare as cmp
+from spiral_cli import compare_report, sweep_cells
 from spiral_cli import sweep as sweep_mod
 from spiral_cli.jsonl import InputError
 from spiral_cli.recipe import Recipe, RecipeError, load_recipe
@@ -107,8 +108,8 @@ def refuse_training(*a, **k):
 
 @pytest.fixture
 def fast(monkeypatch):
-    monkeypatch.setattr(cmp, "N_BOOT", 200)
-    monkeypatch.setattr(sweep_mod, "EFFICIENCY_N_BOOT", 200)
+    monkeypatch.setattr(compare_report, "N_BOOT", 200)
+    monkeypatch.setattr(sweep_cells, "EFFICIENCY_N_BOOT", 200)
 
 
 # ---------------------------------------------------------------- checks before any training

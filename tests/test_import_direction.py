@@ -36,9 +36,11 @@ LAYERS: list[tuple[str, list[str], bool]] = [
     ("RL pieces", ["spiral_cli.rl", "spiral_cli.rl.advantages", "spiral_cli.rl.loss"], False),
     ("rollouts", ["spiral_cli.rl.rollout"], False),
     ("trainers", ["spiral_cli.sft", "spiral_cli.rl.trainer"], False),
+    # the numbers of a sweep (its grid, cells, scaling efficiency), read by sweep and compare
+    ("sweep cells", ["spiral_cli.sweep_cells"], False),
     # the commands wire the stages together and call each other (compare runs sweep and trainers)
-    ("commands", ["spiral_cli.infer", "spiral_cli.sweep", "spiral_cli.compare", "spiral_cli.cli",
-                  "spiral_cli.__main__"], True),
+    ("commands", ["spiral_cli.infer", "spiral_cli.sweep", "spiral_cli.compare", "spiral_cli.compare_report",
+                  "spiral_cli.cli", "spiral_cli.__main__"], True),
 ]
 
 
@@ -116,6 +118,8 @@ def test_imports_flow_one_way():
     ("from .countdown import extract_answer_text", "spiral_cli.tasks.math_task",
      ["spiral_cli.tasks.math_task (tasks) -> spiral_cli.tasks.countdown (tasks)"]),
     ("from spiral_cli import sweep", "spiral_cli.compare", []),
+    ("from spiral_cli.sweep import run_sweep", "spiral_cli.sweep_cells",
+     ["spiral_cli.sweep_cells (sweep cells) -> spiral_cli.sweep (commands)"]),
     ("from spiral_cli.recipe import Recipe\nimport json", "spiral_cli.models", []),
 ])
 def test_the_checker_catches_a_backward_edge(source, importer, expected):

@@ -11,6 +11,7 @@ import pytest
 from fakes import EchoTask, completion
 
 from spiral_cli import sweep as sweep_mod
+from spiral_cli import sweep_cells
 from spiral_cli.metrics import pass_at_k, scaling_efficiency
 from spiral_cli.recipe import Recipe, RecipeError
 
@@ -77,7 +78,7 @@ def fake(monkeypatch):
 
     monkeypatch.setattr(sweep_mod, "_load_task", lambda recipe: EchoTask(PROBLEMS))
     monkeypatch.setattr(sweep_mod, "_open_generator", open_generator)
-    monkeypatch.setattr(sweep_mod, "EFFICIENCY_N_BOOT", 200)  # 2000 by default; keeps the tests quick
+    monkeypatch.setattr(sweep_cells, "EFFICIENCY_N_BOOT", 200)  # 2000 by default; keeps the tests quick
     return state
 
 
@@ -188,7 +189,7 @@ def _grid(**kw):
 
 def test_touching_curves_are_not_measurable_everywhere(tmp_path, monkeypatch):
     """Regression: efficiency.json said status "ok", max 8 where the table said "censored"."""
-    monkeypatch.setattr(sweep_mod, "EFFICIENCY_N_BOOT", 100)
+    monkeypatch.setattr(sweep_cells, "EFFICIENCY_N_BOOT", 100)
     eff = sweep_mod.efficiency(_touching_cells(), _grid(), ["base", "cand"])
     (comp,) = eff["comparisons"]
     assert comp["status"] == "not_measurable"
@@ -214,7 +215,7 @@ def test_touching_curves_are_not_measurable_everywhere(tmp_path, monkeypatch):
 
 def test_efficiency_interval_in_sweep_by_hand(monkeypatch):
     """Identical problems: every resample equals the data, so the interval is the point: 4x."""
-    monkeypatch.setattr(sweep_mod, "EFFICIENCY_N_BOOT", 50)
+    monkeypatch.setattr(sweep_cells, "EFFICIENCY_N_BOOT", 50)
     cells = _touching_cells()
     # base 0.2 -> 0.6 over 100 -> 400 tokens, cand 0.4 -> 0.8 over 50 -> 200 (metrics docstring example)
     for c, v in zip(cells, ([0.2, 0.2], [0.6, 0.6], [0.4, 0.4], [0.8, 0.8])):
