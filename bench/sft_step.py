@@ -38,7 +38,7 @@ def batch(size: int, length: int) -> dict[str, torch.Tensor]:
 
 
 def run(name: str, fused: bool, use_sdpa: bool, compiled: bool, args) -> None:
-    import spiral_cli.models as models
+    from spiral_cli.models import cpu_attention as models
 
     loaded = load_model(ModelSection(name="scratch:tiny", autocast="auto"), source="scratch:tiny", for_training=True, seed=0)
     model = loaded.model

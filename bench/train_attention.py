@@ -1,5 +1,5 @@
 """Training attention on the CPU: SDPA vs the matmul form, by sequence length (why
-models.MATMUL_ATTENTION_MAX_LEN is 192).
+models/cpu_attention.py's MATMUL_ATTENTION_MAX_LEN is 192).
 
     .venv/bin/python bench/train_attention.py
 
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-import spiral_cli.models as models
+from spiral_cli.models import cpu_attention as models
 from spiral_cli.models import load_model
 from spiral_cli.recipe import ModelSection
 

@@ -26,6 +26,11 @@ LAYERS: list[tuple[str, list[str], bool]] = [
     ("task lookup", ["spiral_cli.tasks"], False),
     ("recipe", ["spiral_cli.recipe"], False),
     ("registry", ["spiral_cli.registry"], False),
+    # the model package: its core (LoadedModel, ModelError, prompts), the parts built on it, load and
+    # save, and the package that re-exports them
+    ("model core", ["spiral_cli.models.loaded"], False),
+    ("model parts", ["spiral_cli.models.scratch", "spiral_cli.models.device", "spiral_cli.models.cpu_attention"], False),
+    ("model load and save", ["spiral_cli.models.load", "spiral_cli.models.save"], False),
     ("model", ["spiral_cli.models"], False),
     ("checkpoints", ["spiral_cli.checkpoints"], False),
     ("generator protocol", ["spiral_cli.generation.base", "spiral_cli.generation.lean_qwen2"], False),

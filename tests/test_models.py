@@ -1,4 +1,4 @@
-"""models.py: byte tokenizer round trip through plain transformers, scratch presets, save/load of
+"""spiral_cli.models: byte tokenizer round trip through plain transformers, scratch presets, save/load of
 full and LoRA checkpoints that plain transformers/peft load with identical outputs, errors."""
 from __future__ import annotations
 
@@ -159,15 +159,15 @@ def _fake_timer(bf16_seconds: float, fp32_seconds: float):
 def test_autocast_auto_measures_this_cpu(monkeypatch, bf16, fp32, chosen):
     """On a CPU "auto" times the model in both precisions and keeps the faster; a near tie
     (bf16 less than 10% faster) keeps fp32. Weights, gradients and the RNG are left untouched."""
-    import spiral_cli.models as models
+    from spiral_cli.models import device
 
-    assert resolve_autocast("auto", torch.device("cpu"), torch.float32) == models.MEASURE
+    assert resolve_autocast("auto", torch.device("cpu"), torch.float32) == device.MEASURE
     assert resolve_autocast("auto", torch.device("cpu"), torch.float16) is False
     lm = load_model(_section(autocast="off"), for_training=True)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     rng = torch.get_rng_state()
-    monkeypatch.setattr(models, "_AUTOCAST_MEASURED", {})
-    use, note = models.measure_cpu_autocast(lm.model, for_training=True, timer=_fake_timer(bf16, fp32))
+    monkeypatch.setattr(device, "_AUTOCAST_MEASURED", {})
+    use, note = device.measure_cpu_autocast(lm.model, for_training=True, timer=_fake_timer(bf16, fp32))
     assert use is chosen
     assert f"bf16 {bf16 * 1e3:.0f} ms vs fp32 {fp32 * 1e3:.0f} ms" in note and note.endswith("bf16" if chosen else "fp32")
     assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
@@ -176,9 +176,9 @@ def test_autocast_auto_measures_this_cpu(monkeypatch, bf16, fp32, chosen):
 
 
 def test_autocast_auto_is_resolved_at_load(monkeypatch):
-    import spiral_cli.models as models
+    from spiral_cli.models import load
 
-    monkeypatch.setattr(models, "measure_cpu_autocast", lambda model, for_training: (True, "measured"))
+    monkeypatch.setattr(load, "measure_cpu_autocast", lambda model, for_training: (True, "measured"))
     lm = load_model(_section(autocast="auto"), for_training=False)
     assert lm.autocast is True and lm.autocast_note == "measured"
     lm = load_model(_section(autocast="off"))

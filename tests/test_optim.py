@@ -69,19 +69,19 @@ def test_model_logits_are_the_same_with_and_without_gradients():
 
 
 def test_training_uses_the_matmul_attention_only_for_short_sequences(monkeypatch):
-    import spiral_cli.models as models
+    from spiral_cli.models import cpu_attention
 
     loaded = load_model(ModelSection(name="scratch:nano", autocast="off"), source="scratch:nano", seed=0)
     calls = []
-    real = models._matmul_attention
-    monkeypatch.setattr(models, "_matmul_attention", lambda *a, **kw: calls.append(a[1].shape[2]) or real(*a, **kw))
+    real = cpu_attention._matmul_attention
+    monkeypatch.setattr(cpu_attention, "_matmul_attention", lambda *a, **kw: calls.append(a[1].shape[2]) or real(*a, **kw))
     layers = loaded.model.config.num_hidden_layers
-    for length in (8, models.MATMUL_ATTENTION_MAX_LEN, models.MATMUL_ATTENTION_MAX_LEN + 1):
+    for length in (8, cpu_attention.MATMUL_ATTENTION_MAX_LEN, cpu_attention.MATMUL_ATTENTION_MAX_LEN + 1):
         ids = torch.full((1, length), 60)
         with torch.no_grad():
             loaded.model(input_ids=ids)  # sampling and scoring: always SDPA
         loaded.model(input_ids=ids)
-    assert calls == [8] * layers + [models.MATMUL_ATTENTION_MAX_LEN] * layers
+    assert calls == [8] * layers + [cpu_attention.MATMUL_ATTENTION_MAX_LEN] * layers
 
 
 def test_adamw_is_fused_on_cpu_and_steps_like_the_for_each_version():

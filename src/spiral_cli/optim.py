@@ -4,7 +4,7 @@ optionally compiled forward.
 Measured on the 2-core CPU with scratch:tiny, 16 sequences of 84 tokens per step (bf16
 autocast, `bench/sft_step.py`, figures in bench/README.md): 131 ms per step with the for-each
 AdamW and torch's CPU flash attention; 117 ms with the fused AdamW; 96 ms with the matmul
-attention for training (models.py); 68 ms with `torch.compile`, after a one-off compile of ~60 s.
+attention for training (models/cpu_attention.py); 68 ms with `torch.compile`, after a one-off compile of ~60 s.
 """
 from __future__ import annotations
 
