@@ -25,6 +25,7 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
     from spiral_cli.pipeline import PipelineConfig, draw_subsets, run_pipeline
     from spiral_cli.recipe import load_recipe
     from spiral_cli.tasks import load_task
+    from spiral_cli.tasks._answers import vote_key
     from spiral_cli.tasks.base import resolve_aggregation
 
     recipe = load_recipe("recipes/countdown.yaml", overrides)
@@ -38,11 +39,12 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
     for i, r in enumerate(results):
         for subset in draw_subsets(8, 4, 8, rng):
             cands = [r.search[j] for j in subset]
+            texts = [t.text for t in cands]
             if task.config.agg_view == "grouped":  # the verdicts are per distinct answer
-                by_key = {"".join(t.answer.split()): t for t in cands if t.answer}
-                cands = [by_key["".join(a.split())] for a in task.candidate_answers([t.text for t in cands])]
-            prompts.append(task.aggregate_prompt(problems[i], [r.search[j].text for j in subset]))
-            sets.append((i, cands, [r.search[j].text for j in subset]))
+                by_key = {vote_key(t.answer): t for t in cands if t.answer}
+                cands = [by_key[vote_key(a)] for a in task.candidate_answers(texts)]
+            prompts.append(task.aggregate_prompt(problems[i], texts))
+            sets.append((i, cands, texts))
     outs = gen.generate(prompts, n=1, max_new_tokens=256, temperature=temperature, stop=task.stop_strings(), seed=1)
     c = collections.Counter()
     for (i, cands, texts), out in zip(sets, outs):
@@ -61,7 +63,7 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
             c["accepted a right candidate"] += 1
             answer = task.extract_answer(text)
             c["accepted a right candidate, answered with an accepted one"] += any(
-                answer is not None and "".join(answer.split()) == "".join(t.answer.split()) for t in accepted)
+                answer is not None and vote_key(answer) == vote_key(t.answer) for t in accepted)
             c["accepted a right candidate, answer right"] += right
         for k, t in enumerate(cands, 1):
             if t.answer is None or k not in verdicts:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from spiral_cli.generation.base import Completion, Generator
 from spiral_cli.generation.roles import for_aggregation
 from spiral_cli.metrics import majority_vote
+from spiral_cli.tasks._answers import vote_key
 from spiral_cli.tasks.base import Task, resolve_aggregation
 
 AggregateMode = Literal["learned", "majority", "none"]
@@ -137,11 +138,6 @@ def _score(task: Task, problem: dict[str, Any], c: Completion, labelled: bool, t
         tokens=len(c.token_ids),
         finish_reason=c.finish_reason,
     )
-
-
-def vote_key(answer: str | None) -> str | None:
-    """Answers that differ only in white space vote together."""
-    return None if answer is None else "".join(answer.split())
 
 
 def is_labelled(task: Task, problem: dict[str, Any]) -> bool:

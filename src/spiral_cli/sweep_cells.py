@@ -13,7 +13,7 @@ pool, so the cells of one (model, T) share their samples:
   size, c correct traces), averaged over problems.
 - ``majority`` (R = 0): expected majority@k with k = N over all size-N subsets of the pool
   (``majority_at_k_expected``; ties count fractionally), averaged over problems. Answers vote
-  after white space is removed (``pipeline.vote_key``).
+  after white space is removed (``tasks._answers.vote_key``).
 - ``learned`` (R >= 1): recursive self-aggregation on the *first N* traces of the pool:
   population P = ``infer.population``, subsets of size min(``infer.agg_set_size``, N), R rounds.
   Rounds are run one at a time, so R = 2 reuses the population of R = 1. Accuracy is the mean

@@ -39,6 +39,12 @@ def extract_answer_text(text: str) -> str | None:
     return " ".join(best.split())
 
 
+def vote_key(answer: str | None) -> str | None:
+    """Answers that differ only in white space vote together (the majority vote, and countdown's
+    grouped aggregation view, which shows the vote's counts)."""
+    return None if answer is None else "".join(answer.split())
+
+
 def _as_latex(s: str) -> str:
     s = s.strip()
     if "$" in s or "\\boxed" in s or "\\(" in s or "\\[" in s:

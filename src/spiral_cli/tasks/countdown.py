@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ._answers import extract_answer_text
+from ._answers import extract_answer_text, vote_key
 from .base import TaskConfig, TaskError
 
 MAX_ANSWER_CHARS = 200  # longer answers are rejected before parsing
@@ -549,7 +549,7 @@ class CountdownTask:
 
     def _answer_groups(self, traces: list[str]) -> tuple[list[tuple[str, int]], int]:
         """The distinct answers of `traces` with their counts, most votes first (ties in order of
-        first appearance; answers that differ only in white space are one), and how many gave none."""
+        first appearance; grouped as the majority vote groups them, by `vote_key`), and how many gave none."""
         groups: dict[str, list] = {}
         none = 0
         for t in traces:
@@ -557,7 +557,7 @@ class CountdownTask:
             if ans is None:
                 none += 1
                 continue
-            key = "".join(ans.split())
+            key = vote_key(ans)
             if key in groups:
                 groups[key][1] += 1
             else:
