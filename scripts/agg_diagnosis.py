@@ -9,7 +9,8 @@ how often it rejected every candidate.
 
     .venv/bin/python scripts/agg_diagnosis.py <checkpoint dir or registry path> [temperature] [problems] [recipe overrides...]
 
-e.g. `... 1.0 100 task.agg_view=grouped task.agg_answer=select` for a model trained with those.
+e.g. `... 1.0 100 task.agg_view=grouped task.agg_answer=select` for a model trained with those;
+`aggregator=<checkpoint dir>` among them aggregates with that model (the two-model form) instead.
 """
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
     from spiral_cli.tasks._answers import vote_key
     from spiral_cli.tasks.base import resolve_aggregation
 
-    recipe = load_recipe("recipes/countdown.yaml", overrides)
+    aggregator = [o.split("=", 1)[1] for o in overrides if o.startswith("aggregator=")]
+    recipe = load_recipe("recipes/countdown.yaml", [o for o in overrides if not o.startswith("aggregator=")])
     task = load_task(recipe.task.name, recipe.task.options())
     gen = HFGenerator(load_model(recipe.model, source=ckpt, for_training=False), batch_size=256)
+    agg_gen = HFGenerator(load_model(recipe.model, source=aggregator[0], for_training=False), batch_size=256) if aggregator else gen
     problems = task.problems("eval", n_problems, seed=0)
     cfg = PipelineConfig(parallel=8, seq_budget=256, agg_rounds=0, aggregate="majority", seed=0)
     results = run_pipeline(task, gen, problems, cfg)
@@ -45,7 +48,7 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
                 cands = [by_key[vote_key(a)] for a in task.candidate_answers(texts)]
             prompts.append(task.aggregate_prompt(problems[i], texts))
             sets.append((i, cands, texts))
-    outs = gen.generate(prompts, n=1, max_new_tokens=256, temperature=temperature, stop=task.stop_strings(), seed=1)
+    outs = agg_gen.generate(prompts, n=1, max_new_tokens=256, temperature=temperature, stop=task.stop_strings(), seed=1)
     c = collections.Counter()
     for (i, cands, texts), out in zip(sets, outs):
         text = resolve_aggregation(task, texts, out[0].text)

@@ -280,3 +280,37 @@ def test_sft_phases_follow_the_steps_and_build_self_aggregation_once():
     one_kind = SftPhases.for_recipe(cfg, examples[:8], seed=3)
     assert one_kind.aggregate_from == 0
     assert SftPhases.for_recipe(SimpleNamespace(**{**vars(cfg), "data": "x.jsonl"}), examples, seed=3).self_agg_from is None
+
+
+@pytest.mark.slow
+def test_infer_aggregates_with_a_separate_aggregator_checkpoint(trained, tmp_path):
+    """`--aggregator` (the two-model form): the search traces come from --model, every aggregation
+    from the aggregator checkpoint. The aggregator here learned to answer "fail" to aggregation
+    prompts, something the search model never writes."""
+    home, recipe, problems, _, _ = trained
+    task = CountdownTask()
+    search_texts = [f"answer: {p['solution']}\n" for p in problems]  # what tiny-sft writes, greedily
+    pairs = tmp_path / "agg.jsonl"
+    pairs.write_text("".join(
+        json.dumps({"prompt": task.aggregate_prompt(p, [t] * k), "completion": "fail\n"}) + "\n"
+        for p, t in zip(problems, search_texts) for k in (1, 2)
+    ))
+    spiral(["sft", str(recipe), "--data", str(pairs), "--name", "tiny-agg", "--set", "sft.steps=60"], home)
+    stdin = "".join(json.dumps(p) + "\n" for p in problems)
+    args = ["infer", "--model", "tiny-sft", "--parallel", "2", "--agg-rounds", "1", "--population", "2",
+            "--agg-set-size", "2", "--traces"]
+    own = [json.loads(line) for line in spiral(args, home, stdin).stdout.splitlines()]
+    out = spiral(args + ["--aggregator", "tiny-agg"], home, stdin)
+    two = [json.loads(line) for line in out.stdout.splitlines()]
+    assert "(aggregator tiny-agg)" in out.stderr
+    assert [[t["text"] for t in r["traces"]] for r in two] == [[t["text"] for t in r["traces"]] for r in own]
+    assert all(t["text"] == "fail\n" for r in two for t in r["aggregations"][0])
+    assert not any(t["text"] == "fail\n" for r in own for t in r["aggregations"][0])
+    assert all(r["tokens"]["aggregate"]["generated"] > 0 for r in two)
+
+
+def test_infer_refuses_an_unknown_aggregator_before_loading_anything(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "spiral_cli", "infer", "--model", "scratch:nano", "--prompt", "1 2 -> 3",
+                        "--aggregator", "no-such-model"], capture_output=True, text=True,
+                       env={**os.environ, "SPIRAL_HOME": str(tmp_path)}, cwd=REPO, timeout=300)
+    assert p.returncode == 2 and "no-such-model" in p.stderr and "Traceback" not in p.stderr

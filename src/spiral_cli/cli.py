@@ -293,6 +293,8 @@ def infer(
     aggregate: Optional[str] = typer.Option(None, help="learned | majority | none"),
     population: Optional[int] = typer.Option(None, help="RSA population P."),
     agg_set_size: Optional[int] = typer.Option(None, help="RSA subset size k."),
+    aggregator: Optional[str] = typer.Option(
+        None, help="A separate aggregator checkpoint (two-model form); default: the model aggregates."),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="Problems JSONL (default: stdin)."),
     prompt: Optional[str] = typer.Option(None, help="One problem given as a raw search prompt."),
     eval_split: Optional[int] = typer.Option(None, "--eval", help="Use N problems of the task's eval split."),
@@ -306,7 +308,7 @@ def infer(
     for key, val in [
         ("infer.parallel", parallel), ("infer.seq_budget", seq_budget), ("infer.agg_rounds", agg_rounds),
         ("infer.aggregate", aggregate), ("infer.population", population), ("infer.agg_set_size", agg_set_size),
-        ("generation.backend", backend), ("seed", seed),
+        ("infer.aggregator", aggregator), ("generation.backend", backend), ("seed", seed),
     ]:
         if val is not None:
             extra.append(f"{key}={val}")

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from spiral_cli.checkpoints import resolve_model
 from spiral_cli.generation import close_generator, make_generator
+from spiral_cli.generation.roles import attach_aggregator_model
 from spiral_cli.jsonl import InputError, check_input_file, chunks, iter_jsonl, write_jsonl_line
 from spiral_cli.progress import fmt_duration
 from spiral_cli.recipe import Recipe, RecipeError, apply_overrides, load_recipe, recipe_from_dict
@@ -224,12 +225,18 @@ def run_infer(
         problems, total = iter_problems(task, iter_jsonl(sys.stdin, "<stdin>"), "<stdin>"), None
     first_chunk_size = max(1, gen.batch_size // max(1, cfg.parallel))  # one generate call's worth
 
-    loaded = load_model(recipe.model, source=ref.source, for_training=False, seed=recipe.seed)
     rounds = cfg.agg_rounds if cfg.aggregate == "learned" else 0
+    agg_ref = resolve_model(inf.aggregator, registry) if inf.aggregator and rounds else None
+    loaded = load_model(recipe.model, source=ref.source, for_training=False, seed=recipe.seed)
     progress = _Progress(console, 1 + rounds, -(-total // first_chunk_size) if total else None)
-    generator = _CountingGenerator(make_generator(loaded, recipe.generation), progress)
+    search_gen = make_generator(loaded, recipe.generation)
+    if agg_ref is not None:
+        attach_aggregator_model(search_gen, aggregator_generator(recipe, agg_ref))
+    generator = _CountingGenerator(search_gen, progress)
     console.print(
-        f"[bold]infer[/] {model}: N={cfg.parallel} T={cfg.seq_budget} R={rounds} "
+        f"[bold]infer[/] {model}"
+        + (f" (aggregator {inf.aggregator})" if agg_ref is not None else "")
+        + f": N={cfg.parallel} T={cfg.seq_budget} R={rounds} "
         f"aggregate={cfg.aggregate} (P={cfg.population}, k={cfg.agg_set_size}) on {loaded.device}"
         + (f", {total} problem{'s' if total != 1 else ''}" if total else "")
     )
@@ -270,6 +277,17 @@ def run_infer(
         _print_held_out(console, summary["held_out"])
     console.print(f"done: {json.dumps(summary)}")
     return summary
+
+
+def aggregator_generator(recipe: Recipe, agg_ref):
+    """The separate aggregator's sampler (`infer.aggregator`): the hf backend, like every frozen
+    model (one vLLM engine per process serves the search model)."""
+    from spiral_cli.generation.hf import HFGenerator
+    from spiral_cli.models import load_model
+
+    gen = recipe.generation
+    agg = load_model(recipe.model, source=agg_ref.source, for_training=False, seed=recipe.seed)
+    return HFGenerator(agg, batch_size=gen.batch_size, fast_decode=gen.fast_decode)
 
 
 def held_out_figures(rows: list[dict[str, Any]], cfg) -> dict[str, Any]:

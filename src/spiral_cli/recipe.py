@@ -289,6 +289,10 @@ class InferSection(_Section):
     agg_set_size: int = Field(4, gt=0)  # RSA subset size k
     aggregate: Literal["learned", "majority", "none"] = "learned"
     eval_problems: int = Field(200, gt=0)
+    # a separate aggregator checkpoint (registry name or path): the two-model form of
+    # docs/method.md, search by --model and aggregation by this one; None = the model aggregates
+    # its own traces (the paper's experiments)
+    aggregator: str | None = None
 
 
 class SweepSection(_Section):

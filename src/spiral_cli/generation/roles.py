@@ -74,6 +74,12 @@ def attach_aggregator(loaded, generator) -> None:
     generator.aggregation_view = AdapterGenerator(generator, loaded.model)
 
 
+def attach_aggregator_model(generator, aggregator) -> None:
+    """A separate aggregator model (the two-model form, full weights): `aggregator`, a generator
+    of its own, plays the aggregation role for `generator`."""
+    generator.aggregation_view = aggregator
+
+
 def for_aggregation(generator):
     """The generator that plays the aggregation role: the aggregator adapter's view when there
     is one, else the generator itself (one policy plays both roles, the paper's setting)."""
