@@ -1,6 +1,6 @@
 # `make demo` runs the default pipeline on the built-in countdown recipe; `make test` runs the tests;
-# `make lint` runs ruff (configured in pyproject.toml).
-# Both set up .venv on first use (scripts/setup.sh).
+# `make lint` runs ruff (configured in pyproject.toml); CI (.ci/run) runs `make lint`, then `make test`.
+# Each sets up .venv on first use (scripts/setup.sh).
 VENV := .venv
 PY := $(VENV)/bin/python
 SPIRAL := $(VENV)/bin/spiral

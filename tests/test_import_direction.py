@@ -22,6 +22,13 @@ LAYERS: list[tuple[str, list[str], bool]] = [
                    "spiral_cli.metrics", "spiral_cli.optim", "spiral_cli.plots", "spiral_cli.adapters"], True),
     ("task protocol", ["spiral_cli.tasks.base", "spiral_cli.tasks._answers"], False),
     ("scoring sandbox", ["spiral_cli.tasks._sandbox"], False),
+    # the countdown package: the verifier, the solver and the options, the task's parts built on
+    # them, the task, and the package that re-exports them (with the other tasks)
+    ("countdown core", ["spiral_cli.tasks.countdown.expressions", "spiral_cli.tasks.countdown.solver",
+                        "spiral_cli.tasks.countdown.config"], False),
+    ("countdown parts", ["spiral_cli.tasks.countdown.problems", "spiral_cli.tasks.countdown.formats",
+                         "spiral_cli.tasks.countdown.sft_data"], False),
+    ("countdown task", ["spiral_cli.tasks.countdown.task"], False),
     ("tasks", ["spiral_cli.tasks.countdown", "spiral_cli.tasks.math_task", "spiral_cli.tasks.reasoning_gym"], False),
     ("task lookup", ["spiral_cli.tasks"], False),
     ("recipe", ["spiral_cli.recipe"], False),
@@ -111,6 +118,17 @@ def test_every_module_has_a_layer():
 
 def test_imports_flow_one_way():
     assert backward_edges(package_edges()) == []
+
+
+def test_other_modules_use_the_countdown_package_not_its_parts():
+    """The countdown parts sit below the other tasks in LAYERS only to order them among
+    themselves: the rest of spiral imports `spiral_cli.tasks.countdown`, never a part."""
+    inside = "spiral_cli.tasks.countdown"
+    bad = sorted(f"{importer} -> {target}" for importer, targets in package_edges().items()
+                 for target in targets
+                 if target.startswith(inside + ".")
+                 and not (importer == inside or importer.startswith(inside + ".")))
+    assert bad == []
 
 
 @pytest.mark.parametrize("source,importer,expected", [

@@ -1,0 +1,127 @@
+"""Countdown's supervised warm-start data: solver traces in the task's format, and aggregation
+examples over mixed candidates (honest traces, corrupted answers, failed searches that claim their
+closest expression) with the target completion that checks each candidate."""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from .config import CountdownConfig
+from .expressions import _OPS, _evaluate, _tokenize, parse_expression
+from .solver import _search
+
+
+class CountdownSftData:
+    """The SFT-data part of `CountdownTask` (task.py); uses the task's problems, prompts, `check`
+    and `_finish`."""
+
+    config: CountdownConfig
+
+    def solve(
+        self,
+        problem: dict[str, Any],
+        rng: random.Random,
+        max_nodes: int | None = None,
+        order: str | None = None,
+        moves_per_node: int | None = None,
+    ) -> tuple[str, bool]:
+        """A search-trace completion in this task's prompt format, and whether it succeeded."""
+        c = self.config
+        lines, ans, _ = _search(
+            list(problem["numbers"]),
+            int(problem["target"]),
+            rng,
+            c.solver_max_nodes if max_nodes is None else max_nodes,
+            order or c.solver_order,
+            c.solver_moves_per_node if moves_per_node is None else moves_per_node,
+            c.number_rule,
+        )
+        return self._finish(lines, ans), ans is not None
+
+    def _corrupt(self, problem: dict[str, Any], expr: str, rng: random.Random) -> str | None:
+        """A plausible wrong claim: `expr` with one number or one operator changed."""
+        toks = _tokenize(expr)
+        for _ in range(20):
+            t = list(toks)
+            num_pos = [i for i, x in enumerate(t) if x.isdigit()]
+            op_pos = [i for i, x in enumerate(t) if x in _OPS]
+            if op_pos and rng.random() < 0.4:
+                i = rng.choice(op_pos)
+                t[i] = rng.choice([o for o in _OPS if o != t[i]])
+            else:
+                i = rng.choice(num_pos)
+                v = int(t[i])
+                choices = [v + d for d in (-2, -1, 1, 2) if v + d > 0] + list(problem["numbers"])
+                t[i] = str(rng.choice([x for x in choices if x != v]))
+            cand = "".join(t)
+            ok, _ = self.check(problem, cand)
+            if not ok:
+                try:
+                    _evaluate(parse_expression(cand), [])
+                except (ArithmeticError, ValueError):
+                    continue  # keep claims that at least evaluate: those are the plausible ones
+                return cand
+        return None
+
+    def _candidate(self, problem: dict[str, Any], rng: random.Random) -> str:
+        c = self.config
+        kind = rng.random()
+        budget = rng.randint(1, 2 * c.solver_max_nodes)
+        lines, ans, (_cv, cexpr) = _search(
+            list(problem["numbers"]), int(problem["target"]), rng, budget,
+            c.solver_order, c.solver_moves_per_node, c.number_rule,
+        )
+        if kind < 0.4:  # an honest solver trace (succeeds or fails)
+            return self._finish(lines, ans)
+        if kind < 0.7:  # a corrupted version of a correct expression
+            src = ans or problem.get("solution")
+            if src:
+                bad = self._corrupt(problem, src, rng)
+                if bad is not None:
+                    return self._finish(lines, bad)
+        # a failed search that claims its closest expression anyway
+        if ans is not None or cexpr is None or self.check(problem, cexpr)[0]:
+            return self._finish(lines, ans)
+        return self._finish(lines, cexpr)
+
+    def aggregate_completion(self, problem: dict[str, Any], traces: list[str], rng: random.Random) -> str:
+        """The target aggregation completion: check the candidates in the order the prompt numbers
+        them (distinct answers in the grouped view), answer from the first that verifies (checking
+        the rest first unless `agg_checks` is until_ok), by writing it or, with `agg_answer:
+        select`, naming it; if none does, search (a solver trace) and end with its answer or fail."""
+        checks = []
+        chosen = None
+        for i, ans in enumerate(self.candidate_answers(traces), 1):
+            ok, line = self.check(problem, ans)
+            checks.append(f"{i}: {line}")
+            if ok and chosen is None:
+                chosen = f"#{i}" if self.config.agg_answer == "select" else ans
+                if self.config.agg_checks == "until_ok":
+                    break
+        if chosen is not None:
+            return self._finish(checks, chosen)
+        lines, ans, _ = _search(
+            list(problem["numbers"]), int(problem["target"]), rng, self.config.solver_max_nodes,
+            self.config.solver_order, self.config.solver_moves_per_node, self.config.number_rule,
+        )
+        return self._finish(checks + lines, ans)
+
+    def sft_examples(
+        self, n_search: int, n_aggregate: int, seed: int = 0, set_size: int = 4
+    ) -> list[dict[str, str]]:
+        """Supervised warm-start data from TRAIN problems: `n_search` solver traces (successful and
+        failed) and `n_aggregate` aggregation examples over `set_size` mixed candidates."""
+        rng = random.Random(f"countdown-sft/{seed}")
+        probs = self.problems("train", n_search + n_aggregate, seed=seed + 7919)
+        out: list[dict[str, str]] = []
+        for p in probs[:n_search]:
+            trace, _ = self.solve(p, rng, max_nodes=rng.choice(self.config.sft_max_nodes))
+            out.append({"prompt": self.search_prompt(p), "completion": trace, "kind": "search"})
+        for p in probs[n_search:]:
+            cands = [self._candidate(p, rng) for _ in range(set_size)]
+            out.append({
+                "prompt": self.aggregate_prompt(p, cands),
+                "completion": self.aggregate_completion(p, cands, rng),
+                "kind": "aggregate",
+            })
+        return out
