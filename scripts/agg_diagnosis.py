@@ -3,9 +3,9 @@
 For held-out problems: N=8 search traces per problem, then P=8 aggregation prompts per problem,
 each over a random subset of k=4 of those traces (as `spiral infer` builds them). Each
 aggregation writes one verdict line per candidate ("<i>: <check> ok|no"); this script compares
-every verdict with the candidate's true correctness and prints the confusion counts, how often
-the aggregation's final answer is right (overall and when at least one candidate was right), and
-how often it rejected every candidate.
+every verdict with the candidate's true correctness (and its line with the verifier's own check)
+and prints the confusion counts, how often the aggregation's final answer is right (overall and
+when at least one candidate was right), and how often it rejected every candidate.
 
     .venv/bin/python scripts/agg_diagnosis.py <checkpoint dir or registry path> [temperature] [problems] [recipe overrides...]
 
@@ -72,6 +72,8 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
             if t.answer is None or k not in verdicts:
                 continue
             ok = verdicts[k].endswith(" ok")
+            c["verdict lines"] += 1
+            c["verdict lines equal to the verifier's check"] += verdicts[k] == task.check(problems[i], t.answer)[1]
             c[("accepted" if ok else "rejected") + (" right" if t.correct else " wrong") + " candidate"] += 1
     pass1 = sum(t.correct for r in results for t in r.search) / (8 * len(results))
     for k, v in c.items():
@@ -79,7 +81,9 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
     acc_wrong = c["accepted wrong candidate"] / max(1, c["accepted wrong candidate"] + c["rejected wrong candidate"])
     acc_right = c["accepted right candidate"] / max(1, c["accepted right candidate"] + c["rejected right candidate"])
     print(f"pass@1 of the search traces {pass1:.3f}; aggregation accuracy {c['aggregation right'] / c['sets']:.3f}")
-    print(f"accepts {acc_right:.0%} of right candidates and {acc_wrong:.0%} of wrong ones")
+    faithful = c["verdict lines equal to the verifier's check"] / max(1, c["verdict lines"])
+    print(f"accepts {acc_right:.0%} of right candidates and {acc_wrong:.0%} of wrong ones; "
+          f"{faithful:.0%} of the verdict lines are the verifier's own check, step for step")
 
 
 if __name__ == "__main__":
