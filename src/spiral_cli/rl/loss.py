@@ -5,6 +5,11 @@ scalar loss. The paper reports an importance-sampling policy gradient −Σ exp(
 (docs/method.md, "Loss"); clipping and loss normalisation are unconfirmed, so
 both plain IS and PPO/DAPO-style clipping are offered, with token-mean, seq-mean or Dr. GRPO
 aggregation (TRL's loss_type dapo, grpo and dr_grpo).
+
+The sampler-mismatch correction lives here too (docs/method.md, "Sampler mismatch"):
+``truncated_importance_weight`` is TRL's truncated importance sampling against the sampler's own
+log-probs, which ``policy_loss`` multiplies into each token's policy-gradient loss, and
+``sampler_mismatch_metrics`` measures how far the sampler and the trainer disagree.
 """
 
 from __future__ import annotations
@@ -12,21 +17,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["policy_loss", "LOSS_TYPES", "AGGREGATIONS"]
+__all__ = ["policy_loss", "truncated_importance_weight", "sampler_mismatch_metrics", "LOSS_TYPES", "AGGREGATIONS"]
 
 LOSS_TYPES = ("is", "ppo_clip")
 AGGREGATIONS = ("token_mean", "seq_mean", "dr_grpo")
 
 
 def _check_inputs(logp_new, logp_old, advantages, mask, logp_ref, loss_type, aggregation, beta, normalizer,
-                  max_completion_length):
+                  max_completion_length, importance_sampling_ratio=None):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if logp_new.dim() != 2:
         raise ValueError(f"logp_new must be [B, T], got shape {tuple(logp_new.shape)}")
-    for name, t in (("logp_old", logp_old), ("mask", mask), ("logp_ref", logp_ref)):
+    for name, t in (("logp_old", logp_old), ("mask", mask), ("logp_ref", logp_ref),
+                    ("importance_sampling_ratio", importance_sampling_ratio)):
         if t is not None and t.shape != logp_new.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} != logp_new {tuple(logp_new.shape)}")
     if advantages.shape != logp_new.shape[:1]:
@@ -105,6 +111,7 @@ def policy_loss(
     beta: float = 0.0,
     normalizer: float | int | Tensor | None = None,
     max_completion_length: int | None = None,
+    importance_sampling_ratio: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped / plain importance-sampling policy-gradient loss with an optional k3 KL.
 
@@ -115,6 +122,8 @@ def policy_loss(
         ratio = exp(logp_new − logp_old)          (logp_old is treated as a constant)
         "is":        ℓ = −ratio · A               gradient at ratio = 1 is −A ∇logp (REINFORCE)
         "ppo_clip":  ℓ = −min(ratio·A, clip(ratio, 1 − epsilon_low, 1 + epsilon_high)·A)
+        ℓ ← w · ℓ      with w = ``importance_sampling_ratio`` (detached), when given: the
+                       truncated sampler-mismatch weight (``truncated_importance_weight``)
         + beta · [exp(ref − new) − (ref − new) − 1]   when beta > 0 (k3 KL, as TRL's GRPO)
 
     Aggregation over the batch:
@@ -136,13 +145,17 @@ def policy_loss(
     ``logp_ref`` is given, even with beta 0), ``num_tokens``.
     """
     _check_inputs(logp_new, logp_old, advantages, mask, logp_ref, loss_type, aggregation, beta, normalizer,
-                  max_completion_length)
+                  max_completion_length, importance_sampling_ratio)
     mask = mask.to(logp_new.dtype)
     logp_old = logp_old.detach()
     adv = advantages.detach().to(logp_new.dtype).unsqueeze(1)  # [B, 1] broadcasts over T
 
     ratio = torch.exp(logp_new - logp_old)
     per_token, clip_active = _per_token_pg_loss(ratio, adv, loss_type, epsilon_low, epsilon_high)
+    if importance_sampling_ratio is not None:
+        # after the PPO clip and before the KL term, as TRL's GRPOTrainer applies its vLLM weight:
+        # it reweights samples drawn by the sampler to the trainer's distribution (docs/method.md)
+        per_token = per_token * importance_sampling_ratio.detach()
     kl_ref = None
     if logp_ref is not None:
         kl_ref = _k3(logp_ref.detach() - logp_new)
@@ -172,3 +185,60 @@ def _stats(ratio, clip_active, kl_ref, logp_new, logp_old, mask) -> dict[str, fl
     if kl_ref is not None:
         stats["kl_ref"] = mean(kl_ref)
     return stats
+
+
+# ---------------------------------------------------------------- sampler mismatch (docs/method.md)
+
+
+def truncated_importance_weight(logp_old: Tensor, logp_sampler: Tensor, cap: float,
+                                mask: Tensor | None = None) -> Tensor:
+    """TRL's truncated importance sampling (``vllm_importance_sampling_correction``,
+    ``vllm_importance_sampling_mode: token_truncate``): per token
+
+        w = min(exp(logp_old − logp_sampler), cap)
+
+    ``logp_old`` is the trainer's log-prob of the sampled token under the weights that sampled it,
+    ``logp_sampler`` what the sampler reported for it (same temperature). The samples came from the
+    sampler, the gradient is the trainer's: w reweights them to the trainer's distribution, and the
+    cap bounds the variance a token the sampler found unlikely would add. Masked positions get 1.
+    Detached: a weight, never a path for the gradient."""
+    if cap <= 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    diff = (logp_old.detach() - logp_sampler.detach()).float()
+    if mask is not None:
+        diff = diff * mask.to(diff.dtype)
+    return torch.clamp(torch.exp(diff), max=cap)
+
+
+@torch.no_grad()
+def sampler_mismatch_metrics(logp_train: Tensor, logp_sampler: Tensor, cap: float,
+                             mask: Tensor | None = None) -> dict[str, float]:
+    """How far the sampler and the trainer disagree on the sampled tokens (valid ones: ``mask``).
+
+    With d = logp_train − logp_sampler per token (tokens drawn by the sampler):
+    - ``sampling/sampling_logp_difference/mean|max``: mean and max of |d| (TRL's names)
+    - ``sampling/importance_sampling_ratio/min|mean|max``: the truncated weight min(e^d, cap), as
+      the loss applies it (TRL's names; TRL also logs the truncated ratio)
+    - ``sampling/raw_importance_sampling_ratio/mean|max``: e^d before the cap
+    - ``sampling/importance_sampling_ratio/capped_fraction``: tokens whose e^d exceeded the cap
+    - ``sampling/kl_sampler_trainer``: the k3 estimate e^d − d − 1 of KL(sampler ‖ trainer), ≥ 0
+    No valid token: differences 0, ratios 1."""
+    d = (logp_train - logp_sampler).double()  # float64: k3 ≈ d²/2 vanishes in float32 below d ~ 1e-4
+    if mask is not None:
+        d = d[mask.bool()]
+    d = d.reshape(-1)
+    if d.numel() == 0:
+        d = d.new_zeros(1)
+    raw = torch.exp(d)
+    weight = torch.clamp(raw, max=cap)
+    return {
+        "sampling/sampling_logp_difference/mean": float(d.abs().mean()),
+        "sampling/sampling_logp_difference/max": float(d.abs().max()),
+        "sampling/importance_sampling_ratio/min": float(weight.min()),
+        "sampling/importance_sampling_ratio/mean": float(weight.mean()),
+        "sampling/importance_sampling_ratio/max": float(weight.max()),
+        "sampling/raw_importance_sampling_ratio/mean": float(raw.mean()),
+        "sampling/raw_importance_sampling_ratio/max": float(raw.max()),
+        "sampling/importance_sampling_ratio/capped_fraction": float((raw > cap).float().mean()),
+        "sampling/kl_sampler_trainer": float(_k3(d).mean()),
+    }
