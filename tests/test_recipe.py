@@ -84,7 +84,7 @@ def test_override_applies_and_validates(tmp_path):
         ("train_set: {lrr: 1}\n", [], "train_set.lrr: unknown field (allowed: "),
         ("train_set: {lr: abc}\n", [], "train_set.lr: Input should be a valid number"),
         ("train_set: {lr: -1}\n", [], "train_set.lr: Input should be greater than 0"),
-        ("generation: {backend: tgi}\n", [], "generation.backend: Input should be 'hf' or 'vllm'"),
+        ("generation: {backend: tgi}\n", [], "generation.backend: Input should be 'hf', 'vllm' or 'vllm_server'"),
         ("", ["infer.aggregate=best"], "infer.aggregate: Input should be 'learned', 'majority' or 'none'"),
         ("bogus: 1\n", [], "bogus: unknown field"),
         ("task: {name: countdown, max_valu: 3}\n", [], "task.max_valu"),

@@ -33,7 +33,7 @@ err = Console(stderr=True, soft_wrap=True)
 _state: dict[str, Any] = {"home": None}
 
 SetOpt = typer.Option(None, "--set", help="Override a recipe field, e.g. --set train_set.lr=1e-5 (repeatable).")
-BackendOpt = typer.Option(None, "--backend", help="Generation backend: hf | vllm (generation.backend).")
+BackendOpt = typer.Option(None, "--backend", help="Generation backend: hf | vllm | vllm_server (generation.backend).")
 BudgetOpt = typer.Option(
     None, "--max-generated-tokens",
     help="Stop once this many tokens were generated (<section>.max_generated_tokens); steps stays a cap.",

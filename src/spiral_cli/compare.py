@@ -467,7 +467,7 @@ def compare_command(
         None, "--out", help="Report directory (default: $SPIRAL_HOME/compare/<recipe>-<hash>)."),
     quick: bool = typer.Option(
         False, "--quick", help="Small preset for a first look: 1 seed, 8 steps' budget, 100 problems, N 1,4,8, one T, R 0,1."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="Generation backend: hf | vllm (generation.backend)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Generation backend: hf | vllm | vllm_server (generation.backend)."),
 ) -> None:
     """SPIRAL vs GRPO at an equal training-token budget: train both per seed, sweep N x T x R, write a report."""
     from spiral_cli import cli

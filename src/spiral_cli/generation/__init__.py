@@ -1,7 +1,7 @@
 """Generation backends behind one small protocol (see `base.py` for the exact conventions).
 
     from spiral_cli.generation import make_generator
-    gen = make_generator(loaded, recipe.generation)       # HFGenerator or the vLLM backend
+    gen = make_generator(loaded, recipe.generation)       # HFGenerator, in-process vLLM or a vLLM server
     outs = gen.generate(prompts, n=8, max_new_tokens=256, temperature=1.0, stop=["\\n\\n"], seed=0)
     outs[i][j].text, .token_ids, .logprobs, .finish_reason
 
@@ -28,7 +28,7 @@ def __getattr__(name: str) -> Any:  # lazy: importing the protocol does not impo
 
 
 def make_generator(loaded, section) -> Generator:
-    """The backend named by a `GenerationSection` (`backend`, `batch_size`, `vllm`); a backend
+    """The backend named by a `GenerationSection` (`backend`, `batch_size`, `vllm`, `vllm.server`); a backend
     that is missing or cannot serve this model is a RecipeError (a ValueError) naming the field."""
     from spiral_cli.generation.roles import attach_aggregator, has_aggregator_adapter
     from spiral_cli.recipe import RecipeError
@@ -52,8 +52,12 @@ def make_generator(loaded, section) -> Generator:
             if isinstance(e, (RecipeError, ModelError)):
                 raise
             raise RecipeError(str(e)) from None
+    elif section.backend == "vllm_server":  # a vLLM server started on its own: needs no vllm install here
+        from spiral_cli.generation.vllm_server import VLLMServerGenerator
+
+        generator = VLLMServerGenerator(loaded, section)
     else:
-        raise RecipeError(f"generation.backend: unknown backend {section.backend!r} (hf or vllm)")
+        raise RecipeError(f"generation.backend: unknown backend {section.backend!r} (hf, vllm or vllm_server)")
     attach_aggregator(loaded, generator)  # a second LoRA adapter plays the aggregation role
     return generator
 

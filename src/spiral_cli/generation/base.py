@@ -89,3 +89,44 @@ def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, str | None]:
     if which is None:
         return text, None
     return text[:best], which
+
+
+def teacher_forced_logprobs(loaded, prompts: list[list[int]], completions: list[list[int]], temperature: float,
+                            batch_size: int = 64) -> list[list[float]]:
+    """log_softmax(logits / T) of each completion token under `loaded.model` (one teacher-forced
+    forward of prompt + completion, in eval mode and the model's autocast): the convention above,
+    for engines whose own values differ from it (vLLM with top-k/top-p) and for checking them."""
+    import torch
+
+    model = loaded.model
+    dev = loaded.device
+    tok = loaded.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else loaded.eos_token_ids[0]
+    bs = max(1, int(batch_size))
+    order = sorted(range(len(completions)), key=lambda k: len(prompts[k]) + len(completions[k]))
+    out: list[list[float]] = [[] for _ in completions]
+    training = [m for m in model.modules() if m.training]
+    model.eval()
+    try:
+        with torch.inference_mode(), loaded.autocast_ctx():
+            for s in range(0, len(order), bs):
+                rows = [k for k in order[s:s + bs] if completions[k]]
+                if not rows:
+                    continue
+                seqs = [prompts[k] + completions[k] for k in rows]
+                L = max(map(len, seqs))
+                ids = torch.full((len(rows), L), int(pad), dtype=torch.long)
+                attn = torch.zeros((len(rows), L), dtype=torch.long)
+                for r, sq in enumerate(seqs):
+                    ids[r, : len(sq)] = torch.tensor(sq, dtype=torch.long)
+                    attn[r, : len(sq)] = 1
+                logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits.float()
+                logp = torch.log_softmax(logits / temperature, dim=-1)
+                for r, k in enumerate(rows):
+                    p, c = len(prompts[k]), len(completions[k])
+                    tgt = torch.tensor(completions[k], dtype=torch.long, device=logp.device)
+                    out[k] = logp[r, p - 1 : p - 1 + c].gather(-1, tgt[:, None]).squeeze(-1).tolist()
+    finally:
+        for m in training:
+            m.training = True
+    return out
