@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -170,6 +171,7 @@ def main() -> None:
                              "engine_start_s": round(start, 1)}
     print(f"in-process: {toks} tokens in {dt:.2f} s = {toks / dt:,.0f} tok/s (engine start {start:.1f} s)", flush=True)
     print(json.dumps(summary))
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
