@@ -54,6 +54,7 @@ def evaluate(
     population: int = 8,
     agg_set_size: int = 4,
     agg_max_new_tokens: int = 256,
+    agg_fit: str = "trim_middle",
     temperature: float = 1.0,
     seed: int = 0,
     short_budget: int | None = None,
@@ -64,7 +65,7 @@ def evaluate(
     cfg = PipelineConfig(
         parallel=parallel, seq_budget=seq_budget, agg_rounds=1, population=population,
         agg_set_size=agg_set_size, aggregate="learned", agg_max_new_tokens=agg_max_new_tokens,
-        temperature=temperature, seed=seed,
+        agg_fit=agg_fit, temperature=temperature, seed=seed,
     )
     results = _run_batched(task, generator, problems, cfg, batch_problems, progress)
     metrics = summarize(results, prefix=f"T{seq_budget}/")
@@ -91,6 +92,6 @@ def evaluate_recipe(task: Task, generator: Generator, problems: list[dict[str, A
     return evaluate(
         task, generator, problems, parallel=inf.parallel, seq_budget=gen.max_new_tokens,
         population=inf.population, agg_set_size=inf.agg_set_size, agg_max_new_tokens=gen.agg_max_new_tokens,
-        temperature=gen.temperature, seed=recipe.seed,
+        agg_fit=gen.agg_fit, temperature=gen.temperature, seed=recipe.seed,
         short_budget=max(1, gen.max_new_tokens // 4) if short_budget else None,
     )

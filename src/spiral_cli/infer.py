@@ -6,6 +6,7 @@ is a registry entry and no recipe is given, the task settings come from the reci
 """
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -190,7 +191,8 @@ def run_infer(
     out=None,
 ) -> dict[str, Any]:
     from spiral_cli.models import load_model
-    from spiral_cli.pipeline import PipelineConfig, run_pipeline
+    from spiral_cli.pipeline import PipelineConfig, largest_agg_set, run_pipeline
+    from spiral_cli.prompt_fit import AggregationFit
 
     console = console or Console(stderr=True)
     # everything that can be wrong is checked before the model loads
@@ -208,8 +210,8 @@ def run_infer(
     cfg = PipelineConfig(
         parallel=inf.parallel, seq_budget=inf.seq_budget or gen.max_new_tokens, agg_rounds=inf.agg_rounds,
         population=inf.population, agg_set_size=inf.agg_set_size, aggregate=inf.aggregate,
-        agg_max_new_tokens=gen.agg_max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-        top_k=gen.top_k, seed=recipe.seed,
+        agg_max_new_tokens=gen.agg_max_new_tokens, agg_fit=gen.agg_fit, temperature=gen.temperature,
+        top_p=gen.top_p, top_k=gen.top_k, seed=recipe.seed,
     )
     total: int | None
     if prompt is not None:
@@ -228,6 +230,11 @@ def run_infer(
     rounds = cfg.agg_rounds if cfg.aggregate == "learned" else 0
     agg_ref = resolve_model(inf.aggregator, registry) if inf.aggregator and rounds else None
     loaded = load_model(recipe.model, source=ref.source, for_training=False, seed=recipe.seed)
+    if rounds and agg_ref is None:  # aggregation prompts that can never fit: say so before the sampler starts
+        first = next(problems, None)
+        if first is not None:
+            problems = itertools.chain([first], problems)
+            AggregationFit.before_start(task, loaded, gen).check([first], largest_agg_set(cfg, rounds))
     progress = _Progress(console, 1 + rounds, -(-total // first_chunk_size) if total else None)
     search_gen = make_generator(loaded, recipe.generation)
     if agg_ref is not None:
@@ -241,7 +248,7 @@ def run_infer(
         + (f", {total} problem{'s' if total != 1 else ''}" if total else "")
     )
     done = correct = labelled = 0
-    generated = total_tokens = 0
+    generated = total_tokens = trimmed = 0
     per_problem: list[dict[str, Any]] = []  # the labelled problems' figures, for the summary
     t0 = time.time()
     try:
@@ -258,6 +265,7 @@ def run_infer(
                 t = r.token_totals()
                 generated += t.generated
                 total_tokens += t.total
+                trimmed += r.agg_prompts_trimmed
             progress.batch_done()
             rate = done / max(time.time() - t0, 1e-9)
             acc = f", accuracy {correct}/{labelled} = {correct / labelled:.1%}" if labelled else ""
@@ -271,6 +279,7 @@ def run_infer(
     summary = {
         "problems": done, "labelled": labelled, "accuracy": correct / labelled if labelled else None,
         "generated_tokens": generated, "total_tokens": total_tokens, "seconds": round(time.time() - t0, 2),
+        "agg_prompts_trimmed": trimmed,  # cut to fit the context (generation.agg_fit)
     }
     if per_problem:
         summary["held_out"] = held_out_figures(per_problem, cfg)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from spiral_cli.generation.base import Completion, Generator
 from spiral_cli.generation.roles import for_aggregation
 from spiral_cli.metrics import majority_vote
+from spiral_cli.prompt_fit import AggregationFit
 from spiral_cli.tasks._answers import vote_key
 from spiral_cli.tasks.base import Task, resolve_aggregation
 
@@ -66,6 +67,7 @@ class ProblemResult:
     reward: float | None = None
     correct: bool | None = None
     tokens: dict[str, TokenCount] = field(default_factory=lambda: {"search": TokenCount(), "aggregate": TokenCount()})
+    agg_prompts_trimmed: int = 0  # aggregation prompts cut to fit the context (prompt_fit)
 
     @property
     def labelled(self) -> bool:
@@ -105,6 +107,8 @@ class ProblemResult:
             d.update(self.summary())
         d["tokens"] = {stage: tc.to_dict() for stage, tc in self.tokens.items()}
         d["tokens"]["total"] = self.token_totals().to_dict()
+        if self.agg_prompts_trimmed:
+            d["agg_prompts_trimmed"] = self.agg_prompts_trimmed
         if include_traces:
             d["traces"] = [t.to_dict() for t in self.search]
             d["aggregations"] = [[t.to_dict() for t in population] for population in self.rounds]
@@ -120,6 +124,7 @@ class PipelineConfig:
     agg_set_size: int = 4  # k
     aggregate: AggregateMode = "learned"
     agg_max_new_tokens: int = 256
+    agg_fit: str = "trim_middle"  # generation.agg_fit: prompts over the context are cut or refused
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -146,6 +151,12 @@ def is_labelled(task: Task, problem: dict[str, Any]) -> bool:
     return bool(labelled(problem)) if callable(labelled) else True
 
 
+def largest_agg_set(cfg: PipelineConfig, rounds: int) -> int:
+    """The most candidates an aggregation prompt of `rounds` RSA rounds holds: k, or fewer when
+    the pool it draws from (N search traces, then the population P) is smaller."""
+    return min(cfg.agg_set_size, max(cfg.parallel, cfg.population if rounds > 1 else 0))
+
+
 def draw_subsets(pool_size: int, set_size: int, count: int, rng: random.Random) -> list[list[int]]:
     """`count` random subsets (as shuffled index lists) of size min(set_size, pool_size)."""
     k = min(set_size, pool_size)
@@ -162,16 +173,18 @@ def aggregate_rounds(
     problems = [r.problem for r in results]
     labelled = [r.labelled for r in results]
     stop = task.stop_strings()
+    fit = AggregationFit(task, generator, cfg.agg_max_new_tokens, cfg.agg_fit)
     populations: list[list[Trace]] = [r.rounds[-1] if r.rounds else r.search for r in results]
     for _ in range(rounds):
-        prompts: list[str] = []
         owners: list[int] = []
         candidates: list[list[str]] = []
-        for i, (p, pool) in enumerate(zip(problems, populations)):
+        for i, pool in enumerate(populations):
             for subset in draw_subsets(len(pool), cfg.agg_set_size, cfg.population, rng):
                 candidates.append([pool[j].text for j in subset])
-                prompts.append(task.aggregate_prompt(p, candidates[-1]))
                 owners.append(i)
+        prompts, cut = fit.prompts([problems[i] for i in owners], candidates)
+        for i, c in zip(owners, cut):
+            results[i].agg_prompts_trimmed += int(c > 0)
         outs = generator.generate(
             prompts, n=1, max_new_tokens=cfg.agg_max_new_tokens, temperature=cfg.temperature,
             top_p=cfg.top_p, top_k=cfg.top_k, stop=stop, seed=cfg.seed + 1 + len(results[0].rounds),
@@ -195,6 +208,10 @@ def run_pipeline(
     rng = random.Random(cfg.seed)
     labelled = [is_labelled(task, p) for p in problems]
     stop = task.stop_strings()
+    rounds = cfg.agg_rounds if cfg.aggregate == "learned" else 0
+    if rounds:  # an aggregation prompt that can never fit the context: say so before any sampling
+        fit = AggregationFit(task, for_aggregation(generator), cfg.agg_max_new_tokens, cfg.agg_fit)
+        fit.check(problems, largest_agg_set(cfg, rounds))
 
     search_out = generator.generate(
         [task.search_prompt(p) for p in problems], n=cfg.parallel, max_new_tokens=cfg.seq_budget,
@@ -207,7 +224,6 @@ def run_pipeline(
             r.tokens["search"].add(c)
         results.append(r)
 
-    rounds = cfg.agg_rounds if cfg.aggregate == "learned" else 0
     populations = aggregate_rounds(task, for_aggregation(generator), results, cfg, rounds, rng)
     for r, lab, pop in zip(results, labelled, populations):
         if cfg.aggregate == "none":

@@ -31,10 +31,12 @@ from spiral_cli.checkpoints import (
     save_run_state,
 )
 from spiral_cli.generation import close_generator, make_generator
+from spiral_cli.generation.roles import for_aggregation
 from spiral_cli.jsonl import InputError, read_jsonl_file
 from spiral_cli.optim import adamw, compile_for_training
 from spiral_cli.paths import atomic_write_text, runs_dir
 from spiral_cli.progress import fmt_duration
+from spiral_cli.prompt_fit import AggregationFit
 from spiral_cli.recipe import Recipe
 from spiral_cli.registry import Registry
 from spiral_cli.tasks import load_task
@@ -120,16 +122,17 @@ def self_aggregate_pairs(task: Task, generator, n: int, set_size: int, recipe: R
         raise InputError(f"sft.self_aggregate_examples: task {task.name!r} has no aggregate_completion to build targets")
     problems = task.problems("train", n, seed=recipe.seed + 104_729)
     gen = recipe.generation
+    fit = AggregationFit(task, for_aggregation(generator), gen.agg_max_new_tokens, gen.agg_fit)
+    fit.check(problems, set_size)  # the prompts the model will see at inference, fitted alike
     outs = generator.generate(
         [task.search_prompt(p) for p in problems], n=set_size, max_new_tokens=gen.max_new_tokens,
         temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, stop=task.stop_strings(), seed=recipe.seed,
     )
     rng = random.Random(f"self-aggregate/{recipe.seed}")
-    pairs = []
-    for p, samples in zip(problems, outs):
-        texts = [c.text for c in samples]
-        pairs.append({"prompt": task.aggregate_prompt(p, texts), "completion": make(p, texts, rng), "kind": "self_aggregate"})
-    return pairs
+    candidates = [[c.text for c in samples] for samples in outs]
+    prompts, _ = fit.prompts(problems, candidates)
+    return [{"prompt": prompt, "completion": make(p, texts, rng), "kind": "self_aggregate"}
+            for p, texts, prompt in zip(problems, candidates, prompts)]
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:

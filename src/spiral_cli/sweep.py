@@ -266,7 +266,8 @@ def _run_learned(ctx: _Context, w: ModelWork, t: int, n: int, generator: Callabl
     by_round: dict[int, list[dict[str, Any]]] = {}
     cfg_base = dict(
         population=ctx.grid.population, agg_set_size=ctx.grid.agg_set_size, aggregate="learned",
-        agg_max_new_tokens=ctx.recipe.generation.agg_max_new_tokens, **ctx.sampling(),
+        agg_max_new_tokens=ctx.recipe.generation.agg_max_new_tokens, agg_fit=ctx.recipe.generation.agg_fit,
+        **ctx.sampling(),
     )
     for r in range(1, max_r + 1):
         rows_round: list[dict[str, Any]] = []

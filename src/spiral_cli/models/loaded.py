@@ -44,6 +44,7 @@ class LoadedModel:
     base_source: str | None = None  # for LoRA: where the base model came from
     scratch_preset: str | None = None  # set when the (base) model was built from a preset
     quantization: str = "none"
+    max_seq_len: int | None = None  # the recipe's model.max_seq_len (a cap on prompt + completion tokens)
 
     def autocast_ctx(self) -> contextlib.AbstractContextManager:
         """bf16 autocast where the section asked for it, else a no-op context."""
