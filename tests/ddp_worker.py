@@ -1,4 +1,5 @@
-"""Run by tests/test_trainer.py under `torchrun --nproc_per_node 2`: a short SPIRAL run, then each
+"""Run by tests/test_trainer.py under `torchrun --nproc_per_node 2` (and tests/test_multinode.py
+under two single-process torchrun "nodes"): a short SPIRAL run, then each
 rank writes a checksum of its weights (they must be identical after DDP's gradient reduction)."""
 import hashlib
 import json
@@ -15,7 +16,8 @@ from spiral_cli.rl import trainer
 
 if __name__ == "__main__":
     recipe_path, out_dir = sys.argv[1], Path(sys.argv[2])
-    recipe = load_recipe(recipe_path, ["train_set.steps=4"])
+    steps = sys.argv[3] if len(sys.argv) > 3 else "4"
+    recipe = load_recipe(recipe_path, [f"train_set.steps={steps}"])
     init = load_model(recipe.model, source="scratch:nano", for_training=False, seed=recipe.seed).model
     captured = {}
     original = trainer._update
