@@ -431,6 +431,27 @@ def test_has_signal():
     assert has_signal([[0.0, 0.0], [0.0, 1e-3]])
 
 
+def test_spiral_rollouts_with_a_frozen_aggregator_train_search_traces_only():
+    """train_aggregate=False (train_set.aggregator.mode: frozen): the frozen model's aggregations
+    still give the set values, so the search traces get the same advantages, but none of them
+    becomes a sample the policy trains on."""
+    from toy_task import ToyTask
+
+    task = ToyTask()
+    p = {"q": 3}
+    # sets {b} and {a}: the aggregator answers "b" twice over {b} (f = 1) and "a" twice over {a}
+    # (f = 0); baseline 0.5, so the right trace "b" gets +0.5 and "a" -0.5 (scale_rewards none)
+    gen = _ScriptedGenerator({task.search_prompt(p): ["b", "a"], "a3:b:": ["b"], "a3:a:": ["a"]})
+    cfg = RolloutConfig(num_search=2, num_sets=2, set_size=1, num_aggregations=2, max_new_tokens=6,
+                        agg_max_new_tokens=9, scale_rewards="none")
+    (shared,) = spiral_rollouts(task, gen, gen, [p], cfg, random.Random(0), seed=0)
+    (frozen,) = spiral_rollouts(task, gen, gen, [p], cfg, random.Random(0), seed=0, train_aggregate=False)
+    assert [s.role for s in frozen.samples] == ["search", "search"]
+    assert [s.advantage for s in frozen.samples] == pytest.approx([0.5, -0.5])
+    assert [s.advantage for s in frozen.samples] == [s.advantage for s in shared.samples if s.role == "search"]
+    assert frozen.set_scores == shared.set_scores and frozen.agg_rewards == shared.agg_rewards
+
+
 def test_spiral_rollouts_score_a_named_candidate_as_its_answer():
     """countdown with agg_answer=select: an aggregation "answer: #i" earns the reward of the i-th
     answer of its prompt (resolved by the task), while the sample trains on the tokens sampled."""

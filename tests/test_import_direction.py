@@ -41,8 +41,11 @@ LAYERS: list[tuple[str, list[str], bool]] = [
     ("model", ["spiral_cli.models"], False),
     ("checkpoints", ["spiral_cli.checkpoints"], False),
     ("generator protocol", ["spiral_cli.generation.base", "spiral_cli.generation.lean_qwen2"], False),
-    ("generators", ["spiral_cli.generation.roles", "spiral_cli.generation.hf", "spiral_cli.generation.vllm"], False),
+    ("generators", ["spiral_cli.generation.roles", "spiral_cli.generation.hf", "spiral_cli.generation.vllm",
+                    "spiral_cli.generation.vllm_server"], False),
     ("generator choice", ["spiral_cli.generation"], False),
+    # aggregation prompts fitted to the sampler's context: every site that builds them calls it
+    ("prompt fitting", ["spiral_cli.prompt_fit"], False),
     ("pipeline", ["spiral_cli.pipeline"], False),
     ("evaluation", ["spiral_cli.evaluate"], False),
     ("RL pieces", ["spiral_cli.rl", "spiral_cli.rl.advantages", "spiral_cli.rl.loss"], False),

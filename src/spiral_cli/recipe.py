@@ -96,26 +96,74 @@ class ModelSection(_Section):
     chat_template: ChatTemplateSection = ChatTemplateSection()
 
 
+class VllmServerSection(_Section):
+    """generation.backend=vllm_server: sampling from a vLLM server started on its own (`vllm serve`,
+    other GPUs or another node), through its OpenAI-compatible HTTP API (docs/scaling.md)."""
+
+    url: str | None = None  # http(s)://host:port of the server (a trailing /v1 is dropped)
+    timeout: float = Field(600.0, gt=0)  # seconds one request may take (a whole generation: not streamed)
+    retries: int = Field(3, ge=0)  # further tries of a request that found no server or got a 5xx (2, 4, 8 s apart)
+    # where LoRA adapters (and full weights) are written for the server to load: a directory the
+    # server sees at the same path. None = a temporary directory here (a server on this machine)
+    shared_dir: str | None = None
+    # at start and after each weight sync: the server's log-probs of a probe vs the model's own
+    verify: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _url_ok(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from urllib.parse import urlsplit
+
+        u = v.strip().rstrip("/")
+        if u.endswith("/v1"):
+            u = u[: -len("/v1")]
+        try:
+            parts = urlsplit(u)
+            port = parts.port  # a bad port raises here
+        except ValueError:
+            parts, port = None, None
+        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+                or parts.path not in ("", "/") or parts.query or parts.fragment):
+            raise PydanticCustomError("server_url", "must be the server's address, e.g. http://127.0.0.1:8000")
+        del port
+        return u
+
+
 class VllmSection(_Section):
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_sleep_mode: bool = False
+    server: VllmServerSection = VllmServerSection()  # backend vllm_server only
 
 
 class GenerationSection(_Section):
-    backend: Literal["hf", "vllm"] = "hf"
+    # hf: transformers in this process; vllm: an in-process vLLM engine; vllm_server: a vLLM server
+    # started separately (generation.vllm.server.url)
+    backend: Literal["hf", "vllm", "vllm_server"] = "hf"
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0 = off
     max_new_tokens: int = Field(256, gt=0)  # sequential budget T of a search trace
     agg_max_new_tokens: int = Field(256, gt=0)  # budget of an aggregation trace
+    # an aggregation prompt longer than the context minus agg_max_new_tokens (prompt_fit.py):
+    # trim_middle = cut its longest candidates in the middle, marked "…[N tokens cut]…"; error = stop
+    agg_fit: Literal["trim_middle", "error"] = "trim_middle"
     batch_size: int = Field(64, gt=0)  # sequences (prompts x samples) per decoding batch
     # hf backend: sample plain Qwen2 models through spiral's lean forward (same math; generation
     # 0.80 s -> 0.42 s per GRPO step on the CPU, bench/README.md). auto = on the CPU only (not yet
     # measured on a GPU); on = any device; off = always transformers' forward. true/false: on/off.
     fast_decode: Literal["auto", "on", "off"] | bool = "auto"
     vllm: VllmSection = VllmSection()
+
+    @model_validator(mode="after")
+    def _server_url(self) -> GenerationSection:
+        if self.backend == "vllm_server" and not self.vllm.server.url:
+            raise PydanticCustomError("server_url", "backend vllm_server needs vllm.server.url, the address of a running "
+                                      "vLLM server (e.g. http://127.0.0.1:8000)")
+        return self
 
 
 class SftSection(_Section):
@@ -182,6 +230,7 @@ def _trl_names(data: Any, handler, *, deprecated_scale_std: bool):
             notes.append(f"scale_std is deprecated: use scale_rewards: {mapped} (TRL's name)")
         if isinstance(data.get("scale_rewards"), bool):  # TRL accepts True/False too
             data["scale_rewards"] = "group" if data["scale_rewards"] else "none"
+        _trl_importance_sampling(data)
         lt = data.get("loss_type")
         if isinstance(lt, str) and lt not in ("is", "ppo_clip"):
             if lt not in TRL_LOSS_TYPES:
@@ -198,6 +247,25 @@ def _trl_names(data: Any, handler, *, deprecated_scale_std: bool):
     if notes:
         section._deprecations = notes
     return section
+
+
+def _trl_importance_sampling(data: dict) -> None:
+    """TRL's later spellings of the sampler-mismatch fields, in place: `vllm_importance_sampling_clip_max`
+    (TRL >= 1.6) is our cap, and `vllm_importance_sampling_mode` may only name the mode spiral has,
+    token_truncate (dropped: the snapshot holds the canonical form)."""
+    mode = data.pop("vllm_importance_sampling_mode", "token_truncate")
+    if mode != "token_truncate":
+        raise PydanticCustomError(
+            "vllm_importance_sampling_mode", "vllm_importance_sampling_mode: {mode} is not implemented; spiral "
+            "applies token_truncate (per-token weight, truncated at vllm_importance_sampling_cap)", {"mode": repr(mode)})
+    if "vllm_importance_sampling_clip_max" in data:
+        clip_max = data.pop("vllm_importance_sampling_clip_max")
+        if data.get("vllm_importance_sampling_cap", clip_max) != clip_max:
+            raise PydanticCustomError(
+                "vllm_importance_sampling_cap", "vllm_importance_sampling_clip_max ({new}) contradicts "
+                "vllm_importance_sampling_cap ({old}): set one of the two", {"new": clip_max,
+                                                                           "old": data["vllm_importance_sampling_cap"]})
+        data["vllm_importance_sampling_cap"] = clip_max
 
 
 class _RLSection(_Section):
@@ -227,6 +295,12 @@ class _RLSection(_Section):
     # TRL's scale_rewards: divide advantages by the group's std, the step batch's std, or not at
     # all; None = the stage's default (`effective_scale_rewards`)
     scale_rewards: ScaleRewards | None = None
+    # sampler-mismatch correction (TRL's names and defaults; docs/method.md, "Sampler mismatch"):
+    # each token's loss is weighted by min(exp(logp_trainer - logp_sampler), cap). On for both
+    # backends: the mismatch follows the precision, not the backend (bf16 hf ~ bf16 vLLM, fp32 ~1e-6
+    # for both, where the weight is 1); the mismatch metrics are logged either way
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_cap: float = Field(2.0, gt=0)  # TRL's token_truncate default
     micro_batch_size: int = Field(16, gt=0)
     # torch.compile the policy's training forward at the first update (single process, one adapter)
     compile: bool = False

@@ -362,6 +362,15 @@ class VLLMGenerator:
             results.append(row)
         return results
 
+    @property
+    def max_model_len(self) -> int | None:
+        """The engine's context in tokens, prompt + completion (generation.vllm.max_model_len, else
+        the model's): the longest a prompt may be, read by prompt_fit."""
+        try:
+            return int(self.llm.model_config.max_model_len)
+        except (AttributeError, TypeError, ValueError):
+            return None
+
     def update_weights(self, model=None) -> None:
         """Make the engine serve `model`'s current weights (default: the loaded model)."""
         if self._closed:

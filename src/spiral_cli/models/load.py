@@ -340,6 +340,7 @@ def load_model(
         base_source=base_source,
         scratch_preset=scratch_preset,
         quantization=section.quantization,
+        max_seq_len=section.max_seq_len,
     )
 
 

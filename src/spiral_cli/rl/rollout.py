@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spiral_cli.generation.base import Completion, Generator
+from spiral_cli.prompt_fit import AggregationFit
 from spiral_cli.rl.advantages import (
     grpo_advantages,
     has_signal,
@@ -53,6 +54,7 @@ class PromptRollout:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     search_lengths: list[int] = field(default_factory=list)
+    agg_prompts_trimmed: int = 0  # its aggregation prompts cut to fit the context (prompt_fit)
 
     @property
     def has_signal(self) -> bool:
@@ -76,6 +78,7 @@ class RolloutConfig:
     scale_rewards: str = "none"
     length_target: int | None = None
     balance: bool = False  # train-agg: as many easy as hard sets
+    agg_fit: str = "trim_middle"  # generation.agg_fit: aggregation prompts over the context are cut or refused
 
 
 def _per_prompt(cfg: RolloutConfig) -> str:
@@ -92,11 +95,15 @@ def _gate(advs: list[float], cs: list[Completion], l_target: int | None) -> list
 
 def spiral_rollouts(
     task: Task, search_gen: Generator, agg_gen: Generator, problems: list[dict[str, Any]],
-    cfg: RolloutConfig, rng: random.Random, seed: int, train_search: bool = True,
+    cfg: RolloutConfig, rng: random.Random, seed: int, train_search: bool = True, train_aggregate: bool = True,
 ) -> list[PromptRollout]:
     """Algorithm 1 for a batch of prompts. With train_search=False (train-agg) the search
-    traces come from a frozen policy and only aggregation samples are returned."""
+    traces come from a frozen policy and only aggregation samples are returned; with
+    train_aggregate=False (a frozen aggregator checkpoint) only search samples: the frozen model's
+    aggregations score the sets but are not the policy's to learn from."""
     stop = task.stop_strings()
+    fit = AggregationFit(task, agg_gen, cfg.agg_max_new_tokens, cfg.agg_fit)  # as infer fits them
+    fit.check(problems, min(cfg.set_size, cfg.num_search))
     search = search_gen.generate(
         [task.search_prompt(p) for p in problems], n=cfg.num_search, max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop=stop, seed=seed,
@@ -114,8 +121,8 @@ def spiral_rollouts(
             order = list(subset)
             rng.shuffle(order)  # the aggregator should not learn a position prior
             agg_candidates.append([traces[j].text for j in order])
-            agg_prompts.append(task.aggregate_prompt(p, agg_candidates[-1]))
             owners.append(i)
+    agg_prompts, cut = fit.prompts([problems[i] for i in owners], agg_candidates)
     aggs = agg_gen.generate(
         agg_prompts, n=cfg.num_aggregations, max_new_tokens=cfg.agg_max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop=stop, seed=seed + 1,
@@ -126,6 +133,7 @@ def spiral_rollouts(
         set_prompts = agg_prompts[cursor : cursor + len(subsets)]
         set_outputs = aggs[cursor : cursor + len(subsets)]
         set_candidates = agg_candidates[cursor : cursor + len(subsets)]
+        trimmed = sum(c > 0 for c in cut[cursor : cursor + len(subsets)])
         cursor += len(subsets)
         agg_rewards = [[task.reward(p, resolve_aggregation(task, cands, c.text)) for c in cs]
                        for cands, cs in zip(set_candidates, set_outputs)]
@@ -140,6 +148,8 @@ def spiral_rollouts(
                 for c, a, r in zip(traces, search_adv, search_rewards)
             ]
         for prompt, cs, advs, rs in zip(set_prompts, set_outputs, adv.agg_advantages, agg_rewards):
+            if not train_aggregate:
+                break
             gated = _gate(list(advs), cs, cfg.length_target)
             samples += [Sample(prompt, c.token_ids, c.logprobs, a, r, "aggregate", cfg.agg_max_new_tokens)
                         for c, a, r in zip(cs, gated, rs)]
@@ -149,6 +159,7 @@ def spiral_rollouts(
             problem=p, samples=samples, search_rewards=search_rewards,
             agg_rewards=[r for rs in agg_rewards for r in rs], set_scores=list(adv.set_scores),
             prompt_tokens=pt, generated_tokens=gt, search_lengths=[len(c.token_ids) for c in traces],
+            agg_prompts_trimmed=trimmed,
         ))
     return out
 

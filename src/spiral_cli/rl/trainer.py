@@ -28,7 +28,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from rich.console import Console
@@ -61,7 +61,7 @@ from spiral_cli.paths import atomic_write_text, runs_dir
 from spiral_cli.progress import fmt_duration
 from spiral_cli.recipe import Recipe, RecipeError, TrainAggSection, TrainSetSection, grpo_budget
 from spiral_cli.registry import Registry
-from spiral_cli.rl.loss import policy_loss
+from spiral_cli.rl.loss import policy_loss, sampler_mismatch_metrics, truncated_importance_weight
 from spiral_cli.rl.rollout import (
     PromptRollout,
     RolloutConfig,
@@ -130,9 +130,18 @@ def build_batch(samples: list[Sample], tokenizer, device: torch.device, prompt_c
     return TokenBatch(ids.to(device), attn.to(device), cmask.to(device), adv.to(device), [s.role for s in samples])
 
 
-def token_logprobs(model, batch: TokenBatch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(token_{t+1} | prefix) for every position, [B, L-1] (float32), and optionally the
-    entropy of the next-token distribution (detached).
+class TokenLogprobs(NamedTuple):
+    logp: torch.Tensor  # [B, L-1] float32, at temperature 1: what the policy gradient trains
+    entropy: torch.Tensor | None  # [B, L-1] detached, with_entropy only
+    logp_sampling: torch.Tensor | None  # [B, L-1] detached, at the sampling temperature (given one)
+
+
+def token_logprobs(model, batch: TokenBatch, with_entropy: bool = False,
+                   temperature: float | None = None) -> TokenLogprobs:
+    """log p(token_{t+1} | prefix) for every position, [B, L-1] (float32), optionally the entropy
+    of the next-token distribution, and with `temperature` the log-probs under
+    log_softmax(logits / T): the generators' convention (generation/base.py; T = 0 means T = 1),
+    so the sampler-mismatch weight compares like with like (docs/method.md).
 
     The batch is right-padded, so under causal attention no real token sees a pad: the padding
     mask changes nothing for the positions that count and is left out (the maskless attention
@@ -141,12 +150,46 @@ def token_logprobs(model, batch: TokenBatch, with_entropy: bool = False) -> tupl
     targets = batch.input_ids[:, 1:]
     logz = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
+    entropy = logp_sampling = None
+    with torch.no_grad():
+        if with_entropy:
             probs = torch.softmax(logits, dim=-1)
             entropy = logz - (probs * logits).sum(-1)
-    return logp, entropy
+        if temperature is not None:
+            logp_sampling = _logp_at_temperature(logits, targets, temperature) if temperature not in (0, 1) \
+                else logp.detach()
+    return TokenLogprobs(logp, entropy, logp_sampling)
+
+
+def _logp_at_temperature(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / T) of the targets, one row at a time: a second [B, L, V] tensor would
+    double the peak memory of the forward."""
+    rows = [torch.log_softmax(row / temperature, dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+            for row, t in zip(logits, targets)]
+    return torch.stack(rows)
+
+
+def sampler_logprobs(samples: list[Sample], batch: TokenBatch) -> torch.Tensor:
+    """The sampler's log-prob of each completion token, laid out like `token_logprobs` ([B, L-1],
+    0 off the completion mask): row b's completion positions, in order, hold samples[b]'s."""
+    out = torch.zeros(batch.completion_mask.shape, dtype=torch.float32)
+    values = [lp for s in samples for lp in s.sampling_logprobs]
+    out[batch.completion_mask.cpu()] = torch.tensor(values, dtype=torch.float32)
+    return out.to(batch.completion_mask.device)
+
+
+@dataclass(frozen=True)
+class SamplerCorrection:
+    """The sampler-mismatch correction of one run (docs/method.md, "Sampler mismatch")."""
+
+    apply: bool  # weight the loss (vllm_importance_sampling_correction); else measure only
+    cap: float  # vllm_importance_sampling_cap
+    temperature: float  # generation.temperature: the sampler's log-probs are at it
+
+
+def sampler_correction(recipe: Recipe, sec) -> SamplerCorrection:
+    return SamplerCorrection(apply=sec.vllm_importance_sampling_correction, cap=sec.vllm_importance_sampling_cap,
+                             temperature=recipe.generation.temperature)
 
 
 # ---------------------------------------------------------------- state that survives a crash
@@ -215,14 +258,17 @@ def run_train_set(recipe: Recipe, *, home: Path, name: str | None = None, model:
         num_sets=ts.num_sets, set_size=ts.set_size, num_aggregations=ts.num_aggregations,
         max_new_tokens=grpo_budget(recipe) if grpo else gen.max_new_tokens,
         agg_max_new_tokens=gen.agg_max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-        top_k=gen.top_k, scale_rewards=ts.effective_scale_rewards, length_target=ts.length_target,
+        top_k=gen.top_k, scale_rewards=ts.effective_scale_rewards, length_target=ts.length_target, agg_fit=gen.agg_fit,
     )
     if grpo:
         def collect(task, policy_gen, agg_gen, problems, rng, seed):
             return grpo_rollouts(task, policy_gen, problems, rcfg, seed)
     else:
+        frozen_aggregator = ts.aggregator.mode == "frozen"  # its aggregations score sets, never train
+
         def collect(task, policy_gen, agg_gen, problems, rng, seed):
-            return spiral_rollouts(task, policy_gen, agg_gen, problems, rcfg, rng, seed)
+            return spiral_rollouts(task, policy_gen, agg_gen, problems, rcfg, rng, seed,
+                                   train_aggregate=not frozen_aggregator)
     spec = RLSpec(stage=stage, name=name, section=ts, collect=collect, scale_rewards=rcfg.scale_rewards,
                   dynamic_sampling=ts.dynamic_sampling, max_prompt_draws=ts.max_prompt_draws,
                   updates_per_batch=ts.updates_per_batch, aggregator_mode=ts.aggregator.mode)
@@ -239,7 +285,7 @@ def run_train_agg(recipe: Recipe, *, home: Path, name: str | None = None, model:
     rcfg = RolloutConfig(
         num_search=ta.num_search, num_sets=ta.num_sets, set_size=ta.set_size, num_aggregations=ta.num_aggregations,
         max_new_tokens=gen.max_new_tokens, agg_max_new_tokens=gen.agg_max_new_tokens,
-        temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, balance=ta.balance,
+        temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, balance=ta.balance, agg_fit=gen.agg_fit,
         scale_rewards=ta.effective_scale_rewards,
     )
 
@@ -306,6 +352,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
     if not run.resumed and run.eval_problems and run.main:
         _eval_point(run)
     run.model.train()
+    correction = sampler_correction(recipe, sec)
     loop_start = (time.perf_counter(), state.step, state.generated_tokens)  # for the ETA
     while state.step < sec.steps and not _budget_met(state, run.budget):
         step_seed = recipe.seed * 1_000_003 + state.step * 7919 + run.rank
@@ -318,7 +365,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         samples = [s for r in kept for s in r.samples]
         loss_stats = _update(run.model, run.ref_model, run.optimizer, run.scheduler, samples, sec, run.loaded,
                              run.prompt_cache, run.accelerator, run.adapter_roles, run.compiled,
-                             passes=spec.updates_per_batch)
+                             passes=spec.updates_per_batch, correction=correction)
         update_seconds = time.perf_counter() - t_upd
         # 4. the generator samples from the new weights
         t_sync = time.perf_counter()
@@ -505,8 +552,8 @@ def _print_step(run: RLRun, row: dict[str, Any], kept: list[PromptRollout], draw
     run.console.print(
         f"  step {state.step}/{run.spec.section.steps} reward {row['reward_search']:.3f}"
         + (f" agg {row['reward_aggregate']:.3f}" if row.get("reward_aggregate") is not None else "")
-        + f" kept {len(kept)}/{drawn} entropy {row['entropy_search']:.3f} "
-        f"| {secs['total']:.1f}s (gen {secs['generation']:.1f}, score {secs['scoring']:.2f}, "
+        + f" kept {len(kept)}/{drawn} entropy {row['entropy_search']:.3f}" + _fmt_mismatch(row)
+        + f" | {secs['total']:.1f}s (gen {secs['generation']:.1f}, score {secs['scoring']:.2f}, "
         f"update {secs['update']:.1f}, sync {secs['sync']:.2f}) | tokens {state.generated_tokens:,}"
         + (f"/{budget:,}" if budget else "") + f" generated, {state.total_tokens:,} total"
         + f", ETA {_eta(state, run.spec.section.steps, budget, loop_start)}"
@@ -514,6 +561,14 @@ def _print_step(run: RLRun, row: dict[str, Any], kept: list[PromptRollout], draw
     if _budget_met(state, budget):
         run.console.print(f"  token budget reached: {state.generated_tokens:,} >= {budget:,} generated tokens "
                           f"at step {state.step}")
+
+
+def _fmt_mismatch(row: dict[str, Any]) -> str:
+    """The sampler mismatch in a few characters: its KL estimate and the largest raw weight."""
+    kl = row.get("sampling/kl_sampler_trainer")
+    if kl is None:
+        return ""
+    return f" mismatch kl {kl:.1e} max ratio {row['sampling/raw_importance_sampling_ratio/max']:.3f}"
 
 
 def _warn_no_signal(console: Console, spec: RLSpec, state: RunState) -> None:
@@ -651,13 +706,15 @@ def _compile_applies(sec, accelerator, adapter_roles, console: Console) -> bool:
 
 def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, loaded, prompt_cache, accelerator,
             adapter_roles: dict[str, str] | None = None, compiled: _CompiledForward | None = None,
-            passes: int = 1) -> dict[str, float]:
+            passes: int = 1, correction: SamplerCorrection | None = None) -> dict[str, float]:
     """`passes` (train_set.updates_per_batch) passes over the samples, each one optimizer step of micro-batches.
     The normaliser is the whole batch's token count (token_mean), sequence count (seq_mean) or
     sum of sequence budgets (dr_grpo), so accumulating micro-batches gives exactly the
     full-batch gradient.
     `adapter_roles` (aggregator.mode=adapter) maps each role to the LoRA adapter it trains;
-    micro-batches then hold one role each."""
+    micro-batches then hold one role each.
+    `correction`: measure the sampler mismatch on the trained tokens (the `sampling/...` stats)
+    and, when it applies, weight each token's loss by the truncated importance weight; None = neither."""
     # Zero-advantage sequences contribute no policy gradient; with beta = 0 they can be skipped.
     # They still count in the normaliser so the loss scale does not depend on the skipping.
     beta = sec.beta
@@ -684,14 +741,17 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
     def role_adapter(adapter: str | None):
         return adapter_active(getattr(model, "module", model), adapter) if adapter else nullcontext()
 
-    old_logps: list[torch.Tensor] | None = None
+    temperature = correction.temperature if correction else None
+    old_logps: list[TokenLogprobs] | None = None
     if passes > 1 and chunks:  # the behaviour policy's log-probs, fixed across passes
         old_logps = []
         for adapter, chunk in chunks:
             with torch.no_grad(), loaded.autocast_ctx(), role_adapter(adapter):
-                old_logps.append(token_logprobs(model, build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache))[0])
+                batch = build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache)
+                old_logps.append(token_logprobs(model, batch, temperature=temperature))
     ent_sum = ent_count = 0.0
-    for _ in range(passes):
+    mismatch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (trainer, sampler) log-probs of trained tokens
+    for pass_index in range(passes):
         optimizer.zero_grad(set_to_none=True)
         if not chunks:  # nothing to learn from in this batch; keep DDP ranks in step anyway
             _zero_backward(model, accelerator)
@@ -700,16 +760,22 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
             sync_ctx = accelerator.no_sync(model) if accelerator is not None and ci < len(chunks) - 1 else nullcontext()
             with sync_ctx, role_adapter(adapter):
                 with loaded.autocast_ctx():
-                    logp, ent = token_logprobs(compiled(batch) if compiled else model, batch, with_entropy=True)
+                    out = token_logprobs(compiled(batch) if compiled else model, batch, with_entropy=True,
+                                         temperature=temperature if old_logps is None else None)
+                    logp, ent = out.logp, out.entropy
                     logp_ref = None
                     if ref_model is not None:
                         with torch.no_grad():
                             logp_ref = _ref_logprobs(model, ref_model, batch)
-                old = old_logps[ci] if old_logps is not None else logp.detach()
+                old = old_logps[ci] if old_logps is not None else out
+                weight = None
+                if correction is not None:  # π_old against the sampler, once per batch (docs/method.md)
+                    weight = _sampler_weight(correction, old.logp_sampling, chunk, batch,
+                                             mismatch if pass_index == 0 else None)
                 loss, st = policy_loss(
-                    logp, old, batch.advantages, batch.completion_mask.float(), loss_type=sec.loss_type,
+                    logp, old.logp.detach(), batch.advantages, batch.completion_mask.float(), loss_type=sec.loss_type,
                     epsilon_low=sec.epsilon_low, epsilon_high=sec.epsilon_high, aggregation=sec.loss_aggregation,
-                    logp_ref=logp_ref, beta=beta, normalizer=float(normalizer),
+                    logp_ref=logp_ref, beta=beta, normalizer=float(normalizer), importance_sampling_ratio=weight,
                 )
                 (accelerator.backward(loss) if accelerator is not None else loss.backward())
             stats["loss"] += float(loss.detach())
@@ -724,9 +790,25 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
         scheduler.step()
     if ent_count:
         stats["entropy_search"] = ent_sum / ent_count
+    if mismatch:
+        trainer, sampler = (torch.cat(t) for t in zip(*mismatch))
+        stats.update(sampler_mismatch_metrics(trainer, sampler, correction.cap))
     stats["trained_sequences"] = float(len(active))
     stats["lr"] = float(optimizer.param_groups[0]["lr"])
     return stats
+
+
+def _sampler_weight(correction: SamplerCorrection, logp_old: torch.Tensor, chunk: list[Sample], batch: TokenBatch,
+                   record: list | None) -> torch.Tensor | None:
+    """The truncated importance weight of a micro-batch (None when the correction only measures);
+    the trained tokens' (trainer, sampler) log-probs are appended to `record` for the step's stats."""
+    sampler = sampler_logprobs(chunk, batch)
+    mask = batch.completion_mask
+    if record is not None:
+        record.append((logp_old[mask], sampler[mask]))
+    if not correction.apply:
+        return None
+    return truncated_importance_weight(logp_old, sampler, correction.cap, mask)
 
 
 def _ref_logprobs(model, ref_model, batch: TokenBatch) -> torch.Tensor:
@@ -759,6 +841,7 @@ def _step_metrics(state: RunState, kept: list[PromptRollout], drawn: int, loss_s
         "adv_nonzero_frac": mean(a != 0 for a in advs),
         "len_search": mean(x for r in kept for x in r.search_lengths),
         "len_aggregate": mean((len(s.completion_ids) for s in samples if s.role == "aggregate"), None),
+        "agg_prompts_trimmed": sum(r.agg_prompts_trimmed for r in kept),  # cut to fit the context (prompt_fit)
         "generated_tokens": state.generated_tokens,
         "total_tokens": state.total_tokens,
         **loss_stats,
