@@ -230,11 +230,39 @@ def _is_main(accelerator) -> bool:
 
 def _make_accelerator(device: torch.device):
     """accelerate handles DDP (torchrun / accelerate launch); a single process runs without it."""
+    _refuse_fsdp(device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import Accelerator
 
     return Accelerator(cpu=device.type == "cpu")
+
+
+def _refuse_fsdp(device: torch.device) -> None:
+    """An accelerate FSDP config (recipes/accelerate/fsdp.yaml) sets ACCELERATE_USE_FSDP. On CPU
+    accelerate ignores it and runs DDP; on GPUs the per-rank sampling loop and the rank-0 saves
+    are not FSDP-aware yet (docs/scaling.md#fsdp). Either way: one line, before any training."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("true", "1"):
+        return
+    if device.type == "cpu":
+        raise RecipeError("FSDP (accelerate config distributed_type: FSDP) runs on GPUs only: on CPU accelerate "
+                          "would silently fall back to DDP; launch without the FSDP config (torchrun or "
+                          "accelerate launch --multi_gpu/--num_processes N: DDP), docs/scaling.md#fsdp")
+    raise RecipeError("FSDP (accelerate config distributed_type: FSDP): not supported by spiral's trainer yet "
+                      "(per-rank sampling and rank-0 checkpoints need unsharded weights); use DDP (torchrun), "
+                      "LoRA, or a vLLM server for generation, docs/scaling.md#fsdp")
+
+
+def _check_shared_home(accelerator, resuming: bool, state_dir: Path) -> None:
+    """Every rank reads the run's state and registry from SPIRAL_HOME; only rank 0 writes them. On
+    several nodes the home must be one shared directory: ranks that disagree on resuming stop."""
+    if accelerator is None:
+        return
+    found = int(_all_sum([float(resuming)], accelerator)[0])
+    if 0 < found < accelerator.num_processes:
+        raise RecipeError(f"{found} of {accelerator.num_processes} processes find the run's saved state "
+                          f"({state_dir}): SPIRAL_HOME must be a directory every node sees at the same path "
+                          "(a shared filesystem), docs/scaling.md#multi-node")
 
 
 def _rank_world(accelerator) -> tuple[int, int]:
@@ -422,6 +450,7 @@ def _setup_rl(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, conso
     adapter_roles = _aggregator_adapter_roles(loaded, spec.stage, agg_mode)
     accelerator = _make_accelerator(loaded.device)
     rank, world = _rank_world(accelerator)
+    _check_shared_home(accelerator, resuming, state_dir)
     model = loaded.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, lr=sec.lr, betas=(0.9, 0.99), weight_decay=0.0)
