@@ -242,6 +242,55 @@ def test_lean_engine_samples_from_its_copy_until_update_weights():
             assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 1e-4
 
 
+@pytest.mark.parametrize("autocast", ["off", "on"])
+def test_lean_float32_cache_decodes_like_sdpa(monkeypatch, autocast):
+    """Decoding attention over the float32 KV cache (two matmuls) against the compute-dtype cache
+    through SDPA (the path a cache over FP32_CACHE_MAX_BYTES takes): the same greedy tokens, and
+    log-probs equal to float32 rounding (bf16 rounding under autocast: SDPA's bf16 kernel rounds
+    the attention weights to bf16 before the second product)."""
+    from spiral_cli.generation import lean_qwen2
+
+    lm = load_model(ModelSection(name="scratch:nano", autocast=autocast), for_training=False, seed=8)
+    gen = HFGenerator(lm, batch_size=5)
+    cache = gen.lean.new_cache(4, 32)
+    assert cache.dtype == torch.float32 and cache.matmul_attention
+    kw = dict(n=2, max_new_tokens=20, seed=2)
+    greedy, sampled = gen.generate(PROMPTS, temperature=0, **kw), gen.generate(PROMPTS, **kw)
+    monkeypatch.setattr(lean_qwen2, "FP32_CACHE_MAX_BYTES", 0)
+    cache = gen.lean.new_cache(4, 32)
+    assert cache.dtype == gen.lean.compute_dtype and not cache.matmul_attention
+    ref_greedy = gen.generate(PROMPTS, temperature=0, **kw)
+    tol = 1e-5 if autocast == "off" else 0.05
+    same = 0
+    for a, b in zip(greedy, ref_greedy):
+        for x, y in zip(a, b):
+            same += x.token_ids == y.token_ids
+            n = next((i for i, (u, v) in enumerate(zip(x.token_ids, y.token_ids)) if u != v), len(x.token_ids))
+            assert n > 0 and max(abs(u - v) for u, v in zip(x.logprobs[:n], y.logprobs[:n])) < tol
+    assert same == 2 * len(PROMPTS) if autocast == "off" else same >= 2 * len(PROMPTS) - 2  # bf16 near-ties
+    # the sampled tokens' log-probs: the float32-cache engine against a teacher-forced forward
+    with torch.no_grad(), lm.autocast_ctx():
+        for prompt, s in zip(PROMPTS, sampled):
+            for c in s:
+                ref = teacher_forced_logprobs(lm, prompt, c.token_ids, 1.0)
+                assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < (1e-4 if autocast == "off" else 0.05)
+
+
+def test_lean_kv_cache_float32_unless_too_large(monkeypatch):
+    from spiral_cli.generation import lean_qwen2
+
+    lm = load_model(ModelSection(name="scratch:nano", autocast="on"), for_training=False, seed=0)
+    lean = HFGenerator(lm).lean
+    assert lean.compute_dtype == torch.bfloat16
+    cache = lean.new_cache(3, 10)
+    assert cache.dtype == torch.float32 and cache.k[0].dtype == torch.float32
+    per_position = 2 * len(lean.layers) * 3 * lean.num_kv_heads * lean.head_dim * 4
+    monkeypatch.setattr(lean_qwen2, "FP32_CACHE_MAX_BYTES", per_position * 10)
+    assert lean.new_cache(3, 10).dtype == torch.float32 and lean.new_cache(3, 10).matmul_attention
+    big = lean.new_cache(3, 11)
+    assert big.dtype == torch.bfloat16 and not big.matmul_attention
+
+
 def test_lean_engine_support_check():
     from spiral_cli.generation.lean_qwen2 import supports
 

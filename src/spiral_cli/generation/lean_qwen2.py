@@ -16,6 +16,14 @@ stream in the parameters' dtype, matrix products in bf16 when the model runs und
 (For a bf16 model without autocast transformers rounds cos/sin to bf16; here rotary stays in
 float32, slightly more precise, so those two differ by bf16 rounding.)
 
+Decoding attention (one query per row) on the CPU: torch's CPU flash-attention kernel is built
+for many queries and took more than half of a decoding step at one query (scratch:tiny, batch 64,
+~3 ms per layer at 100 keys). Here the KV cache is held in float32 (the keys and values are
+rounded to the compute dtype first, so it holds the same numbers) and a step's attention is two
+float32 matmuls with a float32 softmax: the same math as SDPA's bf16 kernel, which also
+accumulates the scores in float32, 3-5x faster at these shapes (bench/README.md). A cache that
+would exceed `FP32_CACHE_MAX_BYTES` stays in the compute dtype and decodes through SDPA.
+
 Only plain `Qwen2ForCausalLM` models with default RoPE and full attention are supported
 (`supports`); everything else (peft adapters, quantized weights, sliding windows, other
 architectures) uses the transformers forward.
@@ -24,6 +32,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+# Largest KV cache (bytes, keys + values of all layers) held in float32 for matmul decoding
+# attention; a larger one (long contexts x big batches x many layers) keeps the compute dtype.
+FP32_CACHE_MAX_BYTES = 1 << 30
 
 
 def supports(model) -> bool:
@@ -96,23 +108,23 @@ class LeanQwen2:
     # -- pieces ---------------------------------------------------------------------------------
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and w.dtype == torch.float32:  # one fused kernel, the same float32 math
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * h.to(x.dtype)
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [B, T, 1, D] of the positions; sin's first half negated, so that
+        rotate_half(x) * sin == x.roll(D // 2, -1) * signed sin, exactly (one op instead of three)."""
         need = int(positions.max()) + 1
         if need > self._cos.shape[0]:  # grow the float32 table (as transformers computes it)
             n = max(need, 2 * self._cos.shape[0], 256)
             freqs = torch.arange(n, device=self.device, dtype=torch.float)[:, None] * self.inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._cos, self._sin = emb.cos(), emb.sin()
-        return self._cos[positions][:, None], self._sin[positions][:, None]  # [B, 1, T, D]
-
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+            self._cos = emb.cos()
+            self._sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+        return self._cos[positions].unsqueeze(2), self._sin[positions].unsqueeze(2)
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -128,37 +140,69 @@ class LeanQwen2:
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = self._rotary(positions)
         start = cache.reserve(T)
+        # one query per row over a float32 cache: matmul attention, its mask as an additive bias
+        matmul_attn = T == 1 and cache.matmul_attention
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -torch.inf) \
+            if matmul_attn else None
         x = F.embedding(input_ids, self.embed)
         for li, w in enumerate(self.layers):
             h = self._rms(x, w["ln1"]).to(cd)
             qkv = F.linear(h, w["qkv_w"], w["qkv_b"])
-            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q = q.view(B, T, H, D).transpose(1, 2).float()
-            k = k.view(B, T, Hkv, D).transpose(1, 2).float()
-            q = (q * cos + self._rotate_half(q) * sin).to(cd)
-            k = (k * cos + self._rotate_half(k) * sin).to(cd)
-            keys, values = cache.write(li, start, k, v.view(B, T, Hkv, D).transpose(1, 2))
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                               enable_gqa=H != Hkv)
+            # rotary on queries and keys together, in float32 (as transformers under autocast)
+            qk = qkv[..., : (H + Hkv) * D].unflatten(-1, (H + Hkv, D)).float()
+            qk = (qk * cos).add_(qk.roll(D // 2, dims=-1).mul_(sin)).to(cd)  # [B, T, H + Hkv, D]
+            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+            v = qkv[..., (H + Hkv) * D :].unflatten(-1, (Hkv, D)).transpose(1, 2)
+            keys, values = cache.write(li, start, k, v)
+            if matmul_attn:
+                o = self._decode_attention(q, keys, values, bias)
+            else:
+                if keys.dtype != cd:  # a float32 cache: the same numbers in the compute dtype
+                    keys, values = (k, v) if start == 0 else (keys.to(cd), values.to(cd))
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                                   enable_gqa=H != Hkv)
             o = F.linear(o.transpose(1, 2).reshape(B, T, H * D), w["o_w"], w["o_b"])
-            x = x + o
+            x = x.add_(o)  # x is this call's own tensor (the embedding's output)
             h = self._rms(x, w["ln2"]).to(cd)
             g, u = F.linear(h, w["gu_w"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(g) * u, w["down_w"])
+            x = x.add_(F.linear(F.silu(g).mul_(u), w["down_w"]))
         h = self._rms(x[:, -1], self.norm).to(cd)
         return F.linear(h, self.lm_head).float()
 
+    def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          bias: torch.Tensor) -> torch.Tensor:
+        """Attention of one query per row as two float32 matmuls: q [B, H, 1, D] (compute
+        dtype), keys/values [B, Hkv, S, D] float32, bias [B, 1, 1, S] (0 or -inf). Grouped query
+        heads are folded into rows of their K/V head (head i uses K/V head i // groups, as
+        repeat_kv), so nothing is copied. Returns [B, H, 1, D] in the compute dtype."""
+        B, H, _, D = q.shape
+        Hkv = keys.shape[1]
+        scores = torch.matmul(q.float().reshape(B, Hkv, H // Hkv, D), keys.transpose(-1, -2))
+        scores.mul_(self.scale).add_(bias)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, values).reshape(B, H, 1, D).to(self.compute_dtype)
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return KVCache(len(self.layers), batch, self.num_kv_heads, capacity, self.head_dim,
-                       self.compute_dtype, self.device)
+        """A cache for `batch` rows and `capacity` positions. On the CPU, up to
+        FP32_CACHE_MAX_BYTES: float32, decoded by matmul attention; otherwise the compute dtype,
+        decoded by SDPA."""
+        fp32_bytes = 2 * len(self.layers) * batch * self.num_kv_heads * max(1, capacity) * self.head_dim * 4
+        matmul = self.device.type == "cpu" and fp32_bytes <= FP32_CACHE_MAX_BYTES
+        cache = KVCache(len(self.layers), batch, self.num_kv_heads, capacity, self.head_dim,
+                        torch.float32 if matmul else self.compute_dtype, self.device)
+        cache.matmul_attention = matmul
+        return cache
 
 
 class KVCache:
     """Preallocated keys/values [B, Hkv, capacity, D] per layer; all rows share one length
-    (prompts are left-padded), so writing a step is one slice assignment per layer."""
+    (prompts are left-padded), so writing a step is one slice assignment per layer. `dtype` may
+    be wider than the values written (float32 holding bf16 values: the same numbers)."""
 
     def __init__(self, n_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
+        self.dtype = dtype
+        self.matmul_attention = False  # decode through LeanQwen2._decode_attention (float32 only)
         shape = (batch, kv_heads, max(1, capacity), head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
