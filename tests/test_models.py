@@ -272,10 +272,13 @@ def _one_line_error(fn) -> str:
 def test_quantization_errors_on_cpu():
     msg = _one_line_error(lambda: load_model(_section(quantization="4bit", lora=LoraSection())))
     assert msg == (
-        "4-bit quantization needs a CUDA GPU and bitsandbytes (pip install bitsandbytes); this machine has no CUDA device"
+        "model.quantization=4bit: 4-bit bases need a CUDA GPU with bitsandbytes and this machine has no CUDA device; "
+        "--set model.quantization=none trains the LoRA adapter on the full-precision base instead"
     )
     msg = _one_line_error(lambda: load_model(_section(quantization="8bit", lora=LoraSection())))
-    assert msg.startswith("8-bit quantization needs a CUDA GPU")
+    assert msg.startswith("model.quantization=8bit: 8-bit bases need a CUDA GPU") and "model.quantization=none" in msg
+    msg = _one_line_error(lambda: load_model(_section(quantization="4bit", lora=LoraSection(), device="cpu")))
+    assert "model.device=cpu" in msg and "--set model.quantization=none" in msg
     msg = _one_line_error(lambda: load_model(_section(quantization="4bit")))
     assert "needs LoRA" in msg
 

@@ -260,13 +260,15 @@ def test_lora_adapter_update_serves_the_new_adapter():
     assert dirs and not any(Path(d).exists() for d in dirs)
 
 
-def test_make_generator_picks_vllm_and_quantized_base_is_refused(trained, monkeypatch):
+def test_make_generator_refuses_a_quantized_base_without_lora(trained, monkeypatch):
+    """QLoRA serves the unquantized base + the adapter (tests/test_hub_recipes.py); a quantized
+    model without an adapter has nothing vLLM could serve."""
     import dataclasses
 
     from spiral_cli.models import ModelError
 
     q = dataclasses.replace(trained, quantization="4bit")
-    with pytest.raises(ModelError, match="quantization"):
+    with pytest.raises(ModelError, match="model.quantization=4bit: .* only with a LoRA adapter"):
         make_generator(q, SECTION)
 
 

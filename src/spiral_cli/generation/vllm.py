@@ -34,6 +34,12 @@ Model and weights:
   after loading is still served as it is in memory); a scratch or merged model is written with
   `save_checkpoint` into a private temporary directory, removed by `close()`. LoRA models serve
   the (unmerged) base plus the adapter as a vLLM `LoRARequest`.
+- QLoRA (`model.quantization` 4bit/8bit, which always comes with LoRA): the trainer's base is
+  quantized in memory (bitsandbytes), the engine's is not. vLLM reads the base unquantized from
+  its directory or hub id, as for any LoRA model, and applies the trainer's adapter; it needs no
+  bitsandbytes. The adapter was trained against the dequantized weights, so the sampler differs a
+  little from the trainer: the RL loss's importance-sampling correction handles that mismatch
+  (docs/install.md, "QLoRA with vLLM"). A scratch base exists only in memory: refused.
 - `update_weights(model)`: full fine-tuning pushes ``model.named_parameters()`` (HF names, cast
   to the engine dtype) through ``collective_rpc("reload_weights", weights_iterator=...)``; LoRA
   saves the current adapter into a fresh temporary directory and switches to a new
@@ -69,7 +75,6 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 import torch  # noqa: E402
 
 try:  # noqa: SIM105
-    import vllm  # noqa: E402
     from vllm import LLM, SamplingParams  # noqa: E402
     from vllm.inputs import TokensPrompt  # noqa: E402
     from vllm.lora.request import LoRARequest  # noqa: E402
@@ -245,7 +250,7 @@ class VLLMGenerator:
         if self.sleep_mode:
             kwargs["enable_sleep_mode"] = True
         if loaded.quantization != "none":
-            kwargs["quantization"] = self._bnb_quantization(loaded.quantization)
+            self._check_quantized_base(loaded)  # QLoRA: the engine serves the unquantized base + adapter
 
         try:
             model_dir, tok_dir, push_full = self._prepare_dirs(model)
@@ -483,21 +488,19 @@ class VLLMGenerator:
                 self._tmpdirs.remove(old_dir)
         self.llm.reset_prefix_cache()
 
-    @staticmethod
-    def _bnb_quantization(q: str) -> str:
-        try:
-            from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
-        except ImportError:  # pragma: no cover
-            QUANTIZATION_METHODS = []  # noqa: N806
-        if "bitsandbytes" not in QUANTIZATION_METHODS:
-            raise ModelError(
-                f"model.quantization={q}: this vLLM ({vllm.__version__}) has no bitsandbytes quantization; "
-                "use generation.backend=hf, or model.quantization=none"
-            )
-        if q != "4bit":
-            raise ModelError(f"model.quantization={q}: vLLM quantizes bitsandbytes models in flight to 4-bit only; "
-                             "use 4bit or generation.backend=hf")
-        return "bitsandbytes"
+    def _check_quantized_base(self, loaded: LoadedModel) -> None:
+        """QLoRA: the engine loads the base unquantized from where the trainer's 4/8-bit copy came
+        from, which must exist outside this process and carry a LoRA adapter to serve."""
+        q = loaded.quantization
+        if not self.is_lora:
+            raise ModelError(f"model.quantization={q}: generation.backend=vllm serves a quantized base only with a "
+                             "LoRA adapter (model.lora); use generation.backend=hf")
+        base = loaded.base_source
+        if not (_is_checkpoint_dir(base) or (_is_hub_id(base) and loaded.scratch_preset is None)):
+            raise ModelError(f"model.quantization={q}: vLLM reads the unquantized base from its directory or hub id, "
+                             f"and the base {base!r} exists only in memory (a scratch model); use "
+                             "generation.backend=hf or model.quantization=none")
+        log.info("model.quantization=%s: vLLM samples from the unquantized base %s with the trainer's adapter", q, base)
 
     @staticmethod
     def _sleep_supported() -> bool:
@@ -510,6 +513,10 @@ class VLLMGenerator:
 
     def _wake(self) -> None:
         if self._asleep and self.llm is not None:
+            if torch.cuda.is_available():
+                # blocks the trainer freed go back to the device first, so that the engine's weights
+                # and KV cache fit again beside it (TRL empties the cache before wake_up too)
+                torch.cuda.empty_cache()
             self.llm.wake_up()
             self._asleep = False
 

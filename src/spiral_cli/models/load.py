@@ -42,19 +42,24 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _check_quantization(section: ModelSection, device: torch.device) -> None:
+    """The first thing `load_model` does: a 4/8-bit base that cannot load here is one line naming
+    the way out, before any weights are read."""
     if section.quantization == "none":
         return
-    bits = section.quantization.replace("bit", "-bit")
+    q = section.quantization
+    bits = q.replace("bit", "-bit")
+    way_out = "--set model.quantization=none trains the LoRA adapter on the full-precision base instead"
     if section.lora is None:
-        raise ModelError(f"model.quantization={section.quantization} needs LoRA: set model.lora (a quantized base cannot be trained in full)")
+        raise ModelError(f"model.quantization={q} needs LoRA: set model.lora (a quantized base cannot be trained in full)")
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise ModelError(
-            f"{bits} quantization needs a CUDA GPU and bitsandbytes (pip install bitsandbytes); this machine has no CUDA device"
-        )
+        where = f"model.device={section.device}" if section.device not in ("auto", "") and device.type != "cuda" \
+            else "this machine has no CUDA device"
+        raise ModelError(f"model.quantization={q}: {bits} bases need a CUDA GPU with bitsandbytes and {where}; {way_out}")
     try:
         import bitsandbytes  # noqa: F401
     except Exception:
-        raise ModelError(f"{bits} quantization needs a CUDA GPU and bitsandbytes (pip install bitsandbytes); bitsandbytes is not installed") from None
+        raise ModelError(f"model.quantization={q}: {bits} bases need bitsandbytes, which is not installed "
+                         f"(pip install bitsandbytes); {way_out}") from None
 
 
 def _bnb_config(section: ModelSection):
