@@ -447,6 +447,70 @@ def test_update_dr_grpo_normaliser_and_micro_batches():
     assert tok["loss"] == pytest.approx(-4 / 11, rel=1e-5)
 
 
+def test_length_chunks_split_where_padding_outweighs_a_pass():
+    from spiral_cli.rl.trainer import length_chunks
+
+    # equal lengths: one micro-batch (up to the cap); another pass would only add its overhead
+    assert [len(c) for c in length_chunks(list(range(8)), [50] * 8, micro=64)] == [8]
+    assert sorted(len(c) for c in length_chunks(list(range(8)), [50] * 8, micro=3)) == [2, 3, 3]
+    # 12 short and 40 long: padding the short ones to 146 costs 12 x 126 > the overhead of a pass
+    lengths = [20] * 12 + [146] * 40
+    chunks = length_chunks(list(range(52)), lengths, micro=64, overhead=256)
+    assert chunks == [list(range(12)), list(range(12, 52))]
+    # ... but not when a pass costs more than the padding it saves
+    assert len(length_chunks(list(range(52)), lengths, micro=64, overhead=12 * 126 + 1)) == 1
+    # every item once, in order, no batch over the cap, the padded tokens + overhead minimal
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(30):
+        n, micro, overhead = rng.randint(1, 9), rng.randint(1, 5), rng.choice([0, 5, 40])
+        ls = sorted(rng.randint(1, 60) for _ in range(n))
+        got = length_chunks(list(range(n)), ls, micro, overhead)
+        assert [i for c in got for i in c] == list(range(n)) and all(0 < len(c) <= micro for c in got)
+
+        def cost(cuts, n=n, ls=ls, overhead=overhead):
+            bounds = [0, *cuts, n]
+            return sum((e - s) * ls[e - 1] + overhead for s, e in zip(bounds, bounds[1:]))
+        best = min(cost(cuts) for k in range(n) for cuts in itertools.combinations(range(1, n), k)
+                   if all(e - s <= micro for s, e in zip([0, *cuts], [*cuts, n])))
+        assert cost(list(itertools.accumulate(len(c) for c in got))[:-1]) == best
+    assert length_chunks([], [], micro=4) == []
+
+
+def test_update_gradient_does_not_depend_on_the_length_split(monkeypatch):
+    """Micro-batches split by length (length_chunks) give the single batch's gradient."""
+    from spiral_cli.models import load_model
+    from spiral_cli.recipe import ModelSection, TrainSetSection
+    from spiral_cli.rl import trainer
+    from spiral_cli.rl.rollout import Sample
+
+    loaded = load_model(ModelSection(name="scratch:nano", autocast="off", max_seq_len=64), seed=0)
+    samples = [Sample(f"q{i}:", list(range(40, 40 + n)), [0.0] * n, a, 0.0, "search", 30)
+               for i, (n, a) in enumerate([(2, 1.0), (25, -0.5), (3, 0.5), (27, 1.0), (1, -1.0), (26, 0.25)])]
+
+    class _Sched:
+        def step(self):
+            pass
+
+    def grads(overhead):
+        monkeypatch.setattr(trainer, "MICRO_BATCH_OVERHEAD_TOKENS", overhead)
+        seen = []
+        real = trainer.length_chunks
+        monkeypatch.setattr(trainer, "length_chunks", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+        opt = _RecordingOptimizer([p for p in loaded.model.parameters() if p.requires_grad])
+        sec = TrainSetSection(micro_batch_size=64, max_grad_norm=1e9)
+        stats = trainer._update(loaded.model, None, opt, _Sched(), samples, sec, loaded, {}, None)
+        return stats, opt.grads[0], [len(c) for c in seen[0]]
+
+    whole, g_whole, n_whole = grads(10_000)
+    split, g_split, n_split = grads(30)
+    assert n_whole == [6] and n_split == [3, 3]  # short ones apart from long ones
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g_whole, g_split))
+
+
 @pytest.mark.slow
 def test_compiled_update_trains_like_the_plain_one(tmp_path):
     """train_set.compile: the policy's forward is compiled at the first update (a one-line
