@@ -4,10 +4,16 @@ Work per step: 8 prompts x 8 samples x up to 128 generated tokens, a ~4M-paramet
 (scratch:tiny), CPU. Usage (from the repo root, spiral's venv):
 
     .venv/bin/python bench/grpo_step.py prepare /tmp/bench     # model dir + prompts.jsonl (shared with TRL)
-    .venv/bin/python bench/grpo_step.py run /tmp/bench --steps 6 [--compile]
+    .venv/bin/python bench/grpo_step.py run /tmp/bench --steps 6 [--compile] [--objective spiral]
 
 Prints seconds per step (median of steps 2.., the first is warm-up) split into generation,
-scoring and update, generated tokens per step and peak RSS.
+scoring and update, generated tokens per step, seconds per 1,000 generated tokens and peak RSS.
+
+`--objective spiral`: a SPIRAL step on the same prompts and model instead (no TRL counterpart):
+8 prompts x N1 = 8 search traces of up to 128 tokens, K = 4 sets of n = 4 traces per prompt,
+N2 = 4 aggregations of up to 128 tokens per set (countdown's default aggregation view: each
+candidate's answer line), all 192 sequences trained; its cost per generated token stands beside
+GRPO's.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ def prepare(out: Path) -> None:
     print(f"wrote {out / 'model'} and {out / 'prompts.jsonl'}")
 
 
-def run(out: Path, steps: int, compile_update: bool = False) -> None:
+def run(out: Path, steps: int, compile_update: bool = False, objective: str = "grpo") -> None:
     from rich.console import Console
 
     from spiral_cli.recipe import Recipe
@@ -49,23 +55,28 @@ def run(out: Path, steps: int, compile_update: bool = False) -> None:
     recipe = Recipe.model_validate({
         "name": "bench", "seed": 0,
         "task": {"name": "toy_reward_task:BenchTask"},
-        "model": {"name": str(out / "model"), "autocast": "auto"},
-        "generation": {"max_new_tokens": 128, "batch_size": 64, "temperature": 1.0},
-        "train_set": {"objective": "grpo", "steps": steps, "prompts_per_step": 8, "num_generations": 8,
+        # bf16 as TRL's bf16=True; "auto" times the CPU at load, and a busy machine can tip it to fp32
+        "model": {"name": str(out / "model"), "autocast": "on"},
+        "generation": {"max_new_tokens": 128, "agg_max_new_tokens": 128, "batch_size": 64, "temperature": 1.0},
+        "train_set": {"objective": objective, "steps": steps, "prompts_per_step": 8, "num_generations": 8,
+                      "num_search": 8, "num_sets": 4, "set_size": 4, "num_aggregations": 4,
                       "grpo_max_new_tokens": 128, "dynamic_sampling": False, "eval_problems": 0,
                       "save_every": 10_000, "eval_every": 10_000, "micro_batch_size": 64, "lr": 1e-5,
                       "loss_type": "ppo_clip", "beta": 0.0, "compile": compile_update},
     })
     home = Path(tempfile.mkdtemp(prefix="spiral-bench-"))
     run_train_set(recipe, home=home, model=str(out / "model"), console=Console(stderr=True, quiet=True))
-    rows = [json.loads(l) for l in (home / "runs" / "bench-grpo" / "metrics.jsonl").read_text().splitlines()]
+    run_name = "bench-grpo" if objective == "grpo" else "bench-set"
+    rows = [json.loads(l) for l in (home / "runs" / run_name / "metrics.jsonl").read_text().splitlines()]
     timed = rows[1:] if len(rows) > 1 else rows  # step 1 is warm-up (and the compile, with --compile)
     med = {k: statistics.median(r["seconds"][k] for r in timed) for k in ("total", "generation", "scoring", "update")}
     gen_per_step = statistics.median(b["generated_tokens"] - a["generated_tokens"] for a, b in zip(rows, rows[1:])) if len(rows) > 1 else rows[0]["generated_tokens"]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"impl": "spiral" + (" compiled update" if compile_update else ""), "steps_timed": len(timed), "sec_per_step": round(med["total"], 3),
+    impl = "spiral" + ("" if objective == "grpo" else " --objective spiral") + (" compiled update" if compile_update else "")
+    print(json.dumps({"impl": impl, "steps_timed": len(timed), "sec_per_step": round(med["total"], 3),
                       "generation_s": round(med["generation"], 3), "scoring_s": round(med["scoring"], 3),
                       "update_s": round(med["update"], 3), "generated_tokens_per_step": gen_per_step,
+                      "sec_per_1k_generated_tokens": round(1000 * med["total"] / gen_per_step, 3),
                       "peak_rss_mb": round(rss_mb), "threads": os.environ.get("OMP_NUM_THREADS", "default")}))
 
 
@@ -75,5 +86,7 @@ if __name__ == "__main__":
     ap.add_argument("dir", type=Path)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--compile", action="store_true", help="train_set.compile: the update's forward compiled")
+    ap.add_argument("--objective", choices=["grpo", "spiral"], default="grpo",
+                    help="grpo (TRL's work, the default) or a SPIRAL step on the same prompts")
     a = ap.parse_args()
-    prepare(a.dir) if a.what == "prepare" else run(a.dir, a.steps, a.compile)
+    prepare(a.dir) if a.what == "prepare" else run(a.dir, a.steps, a.compile, a.objective)
