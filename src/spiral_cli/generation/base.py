@@ -130,3 +130,53 @@ def teacher_forced_logprobs(loaded, prompts: list[list[int]], completions: list[
         for m in training:
             m.training = True
     return out
+
+
+def vllm_request_seeds(seed: int | None, num_prompts: int, n: int) -> list[int]:
+    """One seed per prompt for a vLLM engine or server, which seeds sample j with seed + j: prompt
+    i gets base + i * n, so no two samples of a call share a seed (None: drawn from torch's RNG)."""
+    import random
+
+    import torch
+
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
+    base = random.Random(int(seed)).getrandbits(62)
+    return [base + i * n for i in range(num_prompts)]
+
+
+def completions_from_samples(loaded, prompt_ids: list[list[int]], samples: list[list[tuple]], n: int,
+                             temperature: float, top_p: float, top_k: int, stop: list[str], decode,
+                             batch_size: int = 64) -> list[list[Completion]]:
+    """Completions from a vLLM engine's or server's answers: `samples[i]` holds prompt i's
+    (token ids, log-probs, finish reason, stop reason) tuples, one per sample (one for greedy,
+    copied n times). With top-k/top-p the values are renormalised over the kept set, so they are
+    re-scored under `loaded` (this module's convention); `decode` turns id lists into texts."""
+    flat_ids: list[list[int]] = []
+    flat_meta: list[tuple[int, list[float], str, object]] = []
+    for i, choices in enumerate(samples):
+        for j in range(n):
+            ids, lps, finish, stop_reason = choices[j % len(choices)]
+            flat_ids.append(ids)
+            flat_meta.append((i, lps, finish, stop_reason))
+    if temperature > 0 and (top_k > 0 or top_p < 1.0):
+        rescored = teacher_forced_logprobs(loaded, [prompt_ids[i] for i, *_ in flat_meta], flat_ids, temperature,
+                                           batch_size)
+        flat_meta = [(i, lp, fr, sr) for (i, _, fr, sr), lp in zip(flat_meta, rescored)]
+    texts = decode(flat_ids)
+    results: list[list[Completion]] = []
+    k = 0
+    for i in range(len(samples)):
+        row: list[Completion] = []
+        for _ in range(n):
+            _, lps, fr, sr = flat_meta[k]
+            text, which = cut_at_stop(texts[k], stop)
+            if which is None and isinstance(sr, str) and sr in stop:
+                which = sr  # the engine saw the stop string (our decode should always agree)
+            if which is not None:
+                fr = "stop"
+            row.append(Completion(text=text, token_ids=flat_ids[k], logprobs=lps, prompt_tokens=len(prompt_ids[i]),
+                                  finish_reason=fr, stop_str=which))
+            k += 1
+        results.append(row)
+    return results

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -85,8 +84,9 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 from spiral_cli.generation.base import (  # noqa: E402
     Completion,
     check_generate_args,
-    cut_at_stop,
+    completions_from_samples,
     teacher_forced_logprobs,
+    vllm_request_seeds,
 )
 from spiral_cli.models import (  # noqa: E402
     BASE_SUBDIR,
@@ -304,9 +304,7 @@ class VLLMGenerator:
         stop = [s for s in (stop or []) if s]
         prompt_ids = encode_prompts(self.tokenizer, prompts)
 
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
-        base = random.Random(int(seed)).getrandbits(62)
+        seeds = vllm_request_seeds(seed, len(prompts), n)
         vn = 1 if temperature == 0 else n  # vLLM refuses n > 1 for greedy: copy the one sample
         params = [
             SamplingParams(
@@ -321,7 +319,7 @@ class VLLMGenerator:
                 skip_special_tokens=True,
                 detokenize=bool(stop),  # only needed to detect stop strings; we decode ourselves
                 logprobs=0,  # the sampled token's logprob only
-                seed=base + i * n,  # vLLM seeds sample j with seed + j
+                seed=seeds[i],  # vLLM seeds sample j with seed + j
             )
             for i in range(len(prompts))
         ]
@@ -336,41 +334,20 @@ class VLLMGenerator:
         finally:
             self._sleep()
 
-        results: list[list[Completion]] = []
-        flat_ids: list[list[int]] = []
-        flat_meta: list[tuple[int, list[float], str, Any]] = []
+        samples: list[list[tuple]] = []
         for i, out in enumerate(outs):
-            samples = sorted(out.outputs, key=lambda c: c.index)
-            if len(samples) != vn:
-                raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {i}, expected {vn}")
-            for j in range(n):
-                c = samples[j % vn]
-                ids = list(c.token_ids)
-                lps = self._sampled_logprobs(c, ids)
+            choices = sorted(out.outputs, key=lambda c: c.index)
+            if len(choices) != vn:
+                raise RuntimeError(f"vLLM returned {len(choices)} samples for prompt {i}, expected {vn}")
+            row = []
+            for c in choices:
                 if c.finish_reason not in ("stop", "length"):
                     raise RuntimeError(f"vLLM request ended with finish_reason={c.finish_reason!r}")
-                flat_ids.append(ids)
-                flat_meta.append((i, lps, c.finish_reason, c.stop_reason))
-        if temperature > 0 and (top_k > 0 or top_p < 1.0):
-            # vLLM's values are renormalised over the top-k/top-p set: re-score (module docstring)
-            rescored = self._teacher_forced_logprobs([prompt_ids[i] for i, *_ in flat_meta], flat_ids, temperature)
-            flat_meta = [(i, lp, fr, sr) for (i, _, fr, sr), lp in zip(flat_meta, rescored)]
-        texts = self._decode_batch(flat_ids)
-        k = 0
-        for i in range(len(prompts)):
-            row: list[Completion] = []
-            for _ in range(n):
-                _, lps, fr, sr = flat_meta[k]
-                text, which = cut_at_stop(texts[k], stop)
-                if which is None and isinstance(sr, str) and sr in stop:
-                    which = sr  # vLLM saw the stop string (our decode should always agree)
-                if which is not None:
-                    fr = "stop"
-                row.append(Completion(text=text, token_ids=flat_ids[k], logprobs=lps, prompt_tokens=len(prompt_ids[i]),
-                                      finish_reason=fr, stop_str=which))
-                k += 1
-            results.append(row)
-        return results
+                ids = list(c.token_ids)
+                row.append((ids, self._sampled_logprobs(c, ids), c.finish_reason, c.stop_reason))
+            samples.append(row)
+        return completions_from_samples(self.loaded, prompt_ids, samples, n, temperature, top_p, top_k, stop,
+                                        self._decode_batch, getattr(self.section, "batch_size", 64))
 
     @property
     def max_model_len(self) -> int | None:

@@ -50,7 +50,6 @@ import http.client
 import json
 import logging
 import os
-import random
 import secrets
 import shutil
 import socket
@@ -67,8 +66,9 @@ from spiral_cli.adapters import AGGREGATOR_ADAPTER
 from spiral_cli.generation.base import (
     Completion,
     check_generate_args,
-    cut_at_stop,
+    completions_from_samples,
     teacher_forced_logprobs,
+    vllm_request_seeds,
 )
 from spiral_cli.models import ModelError, encode_prompts, eos_token_ids
 
@@ -233,48 +233,17 @@ class VLLMServerGenerator:
             raise RuntimeError("VLLMServerGenerator is closed")
         stop = [s for s in (stop or []) if s]
         prompt_ids = encode_prompts(self.tokenizer, prompts)
-        if seed is None:
-            import torch
-
-            seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
-        base = random.Random(int(seed)).getrandbits(62)
+        seeds = vllm_request_seeds(seed, len(prompts), n)
         vn = 1 if temperature == 0 else n  # vLLM refuses n > 1 for greedy: copy the one sample
         bodies = [self._completion_body(ids, n=vn, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        top_k=top_k, stop=stop, seed=base + i * n) for i, ids in enumerate(prompt_ids)]
+                                        top_k=top_k, stop=stop, seed=sd) for ids, sd in zip(prompt_ids, seeds)]
         futures = [self._pool.submit(self._complete, body) for body in bodies]
         answers = [f.result() for f in futures]
-
-        flat_ids: list[list[int]] = []
-        flat_meta: list[tuple[int, list[float], str, Any]] = []
-        for i, choices in enumerate(answers):
+        for choices in answers:
             if len(choices) != vn:
                 raise ServerError(f"the vLLM server at {self.url} returned {len(choices)} samples for a prompt, expected {vn}")
-            for j in range(n):
-                ids, lps, finish, stop_reason = choices[j % vn]
-                flat_ids.append(ids)
-                flat_meta.append((i, lps, finish, stop_reason))
-        if temperature > 0 and (top_k > 0 or top_p < 1.0):
-            # the server's values are renormalised over the top-k/top-p set: re-score (module docstring)
-            rescored = teacher_forced_logprobs(self.loaded, [prompt_ids[i] for i, *_ in flat_meta], flat_ids,
-                                               temperature, self.batch_size)
-            flat_meta = [(i, lp, fr, sr) for (i, _, fr, sr), lp in zip(flat_meta, rescored)]
-        texts = self._decode_batch(flat_ids)
-        results: list[list[Completion]] = []
-        k = 0
-        for i in range(len(prompts)):
-            row: list[Completion] = []
-            for _ in range(n):
-                _, lps, fr, sr = flat_meta[k]
-                text, which = cut_at_stop(texts[k], stop)
-                if which is None and isinstance(sr, str) and sr in stop:
-                    which = sr  # the server saw the stop string (our decode should always agree)
-                if which is not None:
-                    fr = "stop"
-                row.append(Completion(text=text, token_ids=flat_ids[k], logprobs=lps, prompt_tokens=len(prompt_ids[i]),
-                                      finish_reason=fr, stop_str=which))
-                k += 1
-            results.append(row)
-        return results
+        return completions_from_samples(self.loaded, prompt_ids, answers, n, temperature, top_p, top_k, stop,
+                                        self._decode_batch, self.batch_size)
 
     def update_weights(self, model=None) -> None:
         """Make the server sample from `model`'s current weights (default: the loaded model)."""
