@@ -113,3 +113,27 @@ def test_vllm_backend_missing_is_a_one_line_error(tmp_path):
     lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "pip install vllm" in lines[0], p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_main_lets_an_unexpected_exception_through_and_maps_abort_to_130(monkeypatch, capsys):
+    """A bug in a command surfaces as itself (the except clauses must not fail while matching it),
+    and an Abort (Ctrl-D at a prompt) is one 'interrupted' line with exit 130."""
+    import typer.exceptions
+
+    from spiral_cli import cli
+
+    def boom(**_):
+        raise ValueError("a bug inside a command")
+
+    monkeypatch.setattr(cli, "app", boom)
+    with pytest.raises(ValueError, match="a bug inside a command") as caught:
+        cli.main(["infer"])
+    assert caught.value.__context__ is None  # no AttributeError raised while matching the except clauses
+
+    def abort(**_):
+        raise typer.exceptions.Abort()
+
+    monkeypatch.setattr(cli, "app", abort)
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["infer"])
+    assert ended.value.code == 130 and "interrupted" in capsys.readouterr().err

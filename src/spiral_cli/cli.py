@@ -666,10 +666,12 @@ def _flags_show_no_type() -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """`spiral`: every user mistake, including a usage error, is one `error:` line and exit code 2."""
-    try:  # typer >= 0.22 carries its own copy of click
+    try:  # typer >= 0.22 carries its own copy of click, and keeps Abort in typer.exceptions
         from typer._click import exceptions as click_errors
+        from typer.exceptions import Abort
     except ImportError:  # pragma: no cover - older typer: click itself
         from click import exceptions as click_errors
+        from click.exceptions import Abort
 
     _flags_show_no_type()
     args = _hoist_home(list(sys.argv[1:] if argv is None else argv))
@@ -681,7 +683,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except click_errors.UsageError as e:
         _error(_usage_error_line(e))
         rc = 2
-    except click_errors.Abort:
+    except Abort:  # Ctrl-D at a prompt; a Ctrl-C outside a command's own handler
         err.print("interrupted", highlight=False)
         rc = 130
     sys.exit(rc if isinstance(rc, int) else 0)
