@@ -103,8 +103,8 @@ def test_sft_rollouts_and_the_loss_encode_alike(tmp_path_factory):
     import torch
 
     from spiral_cli.generation.hf import HFGenerator
+    from spiral_cli.rl.logprobs import build_batch
     from spiral_cli.rl.rollout import Sample
-    from spiral_cli.rl.trainer import build_batch
     from spiral_cli.sft import tokenize_examples
 
     lm = _load("qwen3", tmp_path_factory, system_prompt=SYSTEM)

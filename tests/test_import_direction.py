@@ -50,6 +50,9 @@ LAYERS: list[tuple[str, list[str], bool]] = [
     ("evaluation", ["spiral_cli.evaluate"], False),
     ("RL pieces", ["spiral_cli.rl", "spiral_cli.rl.advantages", "spiral_cli.rl.loss"], False),
     ("rollouts", ["spiral_cli.rl.rollout"], False),
+    # the trainer's parts: token log-probs, then the optimizer update and what a run writes
+    ("token log-probs", ["spiral_cli.rl.logprobs"], False),
+    ("update and run records", ["spiral_cli.rl.update", "spiral_cli.rl.run_io"], False),
     ("trainers", ["spiral_cli.sft", "spiral_cli.rl.trainer"], False),
     # the numbers of a sweep (its grid, cells, scaling efficiency), read by sweep and compare
     ("sweep cells", ["spiral_cli.sweep_cells"], False),

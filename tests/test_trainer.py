@@ -419,7 +419,7 @@ def test_update_dr_grpo_normaliser_and_micro_batches():
     from spiral_cli.models import load_model
     from spiral_cli.recipe import ModelSection, TrainSetSection
     from spiral_cli.rl.rollout import Sample
-    from spiral_cli.rl.trainer import _update
+    from spiral_cli.rl.update import _update
 
     loaded = load_model(ModelSection(name="scratch:nano", autocast="off", max_seq_len=64), seed=0)
     samples = [Sample("q1:", [40, 41, 42], [0.0] * 3, 1.0, 1.0, "search", 4),
@@ -448,7 +448,7 @@ def test_update_dr_grpo_normaliser_and_micro_batches():
 
 
 def test_length_chunks_split_where_padding_outweighs_a_pass():
-    from spiral_cli.rl.trainer import length_chunks
+    from spiral_cli.rl.update import length_chunks
 
     # equal lengths: one micro-batch (up to the cap); another pass would only add its overhead
     assert [len(c) for c in length_chunks(list(range(8)), [50] * 8, micro=64)] == [8]
@@ -483,7 +483,7 @@ def test_update_gradient_does_not_depend_on_the_length_split(monkeypatch):
     """Micro-batches split by length (length_chunks) give the single batch's gradient."""
     from spiral_cli.models import load_model
     from spiral_cli.recipe import ModelSection, TrainSetSection
-    from spiral_cli.rl import trainer
+    from spiral_cli.rl import update
     from spiral_cli.rl.rollout import Sample
 
     loaded = load_model(ModelSection(name="scratch:nano", autocast="off", max_seq_len=64), seed=0)
@@ -495,13 +495,13 @@ def test_update_gradient_does_not_depend_on_the_length_split(monkeypatch):
             pass
 
     def grads(overhead):
-        monkeypatch.setattr(trainer, "MICRO_BATCH_OVERHEAD_TOKENS", overhead)
+        monkeypatch.setattr(update, "MICRO_BATCH_OVERHEAD_TOKENS", overhead)
         seen = []
-        real = trainer.length_chunks
-        monkeypatch.setattr(trainer, "length_chunks", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+        real = update.length_chunks
+        monkeypatch.setattr(update, "length_chunks", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
         opt = _RecordingOptimizer([p for p in loaded.model.parameters() if p.requires_grad])
         sec = TrainSetSection(micro_batch_size=64, max_grad_norm=1e9)
-        stats = trainer._update(loaded.model, None, opt, _Sched(), samples, sec, loaded, {}, None)
+        stats = update._update(loaded.model, None, opt, _Sched(), samples, sec, loaded, {}, None)
         return stats, opt.grads[0], [len(c) for c in seen[0]]
 
     whole, g_whole, n_whole = grads(10_000)

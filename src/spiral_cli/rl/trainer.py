@@ -3,8 +3,8 @@
 Read top to bottom, one optimizer step is:
     1. draw prompts (dynamic sampling: keep drawing until enough carry a non-zero advantage)
     2. roll out: generate, score, attach advantages            (rollout.py, advantages.py)
-    3. update: micro-batched policy-gradient loss, one optimizer step per pass (loss.py)
-    4. tell the generator about the new weights (vLLM), log, evaluate, checkpoint
+    3. update: micro-batched policy-gradient loss, one optimizer step per pass  (update.py, loss.py)
+    4. tell the generator about the new weights (vLLM), log, evaluate, checkpoint      (run_io.py)
 
 The run ends at `steps` or, with `max_generated_tokens`, after the step whose rollouts bring the
 generated tokens (all ranks) to the budget, whichever comes first; the last step evaluates,
@@ -18,17 +18,13 @@ the main process writes checkpoints, the registry and the metrics file.
 """
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 import random
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -39,8 +35,6 @@ from spiral_cli.checkpoints import (
     load_trainer_state,
     prepare_run,
     resolve_model,
-    save_registered,
-    save_run_state,
 )
 from spiral_cli.evaluate import evaluate_recipe
 from spiral_cli.generation import close_generator, make_generator
@@ -48,31 +42,39 @@ from spiral_cli.generation.base import Completion
 from spiral_cli.generation.roles import (
     AGGREGATOR_ADAPTER,
     SEARCH_ADAPTER,
-    adapter_active,
     add_aggregator_adapter,
     attach_aggregator,
     for_aggregation,
     has_aggregator_adapter,
 )
-from spiral_cli.metrics import mean
-from spiral_cli.models import encode_prompts
 from spiral_cli.optim import adamw
-from spiral_cli.paths import atomic_write_text, runs_dir
+from spiral_cli.paths import runs_dir
 from spiral_cli.progress import fmt_duration
-from spiral_cli.recipe import Recipe, RecipeError, TrainAggSection, TrainSetSection, grpo_budget
+from spiral_cli.recipe import Recipe, RecipeError, grpo_budget
 from spiral_cli.registry import Registry
-from spiral_cli.rl.loss import policy_loss, sampler_mismatch_metrics, truncated_importance_weight
 from spiral_cli.rl.rollout import (
     PromptRollout,
     RolloutConfig,
-    Sample,
     grpo_rollouts,
     scale_batch,
     spiral_rollouts,
 )
+from spiral_cli.rl.run_io import (
+    RLSpec,
+    RunState,
+    _budget_met,
+    _checkpoint,
+    _is_main,
+    _log,
+    _register_missing,
+    _step_metrics,
+    _tensorboard,
+    _truncate_metrics,
+    _write_curves,
+)
+from spiral_cli.rl.update import _compile_applies, _CompiledForward, _update, sampler_correction
 from spiral_cli.tasks import load_task
 
-log = logging.getLogger(__name__)
 MAX_TRAIN_POOL = 50_000  # training problems drawn up front; a longer run sees them again
 
 
@@ -97,140 +99,7 @@ class TimedGenerator:
         self.inner.update_weights(model)
 
 
-# ---------------------------------------------------------------- log-probabilities of samples
-
-
-@dataclass
-class TokenBatch:
-    input_ids: torch.Tensor  # [B, L] prompt + completion, right-padded
-    attention_mask: torch.Tensor  # [B, L]
-    completion_mask: torch.Tensor  # [B, L-1] True where position t predicts a completion token
-    advantages: torch.Tensor  # [B]
-    roles: list[str]
-
-
-def _prompt_ids(prompt: str, tokenizer, prompt_cache: dict[str, list[int]]) -> list[int]:
-    p = prompt_cache.get(prompt)
-    if p is None:  # encoded exactly as the generator encoded it
-        p = prompt_cache[prompt] = encode_prompts(tokenizer, [prompt])[0]
-    return p
-
-
-def build_batch(samples: list[Sample], tokenizer, device: torch.device, prompt_cache: dict[str, list[int]]) -> TokenBatch:
-    seqs, starts = [], []
-    for s in samples:
-        p = _prompt_ids(s.prompt, tokenizer, prompt_cache)
-        seqs.append(p + list(s.completion_ids))
-        starts.append(len(p))
-    width = max(len(x) for x in seqs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    cmask = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
-    for i, (x, st) in enumerate(zip(seqs, starts)):
-        ids[i, : len(x)] = torch.tensor(x)
-        attn[i, : len(x)] = 1
-        cmask[i, st - 1 : len(x) - 1] = True  # logits at t predict token t+1
-    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
-    return TokenBatch(ids.to(device), attn.to(device), cmask.to(device), adv.to(device), [s.role for s in samples])
-
-
-class TokenLogprobs(NamedTuple):
-    logp: torch.Tensor  # [B, L-1] float32, at temperature 1: what the policy gradient trains
-    entropy: torch.Tensor | None  # [B, L-1] detached, with_entropy only
-    logp_sampling: torch.Tensor | None  # [B, L-1] detached, at the sampling temperature (given one)
-
-
-def token_logprobs(model, batch: TokenBatch, with_entropy: bool = False,
-                   temperature: float | None = None) -> TokenLogprobs:
-    """log p(token_{t+1} | prefix) for every position, [B, L-1] (float32), optionally the entropy
-    of the next-token distribution, and with `temperature` the log-probs under
-    log_softmax(logits / T): the generators' convention (generation/base.py; T = 0 means T = 1),
-    so the sampler-mismatch weight compares like with like (docs/method.md).
-
-    The batch is right-padded, so under causal attention no real token sees a pad: the padding
-    mask changes nothing for the positions that count and is left out (the maskless attention
-    kernel is several times faster on the CPU)."""
-    logits = model(input_ids=batch.input_ids).logits[:, :-1].float()
-    targets = batch.input_ids[:, 1:]
-    logz = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
-    entropy = logp_sampling = None
-    with torch.no_grad():
-        if with_entropy:
-            probs = torch.softmax(logits, dim=-1)
-            entropy = logz - (probs * logits).sum(-1)
-        if temperature is not None:
-            logp_sampling = _logp_at_temperature(logits, targets, temperature) if temperature not in (0, 1) \
-                else logp.detach()
-    return TokenLogprobs(logp, entropy, logp_sampling)
-
-
-def _logp_at_temperature(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / T) of the targets, one row at a time: a second [B, L, V] tensor would
-    double the peak memory of the forward."""
-    rows = [torch.log_softmax(row / temperature, dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
-            for row, t in zip(logits, targets)]
-    return torch.stack(rows)
-
-
-def sampler_logprobs(samples: list[Sample], batch: TokenBatch) -> torch.Tensor:
-    """The sampler's log-prob of each completion token, laid out like `token_logprobs` ([B, L-1],
-    0 off the completion mask): row b's completion positions, in order, hold samples[b]'s."""
-    out = torch.zeros(batch.completion_mask.shape, dtype=torch.float32)
-    values = [lp for s in samples for lp in s.sampling_logprobs]
-    out[batch.completion_mask.cpu()] = torch.tensor(values, dtype=torch.float32)
-    return out.to(batch.completion_mask.device)
-
-
-@dataclass(frozen=True)
-class SamplerCorrection:
-    """The sampler-mismatch correction of one run (docs/method.md, "Sampler mismatch")."""
-
-    apply: bool  # weight the loss (vllm_importance_sampling_correction); else measure only
-    cap: float  # vllm_importance_sampling_cap
-    temperature: float  # generation.temperature: the sampler's log-probs are at it
-
-
-def sampler_correction(recipe: Recipe, sec) -> SamplerCorrection:
-    return SamplerCorrection(apply=sec.vllm_importance_sampling_correction, cap=sec.vllm_importance_sampling_cap,
-                             temperature=recipe.generation.temperature)
-
-
-# ---------------------------------------------------------------- state that survives a crash
-
-
-@dataclass
-class RunState:
-    step: int = 0
-    cursor: int = 0  # next training problem index (data position)
-    generated_tokens: int = 0
-    total_tokens: int = 0
-    steps_without_signal: int = 0  # steps that kept no prompt (nothing to learn from)
-    history: list[dict[str, Any]] = field(default_factory=list)  # eval points
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class RLSpec:
-    """What distinguishes the three RL commands; the loop itself is shared."""
-
-    stage: str  # "set" | "grpo" | "agg"
-    name: str
-    section: TrainSetSection | TrainAggSection  # the shared fields come from their common base
-    collect: Callable[..., list[PromptRollout]]
-    scale_rewards: str = "none"  # resolved; "batch" is applied by the loop once the step's batch is complete
-    # train_set only; train-agg draws its prompts once and updates once per batch, one policy
-    dynamic_sampling: bool = False
-    max_prompt_draws: int = 1  # as a multiple of prompts_per_step
-    updates_per_batch: int = 1
-    aggregator_mode: str = "shared"
-
-
-def _is_main(accelerator) -> bool:
-    return accelerator is None or accelerator.is_main_process
+# ---------------------------------------------------------------- processes (one, or DDP ranks)
 
 
 def _make_accelerator(device: torch.device):
@@ -605,6 +474,11 @@ def _fmt_mismatch(row: dict[str, Any]) -> str:
     return f" mismatch kl {kl:.1e} max ratio {row['sampling/raw_importance_sampling_ratio/max']:.3f}"
 
 
+def _fmt_eval(m: dict[str, float]) -> str:
+    keys = [k for k in m if ("pass@" in k or "majority" in k or "learned_agg" in k)]
+    return ", ".join(f"{k} {m[k]:.3f}" for k in keys)
+
+
 def _warn_no_signal(console: Console, spec: RLSpec, state: RunState) -> None:
     """A run whose steps kept no prompt learned nothing from them: say so (the registry entry
     records `steps_without_signal`)."""
@@ -621,10 +495,6 @@ def _warn_no_signal(console: Console, spec: RLSpec, state: RunState) -> None:
     else:
         console.print(f"[yellow]note:[/] {empty} of {state.step} steps of {spec.name} kept 0 prompts (no reward signal)",
                       highlight=False, soft_wrap=True)
-
-
-def _budget_met(state: RunState, budget: int | None) -> bool:
-    return budget is not None and state.generated_tokens >= budget
 
 
 def _all_sum(values: list[float], accelerator) -> list[float]:
@@ -711,285 +581,3 @@ def _reference(recipe: Recipe, sec, loaded, start_ref: ModelRef):
 
     ref = load_model(recipe.model, source=start_ref.source, for_training=False)
     return ref.model
-
-
-class _CompiledForward:
-    """The policy's training forward under torch.compile, compiled at the first update on its
-    first micro-batch (RL has no batch before its first rollout); see optim.compile_for_training."""
-
-    def __init__(self, loaded, console: Console):
-        self.loaded, self.console, self.forward = loaded, console, None
-
-    def __call__(self, batch: TokenBatch):
-        if self.forward is None:
-            from spiral_cli.optim import compile_for_training
-
-            self.forward = compile_for_training(self.loaded, {"input_ids": batch.input_ids}, self.console,
-                                                loss_of=lambda out: out.logits.float().mean())
-        return self.forward
-
-
-def _compile_applies(sec, accelerator, adapter_roles, console: Console) -> bool:
-    if not sec.compile:
-        return False
-    if accelerator is not None or adapter_roles:
-        console.print("  [yellow]note:[/] compile is for a single process with one adapter; training uncompiled")
-        return False
-    return True
-
-
-def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, loaded, prompt_cache, accelerator,
-            adapter_roles: dict[str, str] | None = None, compiled: _CompiledForward | None = None,
-            passes: int = 1, correction: SamplerCorrection | None = None) -> dict[str, float]:
-    """`passes` (train_set.updates_per_batch) passes over the samples, each one optimizer step of micro-batches.
-    The normaliser is the whole batch's token count (token_mean), sequence count (seq_mean) or
-    sum of sequence budgets (dr_grpo), so accumulating micro-batches gives exactly the
-    full-batch gradient.
-    `adapter_roles` (aggregator.mode=adapter) maps each role to the LoRA adapter it trains;
-    micro-batches then hold one role each.
-    `correction`: measure the sampler mismatch on the trained tokens (the `sampling/...` stats)
-    and, when it applies, weight each token's loss by the truncated importance weight; None = neither."""
-    # Zero-advantage sequences contribute no policy gradient; with beta = 0 they can be skipped.
-    # They still count in the normaliser so the loss scale does not depend on the skipping.
-    beta = sec.beta
-    active = samples if beta > 0 else [s for s in samples if s.advantage != 0.0]
-    if sec.loss_aggregation == "token_mean":
-        normalizer = sum(len(s.completion_ids) for s in samples)
-    elif sec.loss_aggregation == "seq_mean":
-        normalizer = len(samples)
-    else:  # dr_grpo: sequences x max_completion_length, each sequence at the budget it was sampled
-        # under (search and aggregation budgets may differ); constant in the lengths sampled
-        normalizer = sum(s.max_new_tokens for s in samples)
-    stats: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "entropy_search": float("nan"), "grad_norm": 0.0}
-
-    micro = sec.micro_batch_size
-    # Sort by length so micro-batches carry little padding (and by role when roles have adapters).
-    groups: list[tuple[str | None, list[Sample]]] = [(None, active)]
-    if adapter_roles:
-        groups = [(adapter_roles[role], [s for s in active if s.role == role]) for role in sorted(adapter_roles)]
-    chunks: list[tuple[str | None, list[Sample]]] = []
-    for adapter, group in groups:
-        lengths = [len(_prompt_ids(s.prompt, loaded.tokenizer, prompt_cache)) + len(s.completion_ids) for s in group]
-        order = sorted(range(len(group)), key=lengths.__getitem__)
-        chunks += [(adapter, c) for c in length_chunks([group[i] for i in order], [lengths[i] for i in order], micro)]
-
-    def role_adapter(adapter: str | None):
-        return adapter_active(getattr(model, "module", model), adapter) if adapter else nullcontext()
-
-    temperature = correction.temperature if correction else None
-    old_logps: list[TokenLogprobs] | None = None
-    if passes > 1 and chunks:  # the behaviour policy's log-probs, fixed across passes
-        old_logps = []
-        for adapter, chunk in chunks:
-            with torch.no_grad(), loaded.autocast_ctx(), role_adapter(adapter):
-                batch = build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache)
-                old_logps.append(token_logprobs(model, batch, temperature=temperature))
-    ent_sum = ent_count = 0.0
-    mismatch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (trainer, sampler) log-probs of trained tokens
-    for pass_index in range(passes):
-        optimizer.zero_grad(set_to_none=True)
-        if not chunks:  # nothing to learn from in this batch; keep DDP ranks in step anyway
-            _zero_backward(model, accelerator)
-        for ci, (adapter, chunk) in enumerate(chunks):
-            batch = build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache)
-            sync_ctx = accelerator.no_sync(model) if accelerator is not None and ci < len(chunks) - 1 else nullcontext()
-            with sync_ctx, role_adapter(adapter):
-                with loaded.autocast_ctx():
-                    out = token_logprobs(compiled(batch) if compiled else model, batch, with_entropy=True,
-                                         temperature=temperature if old_logps is None else None)
-                    logp, ent = out.logp, out.entropy
-                    logp_ref = None
-                    if ref_model is not None:
-                        with torch.no_grad():
-                            logp_ref = _ref_logprobs(model, ref_model, batch)
-                old = old_logps[ci] if old_logps is not None else out
-                weight = None
-                if correction is not None:  # π_old against the sampler, once per batch (docs/method.md)
-                    weight = _sampler_weight(correction, old.logp_sampling, chunk, batch,
-                                             mismatch if pass_index == 0 else None)
-                loss, st = policy_loss(
-                    logp, old.logp.detach(), batch.advantages, batch.completion_mask.float(), loss_type=sec.loss_type,
-                    epsilon_low=sec.epsilon_low, epsilon_high=sec.epsilon_high, aggregation=sec.loss_aggregation,
-                    logp_ref=logp_ref, beta=beta, normalizer=float(normalizer), importance_sampling_ratio=weight,
-                )
-                (accelerator.backward(loss) if accelerator is not None else loss.backward())
-            stats["loss"] += float(loss.detach())
-            stats["clip_frac"] += float(st.get("clip_fraction", 0.0)) * len(chunk) / max(1, len(active))
-            search_rows = torch.tensor([r == "search" for r in batch.roles], device=ent.device)
-            m = batch.completion_mask & search_rows.unsqueeze(1)
-            ent_sum += float((ent * m).sum())
-            ent_count += float(m.sum())
-        params = [p for p in model.parameters() if p.requires_grad]
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, sec.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-    if ent_count:
-        stats["entropy_search"] = ent_sum / ent_count
-    if mismatch:
-        trainer, sampler = (torch.cat(t) for t in zip(*mismatch))
-        stats.update(sampler_mismatch_metrics(trainer, sampler, correction.cap))
-    stats["trained_sequences"] = float(len(active))
-    stats["lr"] = float(optimizer.param_groups[0]["lr"])
-    return stats
-
-
-# What one more micro-batch costs beyond its tokens (a forward and backward pass's fixed overhead),
-# in padded tokens: ~20 ms for scratch:tiny on one CPU core, where a token costs ~0.2 ms.
-MICRO_BATCH_OVERHEAD_TOKENS = 256
-
-
-def length_chunks(items: list, lengths: list[int], micro: int, overhead: int | None = None) -> list[list]:
-    """Split `items`, sorted by `lengths` (ascending), into consecutive micro-batches of at most
-    `micro` rows that minimise the padded tokens (rows x longest length, each batch) plus
-    `overhead` per batch (default MICRO_BATCH_OVERHEAD_TOKENS): a batch of a few long and many short sequences is split where the
-    padding saved is worth another forward pass. The gradient does not depend on the split (the
-    loss's normaliser is the whole batch's), only the padding computed does."""
-    overhead = MICRO_BATCH_OVERHEAD_TOKENS if overhead is None else overhead
-    n = len(items)
-    cost = [0.0] + [math.inf] * n  # cost[e]: the cheapest split of items[:e]
-    start = [0] * (n + 1)  # ... and where its last micro-batch starts
-    for e in range(1, n + 1):
-        for s in range(max(0, e - micro), e):
-            c = cost[s] + (e - s) * lengths[e - 1] + overhead
-            if c < cost[e]:
-                cost[e], start[e] = c, s
-    batches, e = [], n
-    while e > 0:
-        batches.append(items[start[e]:e])
-        e = start[e]
-    return batches[::-1]
-
-
-def _sampler_weight(correction: SamplerCorrection, logp_old: torch.Tensor, chunk: list[Sample], batch: TokenBatch,
-                   record: list | None) -> torch.Tensor | None:
-    """The truncated importance weight of a micro-batch (None when the correction only measures);
-    the trained tokens' (trainer, sampler) log-probs are appended to `record` for the step's stats."""
-    sampler = sampler_logprobs(chunk, batch)
-    mask = batch.completion_mask
-    if record is not None:
-        record.append((logp_old[mask], sampler[mask]))
-    if not correction.apply:
-        return None
-    return truncated_importance_weight(logp_old, sampler, correction.cap, mask)
-
-
-def _ref_logprobs(model, ref_model, batch: TokenBatch) -> torch.Tensor:
-    if ref_model == "adapter-disabled":
-        inner = getattr(model, "module", model)
-        with inner.disable_adapter():
-            return token_logprobs(inner, batch)[0]
-    return token_logprobs(ref_model, batch)[0]
-
-
-def _zero_backward(model, accelerator) -> None:
-    loss = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
-    accelerator.backward(loss) if accelerator is not None else loss.backward()
-
-
-def _step_metrics(state: RunState, kept: list[PromptRollout], drawn: int, loss_stats: dict[str, float],
-                  seconds: dict[str, float]) -> dict[str, Any]:
-    samples = [s for r in kept for s in r.samples]
-    advs = [s.advantage for s in samples]
-    # None where a figure has no values (no aggregation in GRPO), 0.0 where zero is the honest figure
-    return {
-        "step": state.step,
-        "reward_search": mean(x for r in kept for x in r.search_rewards),
-        "reward_aggregate": mean((x for r in kept for x in r.agg_rewards), None),
-        "set_score": mean((x for r in kept for x in r.set_scores), None),
-        "prompts_drawn": drawn,
-        "prompts_kept": len(kept),
-        "adv_mean": mean(advs),
-        "adv_abs_mean": mean(abs(a) for a in advs),
-        "adv_nonzero_frac": mean(a != 0 for a in advs),
-        "len_search": mean(x for r in kept for x in r.search_lengths),
-        "len_aggregate": mean((len(s.completion_ids) for s in samples if s.role == "aggregate"), None),
-        "agg_prompts_trimmed": sum(r.agg_prompts_trimmed for r in kept),  # cut to fit the context (prompt_fit)
-        "generated_tokens": state.generated_tokens,
-        "total_tokens": state.total_tokens,
-        **loss_stats,
-        "seconds": seconds,
-    }
-
-
-def _write_curves(run_dir: Path, name: str, history: list[dict[str, Any]]) -> None:
-    """runs/<name>/eval.jsonl (every eval point so far, step 0 included) and curves.png."""
-    from spiral_cli.plots import plot_training_curves
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # atomic: a resumed run rewrites it from its state
-    atomic_write_text(run_dir / "eval.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    try:
-        plot_training_curves({name: history}, run_dir / "curves.png", title=name)
-    except Exception as e:  # noqa: BLE001 - a plot must never stop training
-        log.warning("could not draw %s/curves.png: %s", run_dir, e)
-
-
-def _fmt_eval(m: dict[str, float]) -> str:
-    keys = [k for k in m if ("pass@" in k or "majority" in k or "learned_agg" in k)]
-    return ", ".join(f"{k} {m[k]:.3f}" for k in keys)
-
-
-def _log(path: Path, row: dict[str, Any], tb) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    if tb is not None:
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and v is not None:
-                tb.add_scalar(k, v, row["step"])
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise RecipeError("tensorboard: pip install tensorboard") from None
-    return SummaryWriter(str(run_dir / "tb"))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines of steps after the checkpoint we resume from (they will be redone)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
-
-
-def _checkpoint(recipe, spec: RLSpec, loaded, optimizer, scheduler, state: RunState, registry: Registry, home: Path,
-                state_dir: Path, start_ref: ModelRef, accelerator) -> None:
-    """Resume state first, then the registered checkpoint. Each is written atomically; a crash
-    between the two leaves a state whose checkpoint is missing, which the resumed run registers
-    before it goes on (`_register_missing`), so at most the steps since the last state are redone."""
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    if _is_main(accelerator):
-        save_run_state(loaded, state_dir, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                           "run": state.to_dict()})
-        _register(recipe, spec, loaded, state, registry, home, start_ref)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-
-
-def _register(recipe, spec: RLSpec, loaded, state: RunState, registry: Registry, home: Path, start_ref: ModelRef) -> None:
-    last_eval = state.history[-1] if state.history else {}
-    metrics = {k: v for k, v in last_eval.items() if isinstance(v, (int, float))}
-    metrics.update({"generated_tokens": state.generated_tokens, "total_tokens": state.total_tokens})
-    if state.steps_without_signal:
-        metrics["steps_without_signal"] = state.steps_without_signal
-    budget = spec.section.max_generated_tokens
-    if budget is not None:
-        metrics["max_generated_tokens"] = budget
-        if _budget_met(state, budget):
-            metrics["stopped_on"] = "token_budget"
-    save_registered(loaded, registry, home, name=spec.name, stage=spec.stage, step=state.step,
-                    parent=start_ref.lineage, recipe=recipe.snapshot(), metrics=metrics)
-
-
-def _register_missing(recipe, spec: RLSpec, loaded, state: RunState, registry: Registry, home: Path,
-                      start_ref: ModelRef) -> None:
-    """After a crash between writing the state and registering it: register it now."""
-    latest = registry.latest(spec.name)
-    if state.step > 0 and (latest is None or latest.step < state.step):
-        _register(recipe, spec, loaded, state, registry, home, start_ref)

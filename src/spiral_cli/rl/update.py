@@ -1,0 +1,211 @@
+"""The optimizer update of one RL step: micro-batches split by length, the policy-gradient loss
+(rl/loss.py) accumulated over them, the KL reference, the sampler-mismatch correction, and the
+optional compiled forward."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+
+from spiral_cli.generation.roles import adapter_active
+from spiral_cli.recipe import Recipe
+from spiral_cli.rl.logprobs import (
+    TokenBatch,
+    TokenLogprobs,
+    _prompt_ids,
+    build_batch,
+    sampler_logprobs,
+    token_logprobs,
+)
+from spiral_cli.rl.loss import policy_loss, sampler_mismatch_metrics, truncated_importance_weight
+from spiral_cli.rl.rollout import Sample
+
+
+@dataclass(frozen=True)
+class SamplerCorrection:
+    """The sampler-mismatch correction of one run (docs/method.md, "Sampler mismatch")."""
+
+    apply: bool  # weight the loss (vllm_importance_sampling_correction); else measure only
+    cap: float  # vllm_importance_sampling_cap
+    temperature: float  # generation.temperature: the sampler's log-probs are at it
+
+
+def sampler_correction(recipe: Recipe, sec) -> SamplerCorrection:
+    return SamplerCorrection(apply=sec.vllm_importance_sampling_correction, cap=sec.vllm_importance_sampling_cap,
+                             temperature=recipe.generation.temperature)
+
+
+class _CompiledForward:
+    """The policy's training forward under torch.compile, compiled at the first update on its
+    first micro-batch (RL has no batch before its first rollout); see optim.compile_for_training."""
+
+    def __init__(self, loaded, console: Console):
+        self.loaded, self.console, self.forward = loaded, console, None
+
+    def __call__(self, batch: TokenBatch):
+        if self.forward is None:
+            from spiral_cli.optim import compile_for_training
+
+            self.forward = compile_for_training(self.loaded, {"input_ids": batch.input_ids}, self.console,
+                                                loss_of=lambda out: out.logits.float().mean())
+        return self.forward
+
+
+def _compile_applies(sec, accelerator, adapter_roles, console: Console) -> bool:
+    if not sec.compile:
+        return False
+    if accelerator is not None or adapter_roles:
+        console.print("  [yellow]note:[/] compile is for a single process with one adapter; training uncompiled")
+        return False
+    return True
+
+
+def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, loaded, prompt_cache, accelerator,
+            adapter_roles: dict[str, str] | None = None, compiled: _CompiledForward | None = None,
+            passes: int = 1, correction: SamplerCorrection | None = None) -> dict[str, float]:
+    """`passes` (train_set.updates_per_batch) passes over the samples, each one optimizer step of micro-batches.
+    The normaliser is the whole batch's token count (token_mean), sequence count (seq_mean) or
+    sum of sequence budgets (dr_grpo), so accumulating micro-batches gives exactly the
+    full-batch gradient.
+    `adapter_roles` (aggregator.mode=adapter) maps each role to the LoRA adapter it trains;
+    micro-batches then hold one role each.
+    `correction`: measure the sampler mismatch on the trained tokens (the `sampling/...` stats)
+    and, when it applies, weight each token's loss by the truncated importance weight; None = neither."""
+    # Zero-advantage sequences contribute no policy gradient; with beta = 0 they can be skipped.
+    # They still count in the normaliser so the loss scale does not depend on the skipping.
+    beta = sec.beta
+    active = samples if beta > 0 else [s for s in samples if s.advantage != 0.0]
+    if sec.loss_aggregation == "token_mean":
+        normalizer = sum(len(s.completion_ids) for s in samples)
+    elif sec.loss_aggregation == "seq_mean":
+        normalizer = len(samples)
+    else:  # dr_grpo: sequences x max_completion_length, each sequence at the budget it was sampled
+        # under (search and aggregation budgets may differ); constant in the lengths sampled
+        normalizer = sum(s.max_new_tokens for s in samples)
+    stats: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "entropy_search": float("nan"), "grad_norm": 0.0}
+
+    micro = sec.micro_batch_size
+    # Sort by length so micro-batches carry little padding (and by role when roles have adapters).
+    groups: list[tuple[str | None, list[Sample]]] = [(None, active)]
+    if adapter_roles:
+        groups = [(adapter_roles[role], [s for s in active if s.role == role]) for role in sorted(adapter_roles)]
+    chunks: list[tuple[str | None, list[Sample]]] = []
+    for adapter, group in groups:
+        lengths = [len(_prompt_ids(s.prompt, loaded.tokenizer, prompt_cache)) + len(s.completion_ids) for s in group]
+        order = sorted(range(len(group)), key=lengths.__getitem__)
+        chunks += [(adapter, c) for c in length_chunks([group[i] for i in order], [lengths[i] for i in order], micro)]
+
+    def role_adapter(adapter: str | None):
+        return adapter_active(getattr(model, "module", model), adapter) if adapter else nullcontext()
+
+    temperature = correction.temperature if correction else None
+    old_logps: list[TokenLogprobs] | None = None
+    if passes > 1 and chunks:  # the behaviour policy's log-probs, fixed across passes
+        old_logps = []
+        for adapter, chunk in chunks:
+            with torch.no_grad(), loaded.autocast_ctx(), role_adapter(adapter):
+                batch = build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache)
+                old_logps.append(token_logprobs(model, batch, temperature=temperature))
+    ent_sum = ent_count = 0.0
+    mismatch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (trainer, sampler) log-probs of trained tokens
+    for pass_index in range(passes):
+        optimizer.zero_grad(set_to_none=True)
+        if not chunks:  # nothing to learn from in this batch; keep DDP ranks in step anyway
+            _zero_backward(model, accelerator)
+        for ci, (adapter, chunk) in enumerate(chunks):
+            batch = build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache)
+            sync_ctx = accelerator.no_sync(model) if accelerator is not None and ci < len(chunks) - 1 else nullcontext()
+            with sync_ctx, role_adapter(adapter):
+                with loaded.autocast_ctx():
+                    out = token_logprobs(compiled(batch) if compiled else model, batch, with_entropy=True,
+                                         temperature=temperature if old_logps is None else None)
+                    logp, ent = out.logp, out.entropy
+                    logp_ref = None
+                    if ref_model is not None:
+                        with torch.no_grad():
+                            logp_ref = _ref_logprobs(model, ref_model, batch)
+                old = old_logps[ci] if old_logps is not None else out
+                weight = None
+                if correction is not None:  # π_old against the sampler, once per batch (docs/method.md)
+                    weight = _sampler_weight(correction, old.logp_sampling, chunk, batch,
+                                             mismatch if pass_index == 0 else None)
+                loss, st = policy_loss(
+                    logp, old.logp.detach(), batch.advantages, batch.completion_mask.float(), loss_type=sec.loss_type,
+                    epsilon_low=sec.epsilon_low, epsilon_high=sec.epsilon_high, aggregation=sec.loss_aggregation,
+                    logp_ref=logp_ref, beta=beta, normalizer=float(normalizer), importance_sampling_ratio=weight,
+                )
+                (accelerator.backward(loss) if accelerator is not None else loss.backward())
+            stats["loss"] += float(loss.detach())
+            stats["clip_frac"] += float(st.get("clip_fraction", 0.0)) * len(chunk) / max(1, len(active))
+            search_rows = torch.tensor([r == "search" for r in batch.roles], device=ent.device)
+            m = batch.completion_mask & search_rows.unsqueeze(1)
+            ent_sum += float((ent * m).sum())
+            ent_count += float(m.sum())
+        params = [p for p in model.parameters() if p.requires_grad]
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, sec.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+    if ent_count:
+        stats["entropy_search"] = ent_sum / ent_count
+    if mismatch:
+        trainer, sampler = (torch.cat(t) for t in zip(*mismatch))
+        stats.update(sampler_mismatch_metrics(trainer, sampler, correction.cap))
+    stats["trained_sequences"] = float(len(active))
+    stats["lr"] = float(optimizer.param_groups[0]["lr"])
+    return stats
+
+
+# What one more micro-batch costs beyond its tokens (a forward and backward pass's fixed overhead),
+# in padded tokens: ~20 ms for scratch:tiny on one CPU core, where a token costs ~0.2 ms.
+MICRO_BATCH_OVERHEAD_TOKENS = 256
+
+
+def length_chunks(items: list, lengths: list[int], micro: int, overhead: int | None = None) -> list[list]:
+    """Split `items`, sorted by `lengths` (ascending), into consecutive micro-batches of at most
+    `micro` rows that minimise the padded tokens (rows x longest length, each batch) plus
+    `overhead` per batch (default MICRO_BATCH_OVERHEAD_TOKENS): a batch of a few long and many short sequences is split where the
+    padding saved is worth another forward pass. The gradient does not depend on the split (the
+    loss's normaliser is the whole batch's), only the padding computed does."""
+    overhead = MICRO_BATCH_OVERHEAD_TOKENS if overhead is None else overhead
+    n = len(items)
+    cost = [0.0] + [math.inf] * n  # cost[e]: the cheapest split of items[:e]
+    start = [0] * (n + 1)  # ... and where its last micro-batch starts
+    for e in range(1, n + 1):
+        for s in range(max(0, e - micro), e):
+            c = cost[s] + (e - s) * lengths[e - 1] + overhead
+            if c < cost[e]:
+                cost[e], start[e] = c, s
+    batches, e = [], n
+    while e > 0:
+        batches.append(items[start[e]:e])
+        e = start[e]
+    return batches[::-1]
+
+
+def _sampler_weight(correction: SamplerCorrection, logp_old: torch.Tensor, chunk: list[Sample], batch: TokenBatch,
+                   record: list | None) -> torch.Tensor | None:
+    """The truncated importance weight of a micro-batch (None when the correction only measures);
+    the trained tokens' (trainer, sampler) log-probs are appended to `record` for the step's stats."""
+    sampler = sampler_logprobs(chunk, batch)
+    mask = batch.completion_mask
+    if record is not None:
+        record.append((logp_old[mask], sampler[mask]))
+    if not correction.apply:
+        return None
+    return truncated_importance_weight(logp_old, sampler, correction.cap, mask)
+
+
+def _ref_logprobs(model, ref_model, batch: TokenBatch) -> torch.Tensor:
+    if ref_model == "adapter-disabled":
+        inner = getattr(model, "module", model)
+        with inner.disable_adapter():
+            return token_logprobs(inner, batch)[0]
+    return token_logprobs(ref_model, batch)[0]
+
+
+def _zero_backward(model, accelerator) -> None:
+    loss = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+    accelerator.backward(loss) if accelerator is not None else loss.backward()
