@@ -70,7 +70,8 @@ def test_report_becomes_the_results_section_and_the_headline(tmp_path):
     assert "stale" not in head and head.startswith("# spiral\n\n## Results\n\n<!-- headline:begin")
     assert f"- {CONCLUSION[0]}" in head and f"- {CONCLUSION[2]}" in head and f"- {CONCLUSION[4]}" in head
     assert CONCLUSION[1] not in head and CONCLUSION[3] not in head  # pass@N lines stay in the report
-    assert "3 seed(s) per method, 500 held-out problems, SFT checkpoint `countdown-sft@5300`" in head
+    assert ("From `spiral compare recipes/countdown.yaml --seeds 3` (2026-12-02; 3 seed(s) per method, 500 held-out "
+            "problems, SFT checkpoint `countdown-sft@5300`") in head
     assert head.endswith("<!-- headline:end -->\n\nMore.\n\n## Code map\n")
     # a rerun replaces the blocks and changes nothing else
     before = (docs.read_text(), readme.read_text())
