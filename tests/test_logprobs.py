@@ -1,0 +1,122 @@
+"""rl/logprobs.selective_logprobs: the per-token log-probs, entropies and temperature log-probs of
+the RL loss taken a chunk of rows at a time give the whole-tensor computation's figures and
+gradients bit for bit on the CPU, and keep no float32 copy of bf16 logits for the backward pass."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spiral_cli.rl.logprobs import _row_chunks, selective_logprobs, token_logprobs
+
+
+def whole_tensor(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """token_logprobs as it was before the chunking: float32 [B, P, V] log-softmax, made whole."""
+    logits = logits.float()
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+    with torch.no_grad():
+        entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        at_t = torch.stack([torch.log_softmax(row / temperature, dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+                            for row, t in zip(logits, targets)])
+    return logp, entropy, at_t
+
+
+def case(dtype=torch.float32, b=5, p=7, v=263, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # a slice of [B, P+1, V], as the trainer's logits[:, :-1]: not contiguous
+    logits = (torch.randn(b, p + 1, v, generator=g) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (b, p), generator=g)
+    weights = torch.randn(b, p, generator=g)
+    return logits, targets, weights
+
+
+@pytest.mark.parametrize("chunk_elements", [0, 1, 263 * 3, 263 * 7 * 2, 263 * 7 * 5 + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunks_give_the_whole_tensor_figures_and_gradient_exactly(chunk_elements, dtype):
+    # chunk sizes: the default (one chunk here), one position, three positions (runs that cross
+    # no sequence), two whole sequences, all of them
+    logits, targets, w = case(dtype)
+    ref = whole_tensor(logits[:, :-1], targets, 0.7)
+    (ref[0] * w).sum().backward()
+    ref_grad, logits.grad = logits.grad, None
+
+    out = selective_logprobs(logits[:, :-1], targets, with_entropy=True, temperature=0.7,
+                             chunk_elements=chunk_elements)
+    (out.logp * w).sum().backward()
+    assert out.logp.dtype == out.entropy.dtype == out.logp_sampling.dtype == torch.float32
+    assert torch.equal(out.logp, ref[0])
+    assert torch.equal(out.entropy, ref[1])
+    assert torch.equal(out.logp_sampling, ref[2])
+    assert logits.grad.dtype == dtype and torch.equal(logits.grad, ref_grad)
+    assert not out.entropy.requires_grad and not out.logp_sampling.requires_grad
+
+
+def test_temperature_one_or_zero_is_the_trained_logprob_and_none_skips_the_extras():
+    logits, targets, _ = case()
+    for t in (0, 1):
+        out = selective_logprobs(logits[:, :-1], targets, temperature=t, chunk_elements=263)
+        assert out.entropy is None and torch.equal(out.logp_sampling, out.logp.detach())
+    out = selective_logprobs(logits[:, :-1], targets)
+    assert out.entropy is None and out.logp_sampling is None
+
+
+def test_chunks_cover_every_position_once():
+    for shape, elements in [((5, 7, 263), 1), ((5, 7, 263), 263 * 3), ((5, 7, 263), 263 * 7 * 2),
+                            ((5, 7, 263), 10**9), ((3, 0, 11), 5), ((1, 4, 10), 39)]:
+        seen = torch.zeros(shape[:2], dtype=torch.long)
+        for rows in _row_chunks(torch.Size(shape), elements):
+            seen[rows] += 1
+            assert seen[rows].numel() * shape[2] <= max(elements, shape[2])
+        assert bool((seen == 1).all())
+
+
+def test_backward_keeps_no_float32_copy_of_bf16_logits():
+    """What autograd saves for the backward pass: the bf16 logits and [B, P] figures, never a
+    float32 tensor the size of the logits (the plain expression saves the float32 copy)."""
+    logits, targets, w = case(torch.bfloat16, b=4, p=16, v=512)
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    def float32_copies():
+        return [t for t in saved if t.dtype == torch.float32 and t.numel() >= logits[:, :-1].numel()]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = selective_logprobs(logits[:, :-1], targets, chunk_elements=512 * 3)
+    assert float32_copies() == []
+    (out.logp * w).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        whole_tensor(logits[:, :-1], targets, 1.0)
+    assert len(float32_copies()) >= 1  # the check above would see one
+
+
+def test_token_logprobs_trains_the_model_as_before():
+    """Through a model: the same log-probs and the same parameter gradients as the whole-tensor
+    computation of the model's own logits."""
+    from spiral_cli.models import load_model
+    from spiral_cli.recipe import ModelSection
+    from spiral_cli.rl.logprobs import build_batch
+    from spiral_cli.rl.rollout import Sample
+
+    loaded = load_model(ModelSection(name="scratch:nano", autocast="off", max_seq_len=64), seed=0)
+    samples = [Sample("q1:", [40, 41, 42], [], 1.0, 1.0, "search", 4),
+               Sample("q22:", [43, 44], [], -0.5, 0.0, "aggregate", 4)]
+    batch = build_batch(samples, loaded.tokenizer, loaded.device, {})
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+
+    def grads(logp):
+        loss = -(logp * batch.completion_mask).sum()
+        return torch.autograd.grad(loss, params)
+
+    out = token_logprobs(loaded.model, batch, with_entropy=True, temperature=0.7)
+    logits = loaded.model(input_ids=batch.input_ids).logits[:, :-1]
+    ref = whole_tensor(logits, batch.input_ids[:, 1:], 0.7)
+    assert torch.equal(out.logp, ref[0]) and torch.equal(out.entropy, ref[1])
+    assert torch.equal(out.logp_sampling, ref[2])
+    new, old = grads(out.logp), grads(ref[0])
+    assert any(g.abs().sum() > 0 for g in new)
+    assert all(torch.equal(a, b) for a, b in zip(new, old))
