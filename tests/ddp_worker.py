@@ -34,7 +34,7 @@ if __name__ == "__main__":
     for k in sorted(state):
         h.update(k.encode())
         h.update(state[k].detach().float().cpu().numpy().tobytes())
-    changed = any(not torch.equal(state[k].float(), v.float()) for k, v in init.state_dict().items())
+    changed = any(k in state and not torch.equal(state[k].float(), v.float()) for k, v in init.state_dict().items())
     rank = int(os.environ.get("RANK", "0"))
     (out_dir / f"rank{rank}.json").write_text(json.dumps(
         {"checksum": h.hexdigest(), "world": int(os.environ.get("WORLD_SIZE", "1")), "changed": changed}))

@@ -168,6 +168,34 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_process_ddp_trains_the_aggregator_adapter_mode(tmp_path):
+    """aggregator.mode=adapter under DDP: each micro-batch trains one role's adapter, so the synced
+    one gives the other adapter a zero gradient; both adapters end identical on both ranks."""
+    pytest.importorskip("accelerate")
+    home = tmp_path / "home"
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(RECIPE.replace('model: {name: "scratch:nano",', 'model: {lora: {r: 4, alpha: 8}, name: "scratch:nano",')
+                      .replace("  micro_batch_size: 64\n", "  micro_batch_size: 64\n  aggregator: {mode: adapter}\n"))
+    env = {**os.environ, "SPIRAL_HOME": str(home), "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+         str(TESTS / "ddp_worker.py"), str(recipe), str(tmp_path), "2"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    sums = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sums[0]["checksum"] == sums[1]["checksum"] and sums[0]["world"] == 2
+    path = Registry(home).resolve("toy-set@2").entry.path
+    from safetensors.torch import load_file
+
+    search = load_file(str(path / "adapter_model.safetensors"))
+    agg = load_file(str(path / "aggregator" / "adapter_model.safetensors"))
+    b_keys = [k for k in search if "lora_B" in k]
+    assert any(search[k].abs().sum() > 0 for k in b_keys) and any(agg[k].abs().sum() > 0 for k in b_keys)
+    assert any(not torch.equal(search[k], agg[k]) for k in b_keys)  # two adapters, each trained by its role
+
+
+@pytest.mark.slow
 def test_train_agg_trains_only_aggregations(tmp_path):
     from spiral_cli.rl.trainer import run_train_agg
 

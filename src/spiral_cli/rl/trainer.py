@@ -535,22 +535,14 @@ def _aggregator_adapter_roles(loaded, stage: str, agg_mode: str) -> dict[str, st
     if stage == "set" and (agg_mode == "adapter" or (carries and agg_mode == "shared")):
         return _setup_aggregator_adapter(loaded)
     if stage == "agg" and carries:
-        _check_single_process()
         return {"aggregate": AGGREGATOR_ADAPTER}
     return None
-
-
-def _check_single_process() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RecipeError("train_set.aggregator.mode=adapter: runs in a single process (DDP would see "
-                          "one adapter unused in each backward pass)")
 
 
 def _setup_aggregator_adapter(loaded) -> dict[str, str]:
     if not loaded.is_lora:
         raise RecipeError("train_set.aggregator.mode=adapter: needs a LoRA policy (set model.lora, "
                           "or start from a LoRA checkpoint)")
-    _check_single_process()
     if not has_aggregator_adapter(loaded.model):  # resumed runs and adapter checkpoints carry it
         add_aggregator_adapter(loaded.model)
     return {"search": SEARCH_ADAPTER, "aggregate": AGGREGATOR_ADAPTER}

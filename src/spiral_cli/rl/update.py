@@ -101,6 +101,11 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
     def role_adapter(adapter: str | None):
         return adapter_active(getattr(model, "module", model), adapter) if adapter else nullcontext()
 
+    # DDP reduces the gradients in the last micro-batch's backward and waits for every trainable
+    # parameter's; with one adapter per role that micro-batch trains one adapter, so the others
+    # join it with zero gradients (what they accumulated under no_sync is reduced with it)
+    trainable = [p for p in model.parameters() if p.requires_grad] if accelerator is not None and adapter_roles else []
+
     temperature = correction.temperature if correction else None
     old_logps: list[TokenLogprobs] | None = None
     if passes > 1 and chunks:  # the behaviour policy's log-probs, fixed across passes
@@ -137,6 +142,10 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
                     epsilon_low=sec.epsilon_low, epsilon_high=sec.epsilon_high, aggregation=sec.loss_aggregation,
                     logp_ref=logp_ref, beta=beta, normalizer=float(normalizer), importance_sampling_ratio=weight,
                 )
+                if trainable and ci == len(chunks) - 1:
+                    for p in trainable:  # the role's adapter switch turned the others off; restored on exit
+                        p.requires_grad_(True)
+                    loss = loss + sum((p * 0).sum() for p in trainable)
                 (accelerator.backward(loss) if accelerator is not None else loss.backward())
             stats["loss"] += float(loss.detach())
             stats["clip_frac"] += float(st.get("clip_fraction", 0.0)) * len(chunk) / max(1, len(active))
