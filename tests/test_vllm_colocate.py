@@ -7,7 +7,8 @@ The slow test runs tests/vllm_ddp_worker.py: a SPIRAL run on scratch:nano, kille
 again with the same command: it resumes at step 1 and ends at step 3 with identical weights on
 both ranks, and each rank's engine serves its trainer's weights (greedy log-probs against a
 teacher-forced forward of the trained model). A second runs the same with
-generation.vllm.tensor_parallel_size=2: one engine sharded over both ranks.
+generation.vllm.tensor_parallel_size=2: one engine sharded over both ranks; a third trains
+aggregator.mode=adapter (two LoRA adapters, each engine serving both).
 
 Cost on a 2-core CPU: each start compiles the engines once (vLLM caches the compiled graphs under
 ~/.cache/vllm per rank, so later starts are quicker), then a step takes seconds.
@@ -170,6 +171,33 @@ def test_two_ranks_share_one_tensor_parallel_engine(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     history = [json.loads(x)["step"] for x in (home / "runs" / "toyc-set" / "eval.jsonl").read_text().splitlines()]
     assert history == [0, 3]
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_aggregator_adapter_with_colocated_engines(tmp_path):
+    """aggregator.mode=adapter (LoRA) under DDP with an engine per rank: each engine serves both
+    adapters; the sampler's log-probs of every trained token, search (default adapter) and
+    aggregation (aggregator adapter) alike, match the trainer's (the step's mismatch KL)."""
+    pytest.importorskip("accelerate")
+    home = tmp_path / "home"
+    recipe = tmp_path / "toyc.yaml"
+    recipe.write_text(RECIPE.replace('model: {name: "scratch:nano",', 'model: {lora: {r: 4, alpha: 8}, name: "scratch:nano",')
+                      .replace("  micro_batch_size: 64\n", "  micro_batch_size: 64\n  aggregator: {mode: adapter}\n"))
+    proc = _torchrun(tmp_path, home, str(recipe), str(tmp_path), "2")
+    try:
+        out = proc.communicate(timeout=3600)[0]
+    finally:
+        if proc.poll() is None:
+            _kill_9(proc)
+    assert proc.returncode == 0, out[-6000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0]["checksum"] == reports[1]["checksum"] and [r["steps"] for r in reports] == [2, 2]
+    assert reports[0]["probes"] == reports[1]["probes"]
+    rows = [json.loads(x) for x in (home / "runs" / "toyc-set" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["reward_aggregate"] is not None and r["sampling/kl_sampler_trainer"] < 1e-8 for r in rows)
+    path = Registry(home).resolve("toyc-set@2").entry.path
+    assert (path / "aggregator" / "adapter_model.safetensors").is_file()
 
 
 def test_tensor_parallel_size_needs_as_many_processes(monkeypatch):
