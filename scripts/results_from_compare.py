@@ -20,8 +20,9 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from spiral_cli.paths import atomic_write_bytes, atomic_write_text
 
 BEGIN, END = "<!-- compare-report:begin", "<!-- compare-report:end -->"
 HEAD_BEGIN, HEAD_END = "<!-- headline:begin", "<!-- headline:end -->"
@@ -118,17 +119,6 @@ def first_section(text: str) -> int:
     return m.start() if m else len(text)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> list[Path]:
     report = Path(args.report)
     summary, report_md, commands = read_report(report)
@@ -151,10 +141,10 @@ def run(args: argparse.Namespace) -> list[Path]:
     written = []
     for name in PLOTS:
         dest = img / f"compare-{name.removesuffix('.png').replace('_', '-')}.png"
-        atomic_write(dest, (report / name).read_bytes())
+        atomic_write_bytes(dest, (report / name).read_bytes())
         written.append(dest)
-    atomic_write(Path(args.docs), new_docs.encode())
-    atomic_write(Path(args.readme), new_readme.encode())
+    atomic_write_text(Path(args.docs), new_docs)
+    atomic_write_text(Path(args.readme), new_readme)
     return written + [Path(args.docs), Path(args.readme)]
 
 

@@ -18,6 +18,7 @@ Standard library only: no torch, nothing that is slow to import.
 from __future__ import annotations
 
 import errno
+import locale
 import os
 import re
 import secrets
@@ -143,14 +144,19 @@ def current_umask() -> int:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write_bytes` of `text` in the locale's encoding (what open(path, "w") writes)."""
+    atomic_write_bytes(path, text.encode(locale.getpreferredencoding(False)))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file atomically: a hidden temporary sibling, fsynced, then renamed over `path`;
     a crash leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; results are ordinary files
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
