@@ -95,6 +95,20 @@ def _kill_9(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _run_to_end(tmp_path: Path, home: Path, recipe: Path, steps: str) -> tuple[str, list[dict], list[dict]]:
+    """Run the job to its end (exit 0 asserted): its output, each rank's report, the metrics rows."""
+    proc = _torchrun(tmp_path, home, str(recipe), str(tmp_path), steps)
+    try:
+        out = proc.communicate(timeout=3600)[0]
+    finally:
+        if proc.poll() is None:
+            _kill_9(proc)
+    assert proc.returncode == 0, out[-6000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    rows = [json.loads(x) for x in (home / "runs" / "toyc-set" / "metrics.jsonl").read_text().splitlines()]
+    return out, reports, rows
+
+
 @pytest.mark.slow
 def test_two_ranks_with_colocated_engines_train_identically_and_resume_after_kill_9(tmp_path):
     pytest.importorskip("accelerate")
@@ -116,15 +130,8 @@ def test_two_ranks_with_colocated_engines_train_identically_and_resume_after_kil
     assert [e.step for e in Registry(home).ls("toyc-set")] == [1]  # saved at step 1, not at 2
 
     # 2. the same command again: resumes at step 1, redoes step 2, ends at step 3
-    proc = _torchrun(tmp_path, home, str(recipe), str(tmp_path), "3")
-    try:
-        out = proc.communicate(timeout=3600)[0]
-    finally:
-        if proc.poll() is None:
-            _kill_9(proc)
-    assert proc.returncode == 0, out[-6000:]
+    out, reports, rows = _run_to_end(tmp_path, home, recipe, "3")
     assert "resumed at step 1" in out
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in reports] == [2, 2] and [r["steps"] for r in reports] == [3, 3]
     assert [r["syncs"] for r in reports] == [2, 2]  # steps 2 and 3 of this run, each synced
     assert reports[0]["checksum"] == reports[1]["checksum"]  # DDP: one set of weights
@@ -135,7 +142,6 @@ def test_two_ranks_with_colocated_engines_train_identically_and_resume_after_kil
             assert max(abs(a - b) for a, b in zip(p["engine"], p["trainer"])) < TOL
     assert reports[0]["probes"] == reports[1]["probes"]  # ... the same weights in both engines
     assert [e.step for e in Registry(home).ls("toyc-set")] == [1, 2, 3]
-    rows = [json.loads(x) for x in (home / "runs" / "toyc-set" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["seconds"]["sync"] > 0 for r in rows)
     history = [json.loads(x)["step"] for x in (home / "runs" / "toyc-set" / "eval.jsonl").read_text().splitlines()]
@@ -153,21 +159,13 @@ def test_two_ranks_share_one_tensor_parallel_engine(tmp_path):
     recipe = tmp_path / "toyc.yaml"
     recipe.write_text(RECIPE.replace("gpu_memory_utilization: 0.2}", "gpu_memory_utilization: 0.2, tensor_parallel_size: 2}")
                       .replace("dynamic_sampling: false", "dynamic_sampling: true\n  max_prompt_draws: 3"))
-    proc = _torchrun(tmp_path, home, str(recipe), str(tmp_path), "3")
-    try:
-        out = proc.communicate(timeout=3600)[0]
-    finally:
-        if proc.poll() is None:
-            _kill_9(proc)
-    assert proc.returncode == 0, out[-6000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    _, reports, rows = _run_to_end(tmp_path, home, recipe, "3")
     assert [r["steps"] for r in reports] == [3, 3] and reports[0]["checksum"] == reports[1]["checksum"]
     assert [r["engine_seed"] for r in reports] == [0, 0]  # one engine: rank // tp
     for r in reports:
         for p in r["probes"]:
             assert max(abs(a - b) for a, b in zip(p["engine"], p["trainer"])) < TOL
     assert reports[0]["probes"] == reports[1]["probes"]
-    rows = [json.loads(x) for x in (home / "runs" / "toyc-set" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     history = [json.loads(x)["step"] for x in (home / "runs" / "toyc-set" / "eval.jsonl").read_text().splitlines()]
     assert history == [0, 3]
@@ -183,17 +181,9 @@ def test_two_ranks_train_the_aggregator_adapter_with_colocated_engines(tmp_path)
     recipe = tmp_path / "toyc.yaml"
     recipe.write_text(RECIPE.replace('model: {name: "scratch:nano",', 'model: {lora: {r: 4, alpha: 8}, name: "scratch:nano",')
                       .replace("  micro_batch_size: 64\n", "  micro_batch_size: 64\n  aggregator: {mode: adapter}\n"))
-    proc = _torchrun(tmp_path, home, str(recipe), str(tmp_path), "2")
-    try:
-        out = proc.communicate(timeout=3600)[0]
-    finally:
-        if proc.poll() is None:
-            _kill_9(proc)
-    assert proc.returncode == 0, out[-6000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    _, reports, rows = _run_to_end(tmp_path, home, recipe, "2")
     assert reports[0]["checksum"] == reports[1]["checksum"] and [r["steps"] for r in reports] == [2, 2]
     assert reports[0]["probes"] == reports[1]["probes"]
-    rows = [json.loads(x) for x in (home / "runs" / "toyc-set" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["reward_aggregate"] is not None and r["sampling/kl_sampler_trainer"] < 1e-8 for r in rows)
     path = Registry(home).resolve("toyc-set@2").entry.path
