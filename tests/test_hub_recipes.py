@@ -137,11 +137,11 @@ def test_vllm_samples_from_the_full_precision_base_under_a_4bit_trainer(tmp_path
         cfg = gen.llm.llm_engine.model_config
         assert cfg.quantization is None  # no bitsandbytes on the vLLM side
         assert Path(cfg.model).resolve() == Path(d).resolve()  # the base, read from its own directory
-        first = gen._lora_request.lora_int_id
+        first = gen._lora_requests["default"].lora_int_id
         outs = gen.generate(prompts, n=2, max_new_tokens=10, seed=0)
         perturb(1)  # an optimizer step
         gen.update_weights(lm.model)
-        assert gen._lora_request.lora_int_id != first
+        assert gen._lora_requests["default"].lora_int_id != first
         outs2 = gen.generate(prompts, n=2, max_new_tokens=10, seed=0)
     finally:
         close_generator(gen)
