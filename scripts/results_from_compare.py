@@ -8,20 +8,21 @@ the block between the `compare-report` markers of docs/results.md becomes the re
 headings one level down, its plots copied into docs/img), and the block between the `headline`
 markers of README.md becomes the report's own conclusion lines (overall, learned aggregation and
 its scaling efficiency). Rerunning replaces both blocks; everything else in the two files stays.
-The machine and the wall time are not in the report (a report rebuilt from cached arms took
-seconds), so they are passed here; the default machine is this one's `lscpu` model name.
+The wall time is not in the report (a report rebuilt from cached arms takes seconds), so it is
+passed here. The machine defaults to the one the report records for its arms and sweep
+(`summary.json`'s `machines`, from `spiral compare`'s log); where the report records none, to
+this machine's CPU, said to be so.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
+from spiral_cli.machine import describe, summary_line
 from spiral_cli.paths import atomic_write_bytes, atomic_write_text
 
 BEGIN, END = "<!-- compare-report:begin", "<!-- compare-report:end -->"
@@ -34,14 +35,20 @@ class Refusal(Exception):
     """A one-line reason to stop before anything is written."""
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown CPU"
-    names = re.findall(r"^Model name:\s*(.+)$", out, flags=re.M)
-    cores = os.cpu_count() or 0
-    return f"{cores}-core {names[0].strip()}" if names else "unknown CPU"
+def recorded_machine(summary: dict) -> str | None:
+    """The machines the report says trained every arm and ran its sweep, or None if it lacks any."""
+    m = summary.get("machines")
+    if not isinstance(m, dict) or not isinstance(m.get("arms"), dict) or not m["arms"]:
+        return None
+    arms = list(m["arms"].values())
+    if not all(arms) or not m.get("sweep"):
+        return None
+    return " and ".join(sorted({line for lines in [*arms, m["sweep"]] for line in lines}))
+
+
+def default_machine(summary: dict) -> str:
+    return recorded_machine(summary) or f"{summary_line(describe())} (where this page was generated: the report " \
+        "records no machine for some arm or its sweep)"
 
 
 def read_report(report: Path) -> tuple[dict, str, str]:
@@ -129,7 +136,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise Refusal(f"{args.img}: exists and is not a directory")
     date = args.date or datetime.date.today().isoformat()
     docs_text = Path(args.docs).read_text()
-    new_docs = replace_block(docs_text, BEGIN, END, results_block(summary, report_md, commands, args.machine, date,
+    machine = args.machine or default_machine(summary)
+    new_docs = replace_block(docs_text, BEGIN, END, results_block(summary, report_md, commands, machine, date,
                                                                   args.wall),
                              str(args.docs), insert_at=first_section(docs_text))
     readme_text = Path(args.readme).read_text()
@@ -151,14 +159,14 @@ def run(args: argparse.Namespace) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", help="a spiral compare report directory")
-    ap.add_argument("--machine", default=None, help="the machine the compare ran on (default: this one's lscpu)")
+    ap.add_argument("--machine", default=None,
+                    help="the machine the compare ran on (default: the one its report records, else this one)")
     ap.add_argument("--date", default=None, help="the date the compare ran (default: today)")
     ap.add_argument("--wall", default=None, help="the compare's wall time, as text")
     ap.add_argument("--docs", default="docs/results.md")
     ap.add_argument("--readme", default="README.md")
     ap.add_argument("--img", default="docs/img")
     args = ap.parse_args(argv)
-    args.machine = args.machine or cpu_model()
     try:
         written = run(args)
     except Refusal as e:

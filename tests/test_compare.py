@@ -378,6 +378,50 @@ def test_an_interrupted_arm_resumes_and_finished_ones_are_reused(tmp_path, monke
     assert grpo["seconds"] == pytest.approx(5.0)  # 10 steps of 0.5 s, none counted twice
 
 
+def test_one_more_seed_samples_only_its_models_and_times_name_their_machine(tmp_path, monkeypatch, fast):
+    from spiral_cli.machine import describe, summary_line
+
+    home = tmp_path / "home"
+    register_sft(home)
+    monkeypatch.setattr(cmp, "_train_arm", FakeTrainer())
+    opened: list[str] = []
+    monkeypatch.setattr(sweep_mod, "_load_task", lambda recipe: EchoTask(PROBLEMS))
+    monkeypatch.setattr(sweep_mod, "_open_generator",
+                        lambda recipe, ref, registry: opened.append(ref.ref) or AnswerGenerator(_kind(ref.ref), []))
+    kw = dict(home=home, budget_tokens=BUDGET, problems=3, console=quiet())
+    one = cmp.run_compare(make_recipe(), seeds=1, out=tmp_path / "one", **kw)
+    assert opened == ["toy-sft@7", "toy-cmp-spiral-s0@6", "toy-cmp-grpo-s0@10"]
+    opened.clear()
+    two = cmp.run_compare(make_recipe(), seeds=2, out=tmp_path / "two", **kw)
+    # another report directory, the same cache: only the new seed's two models are sampled
+    assert opened == ["toy-cmp-spiral-s1@6", "toy-cmp-grpo-s1@10"]
+    assert (home / cmp.SWEEP_CACHE / "pools").is_dir() and not (tmp_path / "two" / "sweep" / "cache").exists()
+    assert two["sweep"]["cached_units"] > 0
+    cells_one = {(c["model"], c["method"], c["N"], c["R"]): c["accuracy"] for c in
+                 map(json.loads, (tmp_path / "one" / "sweep" / "cells.jsonl").read_text().splitlines())}
+    cells_two = {(c["model"], c["method"], c["N"], c["R"]): c["accuracy"] for c in
+                 map(json.loads, (tmp_path / "two" / "sweep" / "cells.jsonl").read_text().splitlines())}
+    assert cells_one and all(cells_two[k] == v for k, v in cells_one.items())
+
+    # where the times were measured: every arm and both sweeps, from <home>/compare/machines.jsonl
+    here = summary_line(describe())
+    for summary in (one, two):
+        assert summary["machines"]["arms"] and all(v == [here] for v in summary["machines"]["arms"].values())
+        assert summary["machines"]["sweep"] == [here] and summary["machines"]["report"] == here
+    log = [json.loads(line) for line in (home / cmp.MACHINE_LOG).read_text().splitlines()]
+    assert [(r["kind"], r.get("arm")) for r in log] == [
+        ("arm", "toy-cmp-spiral-s0"), ("arm", "toy-cmp-grpo-s0"), ("sweep", None),
+        ("arm", "toy-cmp-spiral-s1"), ("arm", "toy-cmp-grpo-s1"), ("sweep", None)]
+    assert f"- Machines: arms trained on {here}; sweep generated on {here}; report written on {here}." in \
+        (tmp_path / "two" / "report.md").read_text()
+    # an arm trained before the log existed is said to be unrecorded, not guessed
+    (home / cmp.MACHINE_LOG).write_text("".join(json.dumps(r) + "\n" for r in log if r.get("arm") != "toy-cmp-grpo-s1"))
+    rebuilt = cmp.build_report(cmp.plan_compare(make_recipe(), home=home, seeds=2, budget_tokens=BUDGET, problems=3,
+                                                out=tmp_path / "two"))
+    assert rebuilt["machines"]["arms"]["toy-cmp-grpo-s1"] == []
+    assert f"arms trained on {here} (not recorded for toy-cmp-grpo-s1)" in (tmp_path / "two" / "report.md").read_text()
+
+
 # ---------------------------------------------------------------- numbers against hand computation
 
 
@@ -415,7 +459,7 @@ def fake_cells(models, ns=NS, t=8):
 def fake_sweep(monkeypatch):
     seen = {}
 
-    def run_sweep(recipe, *, models, out, home, console=None):
+    def run_sweep(recipe, *, models, out, home, console=None, cache=None):
         seen.update(models=list(models), recipe=recipe, out=out)
         out.mkdir(parents=True, exist_ok=True)
         cells = fake_cells(models, recipe.sweep.parallel, max(recipe.sweep.seq_budget))

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "spiral_cli"
 # - the registry is where a run ends, but as a store it imports only paths and the recipe hash,
 #   and every stage that writes or reads checkpoints imports it, so it sits low.
 LAYERS: list[tuple[str, list[str], bool]] = [
-    ("utilities", ["spiral_cli", "spiral_cli.paths", "spiral_cli.jsonl", "spiral_cli.progress",
+    ("utilities", ["spiral_cli", "spiral_cli.machine", "spiral_cli.paths", "spiral_cli.jsonl", "spiral_cli.progress",
                    "spiral_cli.metrics", "spiral_cli.optim", "spiral_cli.plots", "spiral_cli.adapters"], True),
     ("task protocol", ["spiral_cli.tasks.base", "spiral_cli.tasks._answers"], False),
     ("scoring sandbox", ["spiral_cli.tasks._sandbox"], False),

@@ -100,3 +100,27 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, breakage):
 def test_the_real_readme_carries_the_headline_markers():
     assert "<!-- headline:begin" in (REPO / "README.md").read_text()
     assert "<!-- headline:end -->" in (REPO / "README.md").read_text()
+
+
+def test_the_machine_defaults_to_the_one_the_report_records(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import results_from_compare as rfc
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    epyc, xeon = "2-core AMD EPYC 9R14", "2-core Intel Xeon"
+    both = {"machines": {"arms": {"a-s0": [epyc], "b-s0": [epyc, xeon]}, "sweep": [epyc], "report": xeon}}
+    assert rfc.recorded_machine(both) == f"{epyc} and {xeon}"
+    unrecorded = {"machines": {"arms": {"a-s0": [epyc], "b-s0": []}, "sweep": [epyc], "report": epyc}}
+    assert rfc.recorded_machine(unrecorded) is None and rfc.recorded_machine({}) is None
+    assert "where this page was generated" in rfc.default_machine(unrecorded)
+    # without --machine, the recorded one is what the page says
+    rep = _report(tmp_path)
+    summary = json.loads((rep / "summary.json").read_text())
+    (rep / "summary.json").write_text(json.dumps({**summary, **both}))
+    _docs(tmp_path)
+    p = subprocess.run([sys.executable, str(SCRIPT), str(rep), "--docs", str(tmp_path / "results.md"),
+                        "--readme", str(tmp_path / "README.md"), "--img", str(tmp_path / "img"), "--date", "2026-12-02"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert f"Machine: {epyc} and {xeon}.\n" in (tmp_path / "results.md").read_text()

@@ -18,8 +18,10 @@ What it does
    ``rl.trainer.run_train_set``; a finished arm is reused, an interrupted one resumes (the trainer
    resumes from its run state).
 3. One ``spiral sweep`` over the SFT checkpoint and every arm's final checkpoint, with
-   ``sweep.max_problems = problems``, the recipe's N x T x R grid, output (and cache) under
-   ``<report>/sweep``.
+   ``sweep.max_problems = problems``, the recipe's N x T x R grid, output under
+   ``<report>/sweep``. Its generations are cached per model under ``<home>/compare/cache``
+   (``SWEEP_CACHE``), shared by every report: a compare with one more seed samples only the new
+   seed's models (the keys hash the model, its settings, the problems, T and the sampling).
 4. The report, rebuilt from the registry, ``<home>/runs/<arm>/`` and ``<report>/sweep/cells.jsonl``
    alone (so a rerun writes it again without training or generating): ``report.md``,
    ``summary.json``, ``efficiency.json``, ``accuracy_vs_inference_tokens.png``,
@@ -44,6 +46,7 @@ from spiral_cli.compare_report import (  # noqa: F401  (also importable from her
     ALPHA,
     EVAL_PANELS,
     GROUPS,
+    MACHINE_LOG,
     METHOD_LABEL,
     N_BOOT,
     RECOMMENDED_PROBLEMS,
@@ -67,6 +70,7 @@ from spiral_cli.progress import fmt_duration
 
 # --quick: a first taste within ~20 minutes on a 2-core CPU (defaults an explicit flag overrides)
 QUICK_SEEDS = 1
+SWEEP_CACHE = Path("compare") / "cache"  # under the home: shared by every compare report
 QUICK_PROBLEMS = 100
 QUICK_BUDGET_STEPS = 8  # budget = this many times the one-step bound
 QUICK_PARALLEL = [1, 4, 8]
@@ -370,6 +374,9 @@ def _train_arms(plan: Plan, console: Console) -> tuple[list[str], list[str]]:
         gen = int(result.get("generated_tokens", 0)) if isinstance(result, dict) else 0
         entry = registry.latest(arm.name)
         gen = int(entry.metrics.get("generated_tokens", gen)) if entry is not None else gen
+        log_machine(plan.home, {"kind": "arm", "arm": arm.name,
+                                "from_step": arm.entry.step if arm.entry is not None else 0,
+                                "to_step": entry.step if entry is not None else None, "seconds": round(seconds, 1)})
         acc = spent.setdefault(arm.objective, [0.0, 0.0])
         acc[0] += seconds
         acc[1] += max(0, gen - before)
@@ -409,7 +416,26 @@ def _run_sweep(plan: Plan, console: Console) -> dict[str, Any]:
     models = [plan.sft_ref] + [refs[a.name] for a in plan.arms]
     console.print(escape(f"sweep: {len(models)} models on {plan.problems} problems -> {plan.out / 'sweep'}"),
                   highlight=False)
-    return sweep_mod.run_sweep(plan.recipe, models=models, out=plan.out / "sweep", home=plan.home, console=console)
+    t0 = time.monotonic()
+    result = sweep_mod.run_sweep(plan.recipe, models=models, out=plan.out / "sweep", home=plan.home,
+                                 console=console, cache=plan.home / SWEEP_CACHE)
+    if result.get("generate_calls"):  # a sweep read whole from the cache measured nothing here
+        log_machine(plan.home, {"kind": "sweep", "report": str(plan.out), "generate_calls": result["generate_calls"],
+                                "seconds": round(time.monotonic() - t0, 1)})
+    return result
+
+
+def log_machine(home: Path, record: dict[str, Any]) -> None:
+    """Append what ran where to ``<home>/compare/machines.jsonl``: arm seconds and sweep times are
+    only comparable beside the CPU (or GPU) that produced them, and an arm may be trained by one
+    compare and reused by another on another machine."""
+    from spiral_cli.machine import describe
+
+    path = home / MACHINE_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row = {**record, "machine": describe(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with open(path, "a") as f:  # one short line per append: a crash loses at most that line
+        f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------- entry point

@@ -47,6 +47,7 @@ EVAL_PANELS = (  # panels of accuracy_vs_training_tokens.png: eval key fragment,
     ("learned_agg@", "learned aggregation (one RSA round)"),
     ("final_answer_accuracy", "final answer (RSA)"),
 )
+MACHINE_LOG = Path("compare") / "machines.jsonl"  # under the home: which machine trained each arm, ran each sweep
 REPORT_FILES = ("report.md", "summary.json", "efficiency.json", "accuracy_vs_inference_tokens.png",
                 "accuracy_vs_training_tokens.png", "recipe.yaml", "commands.txt")
 
@@ -513,6 +514,7 @@ def _report_md(plan: Plan, summary: dict[str, Any]) -> str:
                  f"task's eval split (`{r.task.name}`, sweep seed {g['seed']}).")
     lines.append(f"- Inference grid: N ∈ {g['parallel']}, T ∈ {g['seq_budget']}, R ∈ {g['agg_rounds']}; "
                  f"RSA population P = {g['population']}, subset size k = {g['agg_set_size']}.")
+    lines.append(f"- Machines: {machines_line(summary['machines'])}.")
     lines.append(f"- Recipe: `recipe.yaml` (hash {summary['recipe_hash']})" + (
         "; **--quick preset**: " + "; ".join(plan.quick_changes) if plan.quick else "") + ".")
     lines.append("")
@@ -574,6 +576,43 @@ def _report_md(plan: Plan, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def machines(plan: Plan) -> dict[str, Any]:
+    """Which machines trained each arm and ran this report's sweep, from ``<home>/compare/machines.jsonl``
+    (written by ``spiral compare``; an arm trained before it kept that log has none)."""
+    from spiral_cli.machine import describe, summary_line
+
+    rows = []
+    path = plan.home / MACHINE_LOG
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a crash
+                continue
+            if isinstance(row, dict) and isinstance(row.get("machine"), dict):
+                rows.append(row)
+
+    def lines(match: Callable[[dict[str, Any]], bool]) -> list[str]:
+        return sorted({summary_line(r["machine"]) for r in rows if match(r)})
+
+    arms = {a.name: lines(lambda r, a=a: r.get("kind") == "arm" and r.get("arm") == a.name) for a in plan.arms}
+    return {"arms": arms,
+            "sweep": lines(lambda r: r.get("kind") == "sweep" and r.get("report") == str(plan.out)),
+            "report": summary_line(describe())}
+
+
+def machines_line(m: dict[str, Any]) -> str:
+    """The report's one line on where its times were measured."""
+    trained = sorted({line for lines in m["arms"].values() for line in lines})
+    unknown = sorted(a for a, lines in m["arms"].items() if not lines)
+    parts = [f"arms trained on {' and '.join(trained)}" if trained else "arms' machine not recorded"]
+    if trained and unknown:
+        parts[0] += f" (not recorded for {', '.join(unknown)})"
+    parts.append(f"sweep generated on {' and '.join(m['sweep'])}" if m["sweep"] else "sweep's machine not recorded "
+                 "(read from the cache, or run before the log)")
+    return "; ".join(parts) + f"; report written on {m['report']}"
+
+
 def build_report(plan: Plan, console: Console | None = None) -> dict[str, Any]:
     """Write the report files from the registry, the runs' files and the sweep cells; trains and
     generates nothing. Returns the summary (summary.json's content)."""
@@ -623,7 +662,7 @@ def build_report(plan: Plan, console: Console | None = None) -> dict[str, Any]:
         "grid": {k: v for k, v in grid.to_dict().items() if k != "baseline"},
         "arms": arms, "training_by_method": by_method,
         "accuracy": acc, "efficiency": effs,
-        "pooling": eff["pooling"],
+        "pooling": eff["pooling"], "machines": machines(plan),
         "out": str(out), "files": list(REPORT_FILES),
     }
     summary["conclusion"] = conclusion(acc, effs, arms, plan, n_scored)

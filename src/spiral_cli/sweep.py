@@ -18,7 +18,8 @@ Everything generated is cached under ``<out>/cache`` as JSONL files written atom
   problems; ``key`` hashes the pool key, N, P, k and the aggregation settings.
 
 A rerun of the same sweep loads what exists and generates only the rest; a model whose work is
-all cached is not even loaded. The result files (cells, plots, efficiency) are rebuilt from the
+all cached is not even loaded. The keys hash everything that changes a generation, so sweeps with
+other outputs can share a cache (``spiral compare`` keeps one per home: ``<home>/compare/cache``). The result files (cells, plots, efficiency) are rebuilt from the
 cache at the end of every run and are identical to those of an uninterrupted run.
 
 Output directory (default ``<home>/sweeps/<recipe name>-<hash of models + grid>``):
@@ -417,11 +418,14 @@ def run_sweep(
     out: Path | None = None,
     home: Path,
     console: Console | None = None,
+    cache: Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the sweep of ``recipe.sweep`` for ``models``; write the outputs; return a summary.
 
     ``models``: registry names, paths, hub ids or ``scratch:<preset>``; the first one is the
     baseline of the scaling-efficiency comparison unless the recipe names ``sweep.baseline``.
+    ``cache``: where generations are cached (default ``<out>/cache``); the keys hash everything
+    that changes a generation, so sweeps with other outputs may share one cache directory.
     """
     from rich.progress import (
         BarColumn,
@@ -454,8 +458,9 @@ def run_sweep(
     out = Path(out) if out is not None else default_out(home, recipe, [r.source for r in refs], grid)
     out.mkdir(parents=True, exist_ok=True)
     batch = recipe.generation.batch_size
+    cache = Path(cache) if cache is not None else out / "cache"
     ctx = _Context(
-        recipe=recipe, grid=grid, task=task, problems=problems, ids=ids, cache=out / "cache", console=console,
+        recipe=recipe, grid=grid, task=task, problems=problems, ids=ids, cache=cache, console=console,
         registry=registry, pool_chunk=max(1, batch // grid.max_n), agg_chunk=max(1, batch // grid.population),
     )
     works = [ModelWork(label=label, ref=ref) for label, ref in zip(labels, refs)]
@@ -465,6 +470,7 @@ def run_sweep(
         "recipe": recipe.name, "recipe_hash": recipe.hash(), "models": [{"ref": w.label, "source": w.ref.source} for w in works],
         "grid": grid.to_dict(), "task": recipe.task.name, "task_options": recipe.task.options(), "problems": ids,
         "pool_chunk": ctx.pool_chunk, "agg_chunk": ctx.agg_chunk, "recipe_snapshot": recipe.snapshot(),
+        "cache": str(ctx.cache),
     }
     atomic_write_text(out / "sweep.json", json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     missing = _plan_missing(ctx, works)
