@@ -596,6 +596,32 @@ def test_atomic_dir_exception_cleans_up(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_atomic_write_via_a_library_writer(tmp_path):
+    from spiral_cli.paths import atomic_write_via
+
+    plot = tmp_path / "out" / "plot.png"
+    seen = []
+
+    def draw(p: Path) -> Path:
+        seen.append(p)
+        assert p.parent == plot.parent and p.suffix == ".png" and p.name.startswith(".plot.png.")
+        p.write_bytes(b"png-1")
+        return p
+
+    assert atomic_write_via(plot, draw) == seen[0] and plot.read_bytes() == b"png-1"
+    assert oct(plot.stat().st_mode & 0o777) != oct(0o600)  # the umask's mode, not mkstemp's
+    # a writer with nothing to draw leaves the old file; one that fails leaves it too, and no sibling
+    assert atomic_write_via(plot, lambda p: None) is None and plot.read_bytes() == b"png-1"
+
+    def fail(p: Path) -> Path:
+        p.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_via(plot, fail)
+    assert plot.read_bytes() == b"png-1" and leftovers(plot.parent) == []
+
+
 def test_atomic_dir_replaces_existing(tmp_path):
     final = tmp_path / "step-1"
     final.mkdir()

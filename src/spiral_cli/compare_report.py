@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -266,21 +264,6 @@ def _histories(plan: Plan) -> dict[str, list[tuple[int, list[dict[str, Any]]]]]:
 
 
 # ---------------------------------------------------------------- plots
-
-
-def _atomic_png(path: Path, draw: Callable[[Path], Any]) -> None:
-    from spiral_cli.paths import current_umask
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        draw(Path(tmp))
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _eval_key(history: list[dict[str, Any]], fragment: str) -> str | None:
@@ -619,7 +602,7 @@ def build_report(plan: Plan, console: Console | None = None) -> dict[str, Any]:
     import yaml
 
     from spiral_cli import plots
-    from spiral_cli.paths import atomic_write_text
+    from spiral_cli.paths import atomic_write_text, atomic_write_via
     from spiral_cli.sweep_cells import Grid, efficiency
 
     out = plan.out
@@ -668,9 +651,9 @@ def build_report(plan: Plan, console: Console | None = None) -> dict[str, Any]:
     summary["conclusion"] = conclusion(acc, effs, arms, plan, n_scored)
     title = f"{plan.recipe.name}: SFT vs SPIRAL vs GRPO ({plan.seeds} seed{'s' if plan.seeds != 1 else ''} pooled), " \
             f"{n_scored} problems"
-    _atomic_png(out / "accuracy_vs_inference_tokens.png",
+    atomic_write_via(out / "accuracy_vs_inference_tokens.png",
                 lambda p: plots.plot_accuracy_vs_tokens(pooled, eff["comparisons"], p, title=title))
-    _atomic_png(out / "accuracy_vs_training_tokens.png",
+    atomic_write_via(out / "accuracy_vs_training_tokens.png",
                 lambda p: plot_training_tokens(_histories(plan), p,
                                                title=f"{plan.recipe.name}: held-out accuracy during training, "
                                                      f"budget {plan.budget:,} tokens"))

@@ -24,9 +24,10 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "ENV_HOME",
@@ -165,6 +166,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        raise
+
+
+def atomic_write_via(path: Path, write: Callable[[Path], Any]) -> Any:
+    """Atomically write a file that a library writes to a path of its own (a plot's `savefig`):
+    `write(tmp)` into a hidden sibling with `path`'s suffix (writers pick the format from it),
+    fsynced, then renamed over `path`; returns what `write` returned. A writer that returns None
+    wrote nothing (a plot without data): the sibling is removed and `path` left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        result = write(tmp)
+        if result is None:
+            tmp.unlink(missing_ok=True)
+            return None
+        os.chmod(tmp, 0o666 & ~current_umask())
+        _fsync_path(tmp, directory=False)
+        os.replace(tmp, path)
+        return result
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

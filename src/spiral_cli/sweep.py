@@ -32,9 +32,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import random
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +44,7 @@ from spiral_cli.checkpoints import ModelRef, resolve_model
 from spiral_cli.generation import close_generator, make_generator
 from spiral_cli.generation.roles import for_aggregation
 from spiral_cli.jsonl import chunks
-from spiral_cli.paths import atomic_write_text, current_umask
+from spiral_cli.paths import atomic_write_text, atomic_write_via
 from spiral_cli.pipeline import PipelineConfig, ProblemResult, Trace, aggregate_rounds, run_pipeline
 from spiral_cli.recipe import Recipe, RecipeError
 from spiral_cli.registry import Registry
@@ -392,19 +390,8 @@ def _write_outputs(out: Path, recipe: Recipe, cells: list[dict[str, Any]], eff: 
         ("pass_at_k.png", lambda p: plots.plot_pass_at_k(cells, p, title=title)),
         ("accuracy_vs_rounds.png", lambda p: plots.plot_accuracy_vs_rounds(cells, p, title=title)),
     ):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".png", dir=out)
-        os.close(fd)
-        try:
-            if draw(Path(tmp)) is None:
-                os.unlink(tmp)
-                continue
-            os.chmod(tmp, 0o666 & ~current_umask())
-            os.replace(tmp, out / name)
+        if atomic_write_via(out / name, draw) is not None:  # None: nothing to draw (no learned cells)
             files.append(name)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
     return files
 
 
