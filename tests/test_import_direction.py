@@ -52,6 +52,8 @@ LAYERS: list[tuple[str, list[str], bool]] = [
     ("rollouts", ["spiral_cli.rl.rollout"], False),
     # the trainer's parts: token log-probs, then the optimizer update and what a run writes
     ("token log-probs", ["spiral_cli.rl.logprobs"], False),
+    # FSDP2 sharding, unsharded sampling, filler micro-batches, gathered checkpoints
+    ("FSDP", ["spiral_cli.rl.fsdp"], False),
     ("update and run records", ["spiral_cli.rl.update", "spiral_cli.rl.run_io"], False),
     ("trainers", ["spiral_cli.sft", "spiral_cli.rl.trainer"], False),
     # the numbers of a sweep (its grid, cells, scaling efficiency), read by sweep and compare

@@ -93,6 +93,11 @@ class ModelSection(_Section):
     trust_remote_code: bool = False
     max_seq_len: int = Field(1024, gt=0)  # context of a scratch model; prompt+completion cap otherwise
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # train-set / train-agg under torchrun or accelerate launch: shard the full model over the
+    # processes with torch's FSDP2 (fully_shard) instead of DDP; an accelerate FSDP config turns it
+    # on too. Full fine-tuning only (no lora, no quantization); one process trains unsharded
+    # (docs/scaling.md#fsdp)
+    fsdp: bool = False
     chat_template: ChatTemplateSection = ChatTemplateSection()
 
 

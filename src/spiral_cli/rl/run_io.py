@@ -15,6 +15,7 @@ from spiral_cli.metrics import mean
 from spiral_cli.paths import atomic_write_text
 from spiral_cli.recipe import RecipeError, TrainAggSection, TrainSetSection
 from spiral_cli.registry import Registry
+from spiral_cli.rl.fsdp import gathered_model, optimizer_state
 from spiral_cli.rl.rollout import PromptRollout
 
 log = logging.getLogger(__name__)
@@ -130,15 +131,24 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _checkpoint(recipe, spec: RLSpec, loaded, optimizer, scheduler, state: RunState, registry: Registry, home: Path,
-                state_dir: Path, start_ref: ModelRef, accelerator) -> None:
+                state_dir: Path, start_ref: ModelRef, accelerator, fsdp: bool = False) -> None:
     """Resume state first, then the registered checkpoint. Each is written atomically; a crash
     between the two leaves a state whose checkpoint is missing, which the resumed run registers
-    before it goes on (`_register_missing`), so at most the steps since the last state are redone."""
+    before it goes on (`_register_missing`), so at most the steps since the last state are redone.
+    Under FSDP every rank gathers the full model and optimizer state; rank 0 writes them (the
+    optimizer's keyed by parameter name, marked "fsdp": a resume reshards it)."""
     if accelerator is not None:
         accelerator.wait_for_everyone()
+    if fsdp:
+        sharded = loaded.model
+        loaded = gathered_model(loaded)  # None on the other ranks
+        trainer_state = {"optimizer": optimizer_state(sharded, optimizer), "fsdp": True}
+    else:
+        trainer_state = None
     if _is_main(accelerator):
-        save_run_state(loaded, state_dir, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                           "run": state.to_dict()})
+        if trainer_state is None:
+            trainer_state = {"optimizer": optimizer.state_dict()}
+        save_run_state(loaded, state_dir, {**trainer_state, "scheduler": scheduler.state_dict(), "run": state.to_dict()})
         _register(recipe, spec, loaded, state, registry, home, start_ref)
     if accelerator is not None:
         accelerator.wait_for_everyone()

@@ -14,7 +14,9 @@ Exact resume: the run's state (model, optimizer, scheduler, step, data cursor, t
 is written atomically every `save_every` steps; the randomness of step s is derived from
 (seed, s), so a resumed run replays exactly what an uninterrupted one would have done.
 Rank-aware: every process draws its own prompts, accelerate reduces the gradients, and only
-the main process writes checkpoints, the registry and the metrics file.
+the main process writes checkpoints, the registry and the metrics file. Under FSDP (rl/fsdp.py)
+the policy is sharded instead: sampling, evaluation and the generator's sync run on unsharded
+weights, the update on equal micro-batch counts, checkpoints from gathered state dicts.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import math
 import os
 import random
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,7 @@ from spiral_cli.paths import runs_dir
 from spiral_cli.progress import fmt_duration
 from spiral_cli.recipe import Recipe, RecipeError, grpo_budget
 from spiral_cli.registry import Registry
+from spiral_cli.rl import fsdp as fsdp_
 from spiral_cli.rl.rollout import (
     PromptRollout,
     RolloutConfig,
@@ -103,28 +107,14 @@ class TimedGenerator:
 
 
 def _make_accelerator(device: torch.device):
-    """accelerate handles DDP (torchrun / accelerate launch); a single process runs without it."""
-    _refuse_fsdp(device)
+    """accelerate handles DDP (torchrun / accelerate launch); a single process runs without it.
+    Under FSDP it only holds the process group: the model is never `prepare`d (accelerate 1.15
+    drops its FSDP plugin on CPU), rl/fsdp.py shards it with torch's fully_shard."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import Accelerator
 
     return Accelerator(cpu=device.type == "cpu")
-
-
-def _refuse_fsdp(device: torch.device) -> None:
-    """An accelerate FSDP config (recipes/accelerate/fsdp.yaml) sets ACCELERATE_USE_FSDP. On CPU
-    accelerate ignores it and runs DDP; on GPUs the per-rank sampling loop and the rank-0 saves
-    are not FSDP-aware yet (docs/scaling.md#fsdp). Either way: one line, before any training."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("true", "1"):
-        return
-    if device.type == "cpu":
-        raise RecipeError("FSDP (accelerate config distributed_type: FSDP) runs on GPUs only: on CPU accelerate "
-                          "would silently fall back to DDP; launch without the FSDP config (torchrun or "
-                          "accelerate launch --multi_gpu/--num_processes N: DDP), docs/scaling.md#fsdp")
-    raise RecipeError("FSDP (accelerate config distributed_type: FSDP): not supported by spiral's trainer yet "
-                      "(per-rank sampling and rank-0 checkpoints need unsharded weights); use DDP (torchrun), "
-                      "LoRA, or a vLLM server for generation, docs/scaling.md#fsdp")
 
 
 def _check_shared_home(accelerator, resuming: bool, state_dir: Path) -> None:
@@ -137,6 +127,16 @@ def _check_shared_home(accelerator, resuming: bool, state_dir: Path) -> None:
         raise RecipeError(f"{found} of {accelerator.num_processes} processes find the run's saved state "
                           f"({state_dir}): SPIRAL_HOME must be a directory every node sees at the same path "
                           "(a shared filesystem), docs/scaling.md#multi-node")
+
+
+def _check_saved_layout(saved: dict[str, Any] | None, fsdp: bool, state_dir: Path) -> None:
+    """The optimizer state of an FSDP run is keyed by parameter name, a DDP run's by position: a
+    run resumes the way it started."""
+    if saved is None or bool(saved.get("fsdp")) == fsdp:
+        return
+    how = ("under FSDP: resume it under FSDP (several processes, model.fsdp or the accelerate FSDP config)"
+           if saved.get("fsdp") else "without FSDP: resume it without (no model.fsdp, no accelerate FSDP config)")
+    raise RecipeError(f"the run's state in {state_dir} was saved {how}, or give --name NEW to start a new run")
 
 
 def _rank_world(accelerator) -> tuple[int, int]:
@@ -235,6 +235,7 @@ class RLRun:
     compiled: Any  # _CompiledForward | None
     tb: Any  # tensorboard writer | None
     console: Console
+    fsdp: bool = False  # the policy is sharded with FSDP2 (rl/fsdp.py)
     prompt_cache: dict[str, list[int]] = field(default_factory=dict)
 
     @property
@@ -245,14 +246,21 @@ class RLRun:
     def main(self) -> bool:
         return _is_main(self.accelerator)
 
+    def sampling_weights(self) -> AbstractContextManager:
+        """Under FSDP: the policy unsharded on every rank for the block (sampling, evaluation, the
+        generator's sync), so decoding runs no collective. Entered by all ranks together."""
+        return fsdp_.full_weights(self.loaded.model) if self.fsdp else nullcontext()
+
 
 def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: Console | None,
          frozen_search_ref: str | None = None) -> dict[str, Any]:
     run = _setup_rl(recipe, spec, home=home, model_ref=model_ref, console=console or Console(stderr=True),
                     frozen_search_ref=frozen_search_ref)
     state, sec = run.state, spec.section
-    if not run.resumed and run.eval_problems and run.main:
-        _eval_point(run)
+    if not run.resumed and run.eval_problems:
+        with run.sampling_weights():
+            if run.main:
+                _eval_point(run)
     _join_generation(run)
     run.model.train()
     correction = sampler_correction(recipe, sec)
@@ -262,17 +270,19 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
         rng = random.Random(step_seed)
         t_step = time.perf_counter()
         # 1-2. rollouts with dynamic sampling
-        kept, drawn, gen_seconds, rollout_seconds = _collect(run, rng, step_seed)
+        with run.sampling_weights():
+            kept, drawn, gen_seconds, rollout_seconds = _collect(run, rng, step_seed)
         # 3. update
         t_upd = time.perf_counter()
         samples = [s for r in kept for s in r.samples]
         loss_stats = _update(run.model, run.ref_model, run.optimizer, run.scheduler, samples, sec, run.loaded,
                              run.prompt_cache, run.accelerator, run.adapter_roles, run.compiled,
-                             passes=spec.updates_per_batch, correction=correction)
+                             passes=spec.updates_per_batch, correction=correction, fsdp=run.fsdp)
         update_seconds = time.perf_counter() - t_upd
         # 4. the generator samples from the new weights
         t_sync = time.perf_counter()
-        run.policy_gen.update_weights(run.loaded.model)
+        with run.sampling_weights():
+            run.policy_gen.update_weights(run.loaded.model)
         sync_seconds = time.perf_counter() - t_sync
         state.step += 1
         last = state.step == sec.steps or _budget_met(state, run.budget)
@@ -282,15 +292,17 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
             "generation": gen_seconds, "scoring": rollout_seconds - gen_seconds,
             "update": update_seconds, "sync": sync_seconds, "total": time.perf_counter() - t_step,
         })
-        if (state.step % sec.eval_every == 0 or last) and run.eval_problems and run.main:
-            row["eval"] = _eval_point(run)
+        if (state.step % sec.eval_every == 0 or last) and run.eval_problems:
+            with run.sampling_weights():
+                if run.main:
+                    row["eval"] = _eval_point(run)
         _join_generation(run)
         if run.main:
             _log(run.run_dir / "metrics.jsonl", row, run.tb)
             _print_step(run, row, kept, drawn, loop_start)
         if state.step % sec.save_every == 0 or last:
             _checkpoint(recipe, spec, run.loaded, run.optimizer, run.scheduler, state, run.registry, run.home,
-                        run.state_dir, run.start_ref, run.accelerator)
+                        run.state_dir, run.start_ref, run.accelerator, fsdp=run.fsdp)
 
     close_generator(run.generator)
     final = run.registry.latest(spec.name)
@@ -320,39 +332,57 @@ def _setup_rl(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, conso
     resuming = (state_dir / "trainer_state.pt").is_file()
 
     # -- models: the policy (trained), and optionally a frozen aggregator or search policy
+    fsdp = fsdp_.fsdp_requested(recipe)
+    if fsdp:
+        fsdp_.check_recipe(recipe)
     loaded = load_model(recipe.model, source=str(state_dir / "model") if resuming else start_ref.source,
                         for_training=True, seed=recipe.seed)
+    if fsdp:
+        fsdp_.check_loaded(recipe, loaded)
     agg_mode = spec.aggregator_mode
     adapter_roles = _aggregator_adapter_roles(loaded, spec.stage, agg_mode)
     accelerator = _make_accelerator(loaded.device)
     rank, world = _rank_world(accelerator)
+    if fsdp and world == 1:
+        console.print("  [yellow]note:[/] FSDP with one process: nothing to shard, training unsharded")
+        fsdp = False
     _check_shared_home(accelerator, resuming, state_dir)
+    saved = load_trainer_state(state_dir) if resuming else None
+    _check_saved_layout(saved, fsdp, state_dir)
     model = loaded.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(params, lr=sec.lr, betas=(0.9, 0.99), weight_decay=0.0)
     warmup = sec.warmup_steps
+    if fsdp:
+        if resuming and _is_main(accelerator):  # the loaded weights are the state's, still whole
+            _register_missing(recipe, spec, loaded, RunState(**saved["run"]), registry, home, start_ref)
+        optimizer, generator = _fsdp_policy(recipe, loaded, accelerator, sec.lr)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = adamw(params, lr=sec.lr, betas=(0.9, 0.99), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    if accelerator is not None:
+    if accelerator is not None and not fsdp:
         model, optimizer = accelerator.prepare(model, optimizer)
-    generator = make_generator(loaded, recipe.generation)
+    if not fsdp:
+        generator = make_generator(loaded, recipe.generation)
     # train-agg trains the aggregation role: with an aggregator adapter, that adapter samples
     policy_gen = TimedGenerator(for_aggregation(generator) if spec.stage == "agg" else generator)
     other_gen = _other_generator(recipe, spec, registry, generator, adapter_roles, agg_mode, frozen_search_ref)
     ref_model = _reference(recipe, sec, loaded, start_ref)
 
     state = RunState()
-    if resuming:
-        saved = load_trainer_state(state_dir)
-        optimizer.load_state_dict(saved["optimizer"])
+    if saved is not None:
+        if fsdp:  # every rank keeps its shards of the full state
+            fsdp_.load_optimizer_state(loaded.model, optimizer, saved["optimizer"])
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = RunState(**saved["run"])
         _truncate_metrics(run_dir / "metrics.jsonl", state.step)
-        if _is_main(accelerator):
+        if _is_main(accelerator) and not fsdp:
             _register_missing(recipe, spec, loaded, state, registry, home, start_ref)
     budget = sec.max_generated_tokens
     if _is_main(accelerator):
         _print_start(console, spec, start_ref, loaded, count_parameters(loaded.model), world,
-                     state if resuming else None, budget)
+                     state if resuming else None, budget, fsdp)
     # capped: a token budget comes with a large `steps` cap, and `_take` wraps around the pool
     train_pool = task.problems("train", min(MAX_TRAIN_POOL, max(2000, sec.steps * sec.prompts_per_step * 4 * world)),
                                seed=recipe.seed + 17)
@@ -364,7 +394,20 @@ def _setup_rl(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, conso
                 scheduler=scheduler, accelerator=accelerator, rank=rank, world=world, adapter_roles=adapter_roles,
                 generator=generator, policy_gen=policy_gen, other_gen=other_gen, ref_model=ref_model, state=state,
                 resumed=resuming, budget=budget, train_pool=train_pool, eval_problems=eval_problems, compiled=compiled, tb=tb,
-                console=console)
+                console=console, fsdp=fsdp)
+
+
+def _fsdp_policy(recipe: Recipe, loaded, accelerator, lr: float):
+    """Under FSDP: the generator is built from the whole model (a vLLM engine or the lean sampler
+    copies its weights; later syncs read them unsharded), then the model is sharded and the
+    optimizer built over the shards."""
+    if loaded.device.type == "cuda":  # this rank's GPU, as accelerate's prepare would
+        loaded.model.to(accelerator.device)
+    generator = make_generator(loaded, recipe.generation)
+    fsdp_.shard(loaded.model, accelerator.device)
+    optimizer = adamw([p for p in loaded.model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99),
+                      weight_decay=0.0)
+    return optimizer, generator
 
 
 def _other_generator(recipe: Recipe, spec: RLSpec, registry: Registry, generator, adapter_roles, agg_mode: str,
@@ -387,11 +430,11 @@ def _other_generator(recipe: Recipe, spec: RLSpec, registry: Registry, generator
 
 
 def _print_start(console: Console, spec: RLSpec, start_ref: ModelRef, loaded, counts: tuple[int, int], world: int,
-                 resumed: RunState | None, budget: int | None) -> None:
+                 resumed: RunState | None, budget: int | None, fsdp: bool = False) -> None:
     total, trainable = counts
     console.print(
         f"[bold]{spec.stage}[/] {spec.name}: from {start_ref.ref} ({total / 1e6:.2f}M params, "
-        f"{trainable / 1e6:.2f}M trainable) on {loaded.device}, {world} process(es)"
+        f"{trainable / 1e6:.2f}M trainable) on {loaded.device}, {world} process(es)" + (" sharded (FSDP)" if fsdp else "")
         + (f"; resumed at step {resumed.step} ({resumed.generated_tokens:,} generated tokens)" if resumed else "")
         + (f"; stops at {budget:,} generated tokens or step {spec.section.steps}" if budget else "")
     )

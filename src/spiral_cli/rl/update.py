@@ -12,6 +12,7 @@ from rich.console import Console
 
 from spiral_cli.generation.roles import adapter_active
 from spiral_cli.recipe import Recipe
+from spiral_cli.rl.fsdp import filler_loss, grad_norm_value, micro_batch_target
 from spiral_cli.rl.logprobs import (
     TokenBatch,
     TokenLogprobs,
@@ -65,7 +66,7 @@ def _compile_applies(sec, accelerator, adapter_roles, console: Console) -> bool:
 
 def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, loaded, prompt_cache, accelerator,
             adapter_roles: dict[str, str] | None = None, compiled: _CompiledForward | None = None,
-            passes: int = 1, correction: SamplerCorrection | None = None) -> dict[str, float]:
+            passes: int = 1, correction: SamplerCorrection | None = None, fsdp: bool = False) -> dict[str, float]:
     """`passes` (train_set.updates_per_batch) passes over the samples, each one optimizer step of micro-batches.
     The normaliser is the whole batch's token count (token_mean), sequence count (seq_mean) or
     sum of sequence budgets (dr_grpo), so accumulating micro-batches gives exactly the
@@ -73,7 +74,9 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
     `adapter_roles` (aggregator.mode=adapter) maps each role to the LoRA adapter it trains;
     micro-batches then hold one role each.
     `correction`: measure the sampler mismatch on the trained tokens (the `sampling/...` stats)
-    and, when it applies, weight each token's loss by the truncated importance weight; None = neither."""
+    and, when it applies, weight each token's loss by the truncated importance weight; None = neither.
+    `fsdp` (model sharded by rl/fsdp.py): every rank runs the same number of micro-batches, the
+    missing ones zero-weight fillers, each backward reduce-scattering (no no_sync)."""
     # Zero-advantage sequences contribute no policy gradient; with beta = 0 they can be skipped.
     # They still count in the normaliser so the loss scale does not depend on the skipping.
     beta = sec.beta
@@ -107,22 +110,28 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
     trainable = [p for p in model.parameters() if p.requires_grad] if accelerator is not None and adapter_roles else []
 
     temperature = correction.temperature if correction else None
+    # under FSDP each forward is a collective: every rank runs `target` micro-batches
+    fillers = micro_batch_target(len(chunks), loaded.device) - len(chunks) if fsdp else 0
     old_logps: list[TokenLogprobs] | None = None
-    if passes > 1 and chunks:  # the behaviour policy's log-probs, fixed across passes
+    if passes > 1 and (chunks or fillers):  # the behaviour policy's log-probs, fixed across passes
         old_logps = []
         for adapter, chunk in chunks:
             with torch.no_grad(), loaded.autocast_ctx(), role_adapter(adapter):
                 batch = build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache)
                 old_logps.append(token_logprobs(model, batch, temperature=temperature))
+        for _ in range(fillers):
+            with torch.no_grad(), loaded.autocast_ctx():
+                filler_loss(model, loaded)
     ent_sum = ent_count = 0.0
     mismatch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (trainer, sampler) log-probs of trained tokens
     for pass_index in range(passes):
         optimizer.zero_grad(set_to_none=True)
-        if not chunks:  # nothing to learn from in this batch; keep DDP ranks in step anyway
+        if not chunks and not fsdp:  # nothing to learn from in this batch; keep DDP ranks in step anyway
             _zero_backward(model, accelerator)
         for ci, (adapter, chunk) in enumerate(chunks):
             batch = build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache)
-            sync_ctx = accelerator.no_sync(model) if accelerator is not None and ci < len(chunks) - 1 else nullcontext()
+            sync_ctx = (accelerator.no_sync(model) if accelerator is not None and ci < len(chunks) - 1 and not fsdp
+                        else nullcontext())
             with sync_ctx, role_adapter(adapter):
                 with loaded.autocast_ctx():
                     out = token_logprobs(compiled(batch) if compiled else model, batch, with_entropy=True,
@@ -146,15 +155,19 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
                     for p in trainable:  # the role's adapter switch turned the others off; restored on exit
                         p.requires_grad_(True)
                     loss = loss + sum((p * 0).sum() for p in trainable)
-                (accelerator.backward(loss) if accelerator is not None else loss.backward())
+                (accelerator.backward(loss) if accelerator is not None and not fsdp else loss.backward())
             stats["loss"] += float(loss.detach())
             stats["clip_frac"] += float(st.get("clip_fraction", 0.0)) * len(chunk) / max(1, len(active))
             search_rows = torch.tensor([r == "search" for r in batch.roles], device=ent.device)
             m = batch.completion_mask & search_rows.unsqueeze(1)
             ent_sum += float((ent * m).sum())
             ent_count += float(m.sum())
+        for _ in range(fillers):
+            with loaded.autocast_ctx():
+                filler_loss(model, loaded).backward()
         params = [p for p in model.parameters() if p.requires_grad]
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, sec.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, sec.max_grad_norm)
+        stats["grad_norm"] = grad_norm_value(norm) if fsdp else float(norm)
         optimizer.step()
         scheduler.step()
     if ent_count:
