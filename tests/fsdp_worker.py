@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from rich.console import Console
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from spiral_cli.generation import hf
 from spiral_cli.recipe import load_recipe
@@ -67,15 +68,23 @@ if __name__ == "__main__":
             os.kill(os.getpid(), signal.SIGKILL)
 
     trainer._checkpoint = checkpoint_then_die
+    final = {}
+    close_generator = trainer.close_generator
+
+    def gather_then_close(generator):  # a vLLM engine's shutdown takes the process group down with it
+        model = captured["model"]
+        if fsdp_requested(recipe):
+            final["state"] = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # every rank
+        else:
+            final["state"] = model.state_dict()
+        final["world"] = dist.get_world_size()
+        final["sharded"] = any(type(p).__name__ == "DTensor" for p in model.parameters())
+        close_generator(generator)
+
+    trainer.close_generator = gather_then_close
     result = trainer.run_train_set(recipe, home=Path(os.environ["SPIRAL_HOME"]), model="scratch:nano",
                                    console=Console(stderr=True, quiet=True))
-    model = captured["model"]
-    if fsdp_requested(recipe):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # every rank
-    else:
-        state = model.state_dict()
+    state = final["state"]
     h = hashlib.sha256()
     for k in sorted(state):
         h.update(k.encode())
@@ -84,6 +93,6 @@ if __name__ == "__main__":
     if rank == 0:
         torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, out_dir / "weights.pt")
     (out_dir / f"rank{rank}.json").write_text(json.dumps(
-        {"checksum": h.hexdigest(), "world": dist.get_world_size(), "steps": result["steps"],
+        {"checksum": h.hexdigest(), "world": final["world"], "steps": result["steps"],
          "gathers_in_generate": gathers["in_generate"], "gathers": gathers["total"], "fillers": fillers["n"],
-         "sharded": any(type(p).__name__ == "DTensor" for p in model.parameters())}))
+         "sharded": final["sharded"]}))

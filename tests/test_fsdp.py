@@ -1,6 +1,7 @@
 """FSDP training (rl/fsdp.py, docs/scaling.md#fsdp) under 2-process torchrun on CPU (gloo), on
 scratch:nano: 2 train-set steps sharded with FSDP2, the sampler on transformers' forward (so every
-decoding step goes through FSDP's hooks) and checked to all-gather nothing; identical gathered
+decoding step goes through FSDP's hooks) and checked to all-gather nothing, in the rollouts and in
+rank 0's evaluation alike; identical gathered
 weights on both ranks; a registered checkpoint plain transformers loads; a run SIGKILLed after the
 step-1 checkpoint that resumes (triggered by the accelerate FSDP env this time) and ends at the
 uninterrupted run's weights bit for bit; the same run under DDP ending at the same weights up to
@@ -37,7 +38,7 @@ train_set:
   num_aggregations: 2
   lr: 1.0e-3
   eval_every: 100
-  eval_problems: 0
+  eval_problems: 4            # rank 0 evaluates alone (at step 0 and the end), on unsharded weights
   save_every: 1
   micro_batch_size: 16
 """
@@ -138,7 +139,6 @@ def _recipe(tmp_path: Path, *overrides: str):
     (["generation.backend=vllm", "generation.vllm.tensor_parallel_size=2"], "tensor_parallel_size=2 is not supported"),
     (["generation.backend=vllm_server", "generation.vllm.server.url=http://127.0.0.1:8000"],
      "backend=vllm_server is not supported under FSDP"),
-    (["model.gradient_checkpointing=true"], "gradient_checkpointing is not supported under FSDP"),
 ])
 def test_fsdp_refuses_what_it_does_not_train(tmp_path, overrides, message):
     from spiral_cli.rl.fsdp import check_recipe
