@@ -157,6 +157,17 @@ def test_step_bound_and_steps_cap():
     assert cmp.steps_cap(make_recipe(train_set={"steps": 500}), BUDGET, bound) == 500
 
 
+def test_arms_are_evaluated_at_equal_token_counts(tmp_path):
+    home = tmp_path / "home"
+    register_sft(home)
+    plan = cmp.plan_compare(make_recipe(), home=home, seeds=1, budget_tokens=BUDGET)
+    assert {a.recipe.train_set.eval_every_tokens for a in plan.arms} == {BUDGET // cmp.EVAL_POINTS}
+    quick = cmp.plan_compare(make_recipe(), home=home, quick=True)
+    assert {a.recipe.train_set.eval_every_tokens for a in quick.arms} == {quick.budget // cmp.QUICK_EVAL_POINTS}
+    mine = cmp.plan_compare(make_recipe(train_set={"eval_every_tokens": 77}), home=home, seeds=1, budget_tokens=BUDGET)
+    assert {a.recipe.train_set.eval_every_tokens for a in mine.arms} == {77}  # the recipe's own cadence wins
+
+
 def test_mismatched_recipe_of_an_existing_arm_is_refused(tmp_path, monkeypatch, fast):
     home = tmp_path / "home"
     sft = register_sft(home)
@@ -188,8 +199,9 @@ def test_recipe_differences_ignore_budget_cap_and_untrained_sections():
     a = make_recipe().snapshot()
     b = cmp._with(make_recipe(), {"train_set.steps": 99, "train_set.max_generated_tokens": 1234,
                                   "sweep.parallel": [1, 8], "sft.lr": 0.5, "model.device": "cpu",
-                                  "generation.batch_size": 8}).snapshot()
-    assert cmp.recipe_differences(a, b) == []
+                                  "generation.batch_size": 8, "train_set.eval_every": 3,
+                                  "train_set.eval_every_tokens": 50, "train_set.eval_problems": 7}).snapshot()
+    assert cmp.recipe_differences(a, b) == []  # evaluating differently trains the same arm
     c = cmp._with(make_recipe(), {"seed": 3, "generation.temperature": 0.7}).snapshot()
     assert cmp.recipe_differences(a, c) == ["generation.temperature=1.0 (this compare: 0.7)",
                                             "seed=0 (this compare: 3)"]

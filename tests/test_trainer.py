@@ -355,6 +355,43 @@ def test_token_budget_stops_within_one_step(tmp_path, objective):
         assert max(per_step) > 2 * 4 * 6  # the 2T default: more than T tokens per trace were allowed
 
 
+def test_eval_due_by_steps_or_by_tokens():
+    from types import SimpleNamespace
+
+    from spiral_cli.rl.run_io import RunState, _eval_due
+
+    by_steps = SimpleNamespace(eval_every=3, eval_every_tokens=None)
+    assert [s for s in range(1, 10) if _eval_due(by_steps, RunState(step=s), 0)] == [3, 6, 9]
+    by_tokens = SimpleNamespace(eval_every=1, eval_every_tokens=100)  # eval_every is then unused
+    # (tokens before the step, after it): due when a multiple of 100 lies in (before, after]
+    cases = {(0, 99): False, (0, 100): True, (99, 100): True, (100, 199): False, (150, 420): True,
+             (200, 201): False, (199, 200): True}
+    for (before, after), due in cases.items():
+        assert _eval_due(by_tokens, RunState(step=7, generated_tokens=after), before) is due, (before, after)
+
+
+@pytest.mark.slow
+def test_eval_every_tokens_evaluates_at_token_counts_and_leaves_training_alone(tmp_path):
+    every = 120  # a SMALL step generates <= 96 tokens: some steps cross a multiple of it, some do not
+    runs = {"by-tokens": [f"train_set.eval_every_tokens={every}"], "rare": ["train_set.eval_every=100"]}
+    home = tmp_path / "home"
+    for name, extra in runs.items():
+        train(tmp_path, home, SMALL + ["train_set.steps=6", "train_set.save_every=6", "train_set.eval_problems=4",
+                                       *extra], name=name)
+    rows = metric_rows(home, "by-tokens")
+    tokens = [0] + [r["generated_tokens"] for r in rows]
+    crossed = [s for s in range(1, 7) if tokens[s] // every > tokens[s - 1] // every]
+    assert 0 < len(crossed) < 6
+    evals = [json.loads(l)["step"] for l in (home / "runs" / "by-tokens" / "eval.jsonl").read_text().splitlines()]
+    assert evals == sorted({0, *crossed, 6})
+    rare = [json.loads(l)["step"] for l in (home / "runs" / "rare" / "eval.jsonl").read_text().splitlines()]
+    assert rare == [0, 6]
+    # evaluating more often changes nothing that is trained
+    a, b = (weights(Registry(home).latest(n).path) for n in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["generated_tokens"] for r in metric_rows(home, "rare")] == tokens[1:]
+
+
 @pytest.mark.slow
 def test_token_budget_resume_is_exact_and_a_met_budget_does_nothing(tmp_path):
     import io

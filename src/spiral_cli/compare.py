@@ -73,6 +73,11 @@ QUICK_SEEDS = 1
 SWEEP_CACHE = Path("compare") / "cache"  # under the home: shared by every compare report
 QUICK_PROBLEMS = 100
 QUICK_BUDGET_STEPS = 8  # budget = this many times the one-step bound
+# held-out evaluations per arm after step 0, at equal token counts (train_set.eval_every_tokens =
+# budget / this): a GRPO step generates ~1/4 of a SPIRAL step's tokens, so a cadence in steps
+# evaluated GRPO 22 times to SPIRAL's 7 (~21 s each on 2 CPU cores, docs/results.md)
+EVAL_POINTS = 6
+QUICK_EVAL_POINTS = 4
 QUICK_PARALLEL = [1, 4, 8]
 QUICK_AGG_ROUNDS = [0, 1]
 METHOD_NAMES = {"spiral": "SPIRAL", "grpo": "GRPO"}
@@ -81,6 +86,7 @@ METHOD_NAMES = {"spiral": "SPIRAL", "grpo": "GRPO"}
 # that do not train the arm (its start is pinned by its parent, name@step of the SFT checkpoint).
 IGNORED_FIELDS = (
     "train_set.steps", "train_set.max_generated_tokens", "train_set.tensorboard", "train_set.save_every",
+    "train_set.eval_every", "train_set.eval_every_tokens", "train_set.eval_problems",
     "train_set.micro_batch_size", "model.device", "model.gradient_checkpointing", "generation.backend",
     "generation.batch_size", "generation.fast_decode", "generation.vllm",
 )
@@ -289,8 +295,9 @@ def plan_compare(recipe, *, home: Path, sft_model: str | None = None, seeds: int
             f"--budget-tokens {budget:,} is less than one training step can generate (one draw of prompts: "
             f"{formula}); give at least {bound:,} so the budget, not the first step, sets the training length")
     cap = steps_cap(recipe, budget, bound)
+    eval_every_tokens = recipe.train_set.eval_every_tokens or max(1, budget // (QUICK_EVAL_POINTS if quick else EVAL_POINTS))
     base = _with(recipe, {
-        "train_set.max_generated_tokens": budget, "train_set.steps": cap,
+        "train_set.max_generated_tokens": budget, "train_set.steps": cap, "train_set.eval_every_tokens": eval_every_tokens,
         "sweep.max_problems": n_problems, "sweep.baseline": None, **grid_changes,
     })
     Grid.from_recipe(base)  # the sweep grid, checked now rather than after training

@@ -316,6 +316,9 @@ class _RLSection(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
     eval_every: int = Field(25, gt=0)
+    # evaluate each time the generated training tokens pass a multiple of this, instead of every
+    # `eval_every` steps: SPIRAL and GRPO runs are then evaluated at the same token counts
+    eval_every_tokens: int | None = Field(None, gt=0)
     eval_problems: int = Field(100, ge=0)
     save_every: int = Field(25, gt=0)
     tensorboard: bool = False

@@ -61,6 +61,17 @@ def _budget_met(state: RunState, budget: int | None) -> bool:
     return budget is not None and state.generated_tokens >= budget
 
 
+def _eval_due(sec, state: RunState, tokens_before: int) -> bool:
+    """After a step: every `eval_every` steps, or, with `eval_every_tokens`, when the step's
+    generated tokens passed a multiple of it (runs whose steps generate different amounts, SPIRAL
+    and GRPO, are then evaluated at the same token counts). The counts are global under DDP, so
+    every rank decides alike."""
+    if sec.eval_every_tokens:
+        every = sec.eval_every_tokens
+        return state.generated_tokens // every > tokens_before // every
+    return state.step % sec.eval_every == 0
+
+
 # ---------------------------------------------------------------- what the run writes
 
 

@@ -68,6 +68,7 @@ from spiral_cli.rl.run_io import (
     RunState,
     _budget_met,
     _checkpoint,
+    _eval_due,
     _is_main,
     _log,
     _register_missing,
@@ -268,6 +269,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
     while state.step < sec.steps and not _budget_met(state, run.budget):
         step_seed = recipe.seed * 1_000_003 + state.step * 7919 + run.rank
         rng = random.Random(step_seed)
+        tokens_before = state.generated_tokens
         t_step = time.perf_counter()
         # 1-2. rollouts with dynamic sampling
         with run.sampling_weights():
@@ -292,7 +294,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
             "generation": gen_seconds, "scoring": rollout_seconds - gen_seconds,
             "update": update_seconds, "sync": sync_seconds, "total": time.perf_counter() - t_step,
         })
-        if (state.step % sec.eval_every == 0 or last) and run.eval_problems:
+        if (_eval_due(sec, state, tokens_before) or last) and run.eval_problems:
             with run.sampling_weights():
                 if run.main:
                     row["eval"] = _eval_point(run)
