@@ -1,0 +1,114 @@
+"""Time or profile the two halves of bench/grpo_step.py's GRPO step in one process.
+
+    PYTHONPATH=src .venv/bin/python bench/rl_halves.py {gen,upd,prof-gen,prof-upd} [reps]
+
+gen: 8 prompts x 8 samples x 128 tokens from /tmp/bench_f (grpo_step.py prepare), timed.
+upd: rl/update._update on 6 recorded batches (/tmp/h/samples.pkl, made on first use
+random
+advantages), timed
+COMPILE=regional|shared|whole compiles the training forward first.
+prof-*: torch.profiler table of one call on one thread.
+"""
+import json
+import os
+import pickle
+import random
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from spiral_cli.generation.hf import HFGenerator
+from spiral_cli.models import load_model
+from spiral_cli.optim import adamw
+from spiral_cli.recipe import ModelSection, Recipe
+from spiral_cli.rl import update as U  # noqa: N812
+from spiral_cli.rl.rollout import Sample
+
+B = Path("/tmp/bench_f")
+mode = sys.argv[1]
+reps = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+torch.manual_seed(0)
+loaded = load_model(ModelSection(name=str(B / "model"), autocast="on"), for_training=True, seed=0)
+prompts = [json.loads(l)["prompt"] for l in (B / "prompts.jsonl").read_text().splitlines()]
+gen = HFGenerator(loaded, batch_size=64)
+def generate(i):
+    ps = prompts[8 * i: 8 * i + 8]
+    return ps, gen.generate(ps, n=8, max_new_tokens=128, temperature=1.0, seed=i)
+sec = Recipe.model_validate({"name": "b", "task": {"name": "countdown"}, "train_set": {"objective": "grpo", "micro_batch_size": 64, "lr": 1e-5, "loss_type": "ppo_clip", "beta": 0.0}}).train_set
+def samples_of(ps, comps):
+    rng = random.Random(0)
+    out = []
+    for p, cs in zip(ps, comps):
+        for c in cs:
+            out.append(Sample(p, c.token_ids, c.logprobs, rng.choice([-1.0, 1.0]) * rng.random(), 0.0, "search", 128))
+    return out
+if mode in ("gen", "prof-gen"):
+    generate(0)
+    if mode == "prof-gen":
+        torch.set_num_threads(1)
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            generate(1)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=35))
+    else:
+        ts = []
+        for i in range(1, reps + 1):
+            t = time.perf_counter()
+            _, c = generate(i)
+            ts.append(time.perf_counter() - t)
+        print("gen", [round(x, 3) for x in ts], "median", round(statistics.median(ts), 3), "tokens", sum(len(x.token_ids) for cs in c for x in cs))
+else:
+    cache = Path("/tmp/h/samples.pkl")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    if cache.exists():
+        batches = pickle.loads(cache.read_bytes())
+    else:
+        batches = [samples_of(*generate(i)) for i in range(6)]
+        cache.write_bytes(pickle.dumps(batches))
+    model = loaded.model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = adamw(params, lr=1e-5, betas=(0.9, 0.99), weight_decay=0.0)
+    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    pc = {}
+    comp = None
+
+    def run(s):
+        return U._update(model, None, opt, sch, s, sec, loaded, pc, None, compiled=comp)
+    cm = os.environ.get("COMPILE", "")
+    fwd = model
+    if cm == "regional":
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)
+    elif cm == "shared":
+        f = torch.compile(type(model.model.layers[0]).forward, dynamic=True)
+        for layer in model.model.layers:
+            layer.forward = types.MethodType(f, layer)
+    elif cm == "whole":
+        fwd = torch.compile(model, dynamic=True)
+    if cm:
+        class C:  # compiled callable for _update
+            def __call__(self, batch):
+                return fwd
+        comp = C()
+    t0 = time.time()
+    run(batches[0])
+    print("first update", round(time.time()-t0,1), "s")
+    if mode == "prof-upd":
+        torch.set_num_threads(1)
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run(batches[1])
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    else:
+        ts = []
+        for i in range(reps):
+            s = batches[1 + i % 5]
+            t = time.perf_counter()
+            st = run(s)
+            ts.append(time.perf_counter() - t)
+        print("upd", [round(x, 3) for x in ts], "median", round(statistics.median(ts), 3), "loss", st["loss"])
