@@ -378,7 +378,8 @@ def _setup_rl(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, conso
             optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = RunState(**saved["run"])
-        _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        if _is_main(accelerator):  # the main rank alone writes metrics.jsonl (two ranks raced on its rewrite)
+            _truncate_metrics(run_dir / "metrics.jsonl", state.step)
         if _is_main(accelerator) and not fsdp:
             _register_missing(recipe, spec, loaded, state, registry, home, start_ref)
     budget = sec.max_generated_tokens
