@@ -436,13 +436,14 @@ def log_machine(home: Path, record: dict[str, Any]) -> None:
     """Append what ran where to ``<home>/compare/machines.jsonl``: arm seconds and sweep times are
     only comparable beside the CPU (or GPU) that produced them, and an arm may be trained by one
     compare and reused by another on another machine."""
+    from spiral_cli.jsonl import write_jsonl_line
     from spiral_cli.machine import describe
 
     path = home / MACHINE_LOG
     path.parent.mkdir(parents=True, exist_ok=True)
     row = {**record, "machine": describe(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with open(path, "a") as f:  # one short line per append: a crash loses at most that line
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+        write_jsonl_line(row, f)
 
 
 # ---------------------------------------------------------------- entry point

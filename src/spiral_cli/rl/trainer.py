@@ -358,8 +358,7 @@ def _setup_rl(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, conso
             _register_missing(recipe, spec, loaded, RunState(**saved["run"]), registry, home, start_ref)
         optimizer, generator = _fsdp_policy(recipe, loaded, accelerator, sec.lr)
     else:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = adamw(params, lr=sec.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        optimizer = _policy_optimizer(model, sec.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     if accelerator is not None and not fsdp:
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -408,9 +407,12 @@ def _fsdp_policy(recipe: Recipe, loaded, accelerator, lr: float):
         loaded.model.to(accelerator.device)
     generator = make_generator(loaded, recipe.generation)
     fsdp_.shard(loaded.model, accelerator.device)
-    optimizer = adamw([p for p in loaded.model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99),
-                      weight_decay=0.0)
-    return optimizer, generator
+    return _policy_optimizer(loaded.model, lr), generator
+
+
+def _policy_optimizer(model, lr: float):
+    """AdamW over the trainable parameters (the shards, under FSDP): the RL stages' one optimizer."""
+    return adamw([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
 
 
 def _other_generator(recipe: Recipe, spec: RLSpec, registry: Registry, generator, adapter_roles, agg_mode: str,
