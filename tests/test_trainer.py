@@ -370,6 +370,29 @@ def test_eval_due_by_steps_or_by_tokens():
         assert _eval_due(by_tokens, RunState(step=7, generated_tokens=after), before) is due, (before, after)
 
 
+def test_sampling_seeds_of_ranks_steps_and_draws_never_share_a_stream():
+    from spiral_cli.rl.trainer import derive_seed
+
+    # what the loop passes to a rollout: derive_seed(step seed, prompts drawn so far); the rollout
+    # samples the search with that seed and the aggregation with seed + 1
+    used: dict[int, tuple] = {}
+    for rank in range(16):
+        for step in range(50):
+            step_seed = derive_seed(0, step, rank)
+            for drawn in (1, 2, 3, 8, 16):  # dynamic sampling draws `need` more prompts each time
+                s = derive_seed(step_seed, drawn)
+                for purpose, seed in (("search", s), ("aggregate", s + 1)):
+                    assert seed not in used, (used[seed], (rank, step, drawn, purpose))
+                    used[seed] = (rank, step, drawn, purpose)
+    assert all(0 <= s < 2**62 for s in used)  # torch.Generator.manual_seed and vLLM take it
+    assert derive_seed(0, 3, 1) == derive_seed(0, 3, 1) != derive_seed(1, 3, 1)  # reproducible, recipe-seeded
+
+    # the formula it replaces: rank 1's search sampled with rank 0's aggregation stream
+    def old(seed, step, rank, drawn):
+        return seed * 1_000_003 + step * 7919 + rank + drawn
+    assert old(0, 0, 1, 8) == old(0, 0, 0, 8) + 1
+
+
 @pytest.mark.slow
 def test_eval_every_tokens_evaluates_at_token_counts_and_leaves_training_alone(tmp_path):
     every = 120  # a SMALL step generates <= 96 tokens: some steps cross a multiple of it, some do not
