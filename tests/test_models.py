@@ -29,8 +29,8 @@ TEXT = "3 7 12 -> 69\n  two  spaces\ttab\r\n\nend 'quote' \"dq\" <x>=(1+2)*3; {a
 PROMPTS = ["3 7 12 -> ", "hello world", "x\ny\n  z"]
 
 # documented in models.SCRATCH_PRESETS' comment (measured)
-EXPECTED_PARAMS = {"nano": 1_018_240, "micro": 2_215_232, "tiny": 4_002_560, "small": 31_610_368, "base": 96_963_840}
-RANGES = {"nano": (0.8e6, 1.3e6), "micro": (1.5e6, 3e6), "tiny": (3e6, 5e6), "small": (20e6, 40e6), "base": (80e6, 120e6)}
+EXPECTED_PARAMS = {"nano": 1_018_240, "micro": 2_215_232, "tiny": 4_002_560, "tiny-deep": 7_938_816, "small": 31_610_368, "base": 96_963_840}
+RANGES = {"nano": (0.8e6, 1.3e6), "micro": (1.5e6, 3e6), "tiny": (3e6, 5e6), "tiny-deep": (7e6, 9e6), "small": (20e6, 40e6), "base": (80e6, 120e6)}
 
 
 def _section(**kw) -> ModelSection:
@@ -183,6 +183,27 @@ def test_autocast_auto_is_resolved_at_load(monkeypatch):
     assert lm.autocast is True and lm.autocast_note == "measured"
     lm = load_model(_section(autocast="off"))
     assert lm.autocast is False and lm.autocast_note == ""
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_forced_bf16_on_a_cpu_without_bf16_matmuls_warns_once(monkeypatch, caplog, native):
+    """`autocast: on` is obeyed everywhere, but on a CPU whose bf16 matmuls take torch's fallback
+    (AVX2 only: 9.5x slower than fp32, bench/README.md) the load says so, once per process."""
+    from spiral_cli.models import device, load
+
+    monkeypatch.setattr(device, "cpu_bf16_matmul_is_native", lambda: native)
+    monkeypatch.setattr(load, "_WARNED", set())
+    with caplog.at_level("WARNING", logger=load.__name__):
+        first = load_model(_section(autocast="on"))
+        second = load_model(_section(autocast="on"))
+        off = load_model(_section(autocast="off"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert first.autocast is True and off.autocast_note == ""
+    if native:
+        assert first.autocast_note == "" and warnings == []
+    else:
+        assert first.autocast_note.startswith("warning: model.autocast: on, but this CPU has no bf16 matrix")
+        assert second.autocast_note == first.autocast_note and warnings == [first.autocast_note]
 
 
 # -- checkpoints ------------------------------------------------------------------------------

@@ -64,6 +64,25 @@ def resolve_autocast(spec: str, device: torch.device, dtype: torch.dtype) -> boo
     return False
 
 
+def cpu_bf16_matmul_is_native() -> bool:
+    """Whether torch runs bf16 matrix products through oneDNN on this CPU (AVX512 or AMX). Where
+    it does not (an AVX2-only CPU), bf16 matmuls take a scalar fallback: a scratch:tiny training
+    step ran 9.5x slower under bf16 autocast than in fp32 on a 2-core AVX2 AMD EPYC
+    (bench/README.md, "bf16 autocast on the CPU")."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True  # cannot tell: say nothing
+
+
+def forced_autocast_warning(spec: str, device: torch.device, autocast: bool | str) -> str:
+    """The one-line warning for `model.autocast: on` where bf16 is slow on this CPU, else ""."""
+    if spec != "on" or autocast is not True or device.type != "cpu" or cpu_bf16_matmul_is_native():
+        return ""
+    return ("warning: model.autocast: on, but this CPU has no bf16 matrix instructions (AVX512 or AMX): bf16 "
+            "matmuls run torch's slow fallback, several times slower than fp32; use auto (measures both) or off")
+
+
 # decisions already measured in this process, by model shape (a run loads its model more than once)
 _AUTOCAST_MEASURED: dict[tuple, tuple[bool, str]] = {}
 AUTOCAST_MARGIN = 0.9  # bf16 must be >10% faster: a near tie keeps fp32, so noise rarely flips it

@@ -15,6 +15,7 @@ from spiral_cli.adapters import AGGREGATOR_ADAPTER
 from spiral_cli.models.cpu_attention import _use_cpu_attention
 from spiral_cli.models.device import (
     MEASURE,
+    forced_autocast_warning,
     measure_cpu_autocast,
     resolve_autocast,
     resolve_device,
@@ -36,6 +37,7 @@ from spiral_cli.models.scratch import (
 from spiral_cli.recipe import ModelSection
 
 log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # one-line warnings already given in this process
 # peft imports bitsandbytes when it is installed; on a CPU with AVX512-BF16 its CPU backend warns
 # on import that an optional `kernels` package is missing. Not actionable for our users.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -328,7 +330,10 @@ def load_model(
     else:
         model.train()
 
-    autocast_note = ""
+    autocast_note = forced_autocast_warning(section.autocast, device, autocast)
+    if autocast_note and autocast_note not in _WARNED:  # a run loads its model more than once
+        _WARNED.add(autocast_note)
+        log.warning(autocast_note)
     if autocast == MEASURE:
         autocast, autocast_note = measure_cpu_autocast(model, for_training)
         log.info(autocast_note)

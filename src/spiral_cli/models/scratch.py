@@ -83,11 +83,14 @@ def build_byte_tokenizer(model_max_length: int = 1024):
 # --------------------------------------------------------------------------------------------
 
 # Parameter counts measured with the byte tokenizer (vocab 258, tied embeddings):
-#   nano 1,018,240 | micro 2,215,232 | tiny 4,002,560 | small 31,610,368 | base 96,963,840
+#   nano 1,018,240 | micro 2,215,232 | tiny 4,002,560 | tiny-deep 7,938,816 | small 31,610,368 | base 96,963,840
+# tiny-deep is tiny with twice the layers (2x the compute per token): the next size to measure on a CPU,
+# where small (~8x) does not fit a session (docs/results.md).
 SCRATCH_PRESETS: dict[str, dict[str, int]] = {
     "nano": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512),
     "micro": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2, intermediate_size=768),
     "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=1024),
+    "tiny-deep": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, intermediate_size=1024),
     "small": dict(hidden_size=512, num_hidden_layers=10, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1536),
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, intermediate_size=2816),
 }
