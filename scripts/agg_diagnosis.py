@@ -20,7 +20,9 @@ import re
 import sys
 
 
-def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: list[str] = ()) -> None:
+def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: list[str] = (),
+         recipe_path: str = "recipes/countdown.yaml") -> dict[str, float]:
+    """Prints the counts and returns the summary rates (scripts/size_ladder.py tabulates them)."""
     from spiral_cli.generation.hf import HFGenerator
     from spiral_cli.models import load_model
     from spiral_cli.pipeline import PipelineConfig, draw_subsets, run_pipeline
@@ -30,7 +32,7 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
     from spiral_cli.tasks.base import resolve_aggregation
 
     aggregator = [o.split("=", 1)[1] for o in overrides if o.startswith("aggregator=")]
-    recipe = load_recipe("recipes/countdown.yaml", [o for o in overrides if not o.startswith("aggregator=")])
+    recipe = load_recipe(recipe_path, [o for o in overrides if not o.startswith("aggregator=")])
     task = load_task(recipe.task.name, recipe.task.options())
     gen = HFGenerator(load_model(recipe.model, source=ckpt, for_training=False), batch_size=256)
     agg_gen = HFGenerator(load_model(recipe.model, source=aggregator[0], for_training=False), batch_size=256) if aggregator else gen
@@ -84,6 +86,9 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
     faithful = c["verdict lines equal to the verifier's check"] / max(1, c["verdict lines"])
     print(f"accepts {acc_right:.0%} of right candidates and {acc_wrong:.0%} of wrong ones; "
           f"{faithful:.0%} of the verdict lines are the verifier's own check, step for step")
+    return {"sets": c["sets"], "accepts_right": acc_right, "accepts_wrong": acc_wrong, "faithful_verdict_lines": faithful,
+            "rejected_every_candidate": c["rejected every candidate"], "search_pass@1": pass1,
+            "aggregation_accuracy": c["aggregation right"] / max(1, c["sets"])}
 
 
 if __name__ == "__main__":
