@@ -70,12 +70,10 @@ def test_grpo_raises_reward_on_toy_task(tmp_path):
     home = tmp_path / "home"
     # T per trace, not the 2T default: the reward is the first byte's, and under token_mean 12
     # tokens per trace halve that byte's share of the gradient (the 2T default is tested below)
-    # 40 steps: with the hashed sampling seeds the first-vs-last gain was +0.16 at 30 steps, +0.28
-    # at 40 (recipe seed 1: +0.12, +0.23)
-    train(tmp_path, home, ["train_set.objective=grpo", "train_set.steps=40", "train_set.save_every=40",
+    train(tmp_path, home, ["train_set.objective=grpo", "train_set.steps=30", "train_set.save_every=30",
                            "train_set.dynamic_sampling=false", "train_set.grpo_max_new_tokens=6"])
     rows = [json.loads(l) for l in (home / "runs" / "toy-grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert [r["step"] for r in rows] == list(range(1, 31))
     first = sum(r["reward_search"] for r in rows[:5]) / 5
     last = sum(r["reward_search"] for r in rows[-5:]) / 5
     assert last > first + 0.2, (first, last)
@@ -370,29 +368,6 @@ def test_eval_due_by_steps_or_by_tokens():
              (200, 201): False, (199, 200): True}
     for (before, after), due in cases.items():
         assert _eval_due(by_tokens, RunState(step=7, generated_tokens=after), before) is due, (before, after)
-
-
-def test_sampling_seeds_of_ranks_steps_and_draws_never_share_a_stream():
-    from spiral_cli.rl.trainer import derive_seed
-
-    # what the loop passes to a rollout: derive_seed(step seed, prompts drawn so far); the rollout
-    # samples the search with that seed and the aggregation with seed + 1
-    used: dict[int, tuple] = {}
-    for rank in range(16):
-        for step in range(50):
-            step_seed = derive_seed(0, step, rank)
-            for drawn in (1, 2, 3, 8, 16):  # dynamic sampling draws `need` more prompts each time
-                s = derive_seed(step_seed, drawn)
-                for purpose, seed in (("search", s), ("aggregate", s + 1)):
-                    assert seed not in used, (used[seed], (rank, step, drawn, purpose))
-                    used[seed] = (rank, step, drawn, purpose)
-    assert all(0 <= s < 2**62 for s in used)  # torch.Generator.manual_seed and vLLM take it
-    assert derive_seed(0, 3, 1) == derive_seed(0, 3, 1) != derive_seed(1, 3, 1)  # reproducible, recipe-seeded
-
-    # the formula it replaces: rank 1's search sampled with rank 0's aggregation stream
-    def old(seed, step, rank, drawn):
-        return seed * 1_000_003 + step * 7919 + rank + drawn
-    assert old(0, 0, 1, 8) == old(0, 0, 0, 8) + 1
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ saves and registers like any final step.
 
 Exact resume: the run's state (model, optimizer, scheduler, step, data cursor, token counters)
 is written atomically every `save_every` steps; the randomness of step s is derived from
-(seed, s, rank), so a resumed run replays exactly what an uninterrupted one would have done.
+(seed, s), so a resumed run replays exactly what an uninterrupted one would have done.
 Rank-aware: every process draws its own prompts, accelerate reduces the gradients, and only
 the main process writes checkpoints, the registry and the metrics file. Under FSDP (rl/fsdp.py)
 the policy is sharded instead: sampling, evaluation and the generator's sync run on unsharded
@@ -20,7 +20,6 @@ weights, the update on equal micro-batch counts, checkpoints from gathered state
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import random
@@ -268,7 +267,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
     correction = sampler_correction(recipe, sec)
     loop_start = (time.perf_counter(), state.step, state.generated_tokens)  # for the ETA
     while state.step < sec.steps and not _budget_met(state, run.budget):
-        step_seed = derive_seed(recipe.seed, state.step, run.rank)
+        step_seed = recipe.seed * 1_000_003 + state.step * 7919 + run.rank
         rng = random.Random(step_seed)
         tokens_before = state.generated_tokens
         t_step = time.perf_counter()
@@ -449,17 +448,6 @@ def _print_start(console: Console, spec: RLSpec, start_ref: ModelRef, loaded, co
                       f"at step {resumed.step}; no more steps (raise max_generated_tokens to go on)")
 
 
-def derive_seed(*parts: int) -> int:
-    """A 62-bit sampling seed from integers (recipe seed, step, rank; a step seed and its draw):
-    distinct tuples give unrelated seeds. A rollout samples its search with `seed` and its
-    aggregation with `seed + 1`, so seeds built by adding small integers (the old
-    `seed * 1_000_003 + step * 7919 + rank`, then `+ drawn`) gave rank r + 1's search the random
-    stream of rank r's aggregation, and a second dynamic-sampling draw of one prompt the stream of
-    the first draw's aggregation."""
-    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
-
-
 def _collect(run: RLRun, rng: random.Random, step_seed: int) -> tuple[list[PromptRollout], int, float, float]:
     """One step's rollouts: prompts drawn (with dynamic sampling, until enough carry signal or the
     draw cap is hit), generated, scored and given advantages; the token counters advanced over all
@@ -480,7 +468,7 @@ def _collect(run: RLRun, rng: random.Random, step_seed: int) -> tuple[list[Promp
         problems = _take(run.train_pool, state.cursor + run.rank * need, need)  # each rank its own prompts
         state.cursor += need * run.world
         drawn += need
-        rollouts = spec.collect(run.task, run.policy_gen, run.second_gen, problems, rng, derive_seed(step_seed, drawn))
+        rollouts = spec.collect(run.task, run.policy_gen, run.second_gen, problems, rng, step_seed + drawn)
         for r in rollouts:
             local_generated += r.generated_tokens
             local_total += r.prompt_tokens + r.generated_tokens
