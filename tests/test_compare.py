@@ -10,6 +10,7 @@ import pytest
 import yaml
 from fakes import EchoTask, completion
 from rich.console import Console
+from toy_task import toy_recipe
 
 from spiral_cli import compare as cmp
 from spiral_cli import compare_report, sweep_cells
@@ -611,28 +612,12 @@ def test_cli_command_errors_and_output(tmp_path, monkeypatch, fast, fake_sweep):
 
 # ---------------------------------------------------------------- end to end on a tiny model
 
-E2E_RECIPE = """
-name: toy
-seed: 0
-task: {name: "toy_task:ToyTask"}
-model: {name: "scratch:nano", max_seq_len: 128, autocast: "off"}
-generation: {max_new_tokens: 6, agg_max_new_tokens: 6, batch_size: 128}
-train_set:
-  prompts_per_step: 2
-  num_search: 4
-  num_sets: 2
-  set_size: 2
-  num_aggregations: 2
-  num_generations: 4
-  dynamic_sampling: false
-  lr: 1.0e-3
-  eval_every: 2
-  eval_problems: 4
-  save_every: 50
-  micro_batch_size: 64
-infer: {parallel: 4, population: 2, agg_set_size: 2}
-sweep: {parallel: [1, 2], seq_budget: [6], agg_rounds: [0, 1]}
-"""
+E2E_RECIPE = toy_recipe(
+    train_set={"steps": None, "prompts_per_step": 2, "num_search": 4, "num_sets": 2, "set_size": 2,
+               "num_generations": 4, "dynamic_sampling": False, "eval_every": 2, "eval_problems": 4,
+               "save_every": 50},
+    sweep={"parallel": [1, 2], "seq_budget": [6], "agg_rounds": [0, 1]},
+)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_task import toy_recipe
 
 from spiral_cli.recipe import RecipeError, load_recipe
 from spiral_cli.registry import Registry
@@ -23,25 +24,12 @@ from spiral_cli.registry import Registry
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
-RECIPE = """
-name: toy
-seed: 0
-task: {name: "toy_task:ToyTask"}
-model: {name: "scratch:nano", max_seq_len: 128, autocast: "off"}
-generation: {max_new_tokens: 6, agg_max_new_tokens: 6, batch_size: 128, fast_decode: "off"}
-train_set:
-  steps: 2
-  prompts_per_step: 4
-  num_search: 8
-  num_sets: 4
-  set_size: 4
-  num_aggregations: 2
-  lr: 1.0e-3
-  eval_every: 100
-  eval_problems: 4            # rank 0 evaluates alone (at step 0 and the end), on unsharded weights
-  save_every: 1
-  micro_batch_size: 16
-"""
+RECIPE = toy_recipe(
+    generation={"fast_decode": "off"},
+    train_set={"steps": 2, "save_every": 1, "micro_batch_size": 16,
+               "eval_problems": 4},  # rank 0 evaluates alone (at step 0 and the end), on unsharded weights
+    infer=None,
+)
 
 
 def _torchrun(tmp: Path, name: str, port: int, overrides: list[str], env: dict[str, str] | None = None,

