@@ -4,6 +4,7 @@ a checksum of the full weights it ends with (gathered from the shards under FSDP
 how many all-gathers FSDP ran inside the sampler's generate calls (must be 0: sampling runs on
 unsharded weights) and overall, and how many filler micro-batches it ran; rank 0 also writes
 weights.pt (the full weights).
+It also lists, per step, the training questions this rank drew (all dynamic-sampling rounds).
 SPIRAL_TEST_KILL_AT=<step>: every rank SIGKILLs itself right after that step's checkpoint."""
 import hashlib
 import json
@@ -59,6 +60,20 @@ if __name__ == "__main__":
         return filler_loss(*args, **kwargs)
 
     update.filler_loss = counted_filler
+    drawn = []  # per step: this rank's questions
+    collect = trainer._collect
+    take = trainer._take
+
+    def recorded_collect(run, *args, **kwargs):
+        drawn.append([])
+        return collect(run, *args, **kwargs)
+
+    def recorded_take(pool, start, n):
+        problems = take(pool, start, n)
+        drawn[-1] += [p["q"] for p in problems]
+        return problems
+
+    trainer._collect, trainer._take = recorded_collect, recorded_take
     kill_at = int(os.environ.get("SPIRAL_TEST_KILL_AT", "0"))
     checkpoint = trainer._checkpoint
 
@@ -95,4 +110,4 @@ if __name__ == "__main__":
     (out_dir / f"rank{rank}.json").write_text(json.dumps(
         {"checksum": h.hexdigest(), "world": final["world"], "steps": result["steps"],
          "gathers_in_generate": gathers["in_generate"], "gathers": gathers["total"], "fillers": fillers["n"],
-         "sharded": final["sharded"]}))
+         "sharded": final["sharded"], "drawn": drawn}))

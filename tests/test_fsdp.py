@@ -24,7 +24,10 @@ from spiral_cli.registry import Registry
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
+# The training pool's questions run 19, 20, ... (ToyTask's layout for seed 0): rank 0 draws 19-22
+# and rank 1 23-26 first, so with 23-25 never right, rank 1 draws more rounds in step 1 than rank 0
 RECIPE = toy_recipe(
+    task={"no_signal": [23, 24, 25]},
     generation={"fast_decode": "off"},
     train_set={"steps": 2, "save_every": 1, "micro_batch_size": 16,
                "eval_problems": 4},  # rank 0 evaluates alone (at step 0 and the end), on unsharded weights
@@ -67,6 +70,19 @@ def test_fsdp_two_processes_train_sharded_without_collectives_in_decoding(fsdp_r
     assert r0["gathers"] > 0 and r1["gathers"] > 0  # FSDP did all-gather (the counter works)...
     assert r0["gathers_in_generate"] == r1["gathers_in_generate"] == 0  # ...but never while sampling
     assert [e.step for e in Registry(home).ls("toy-set")] == [1, 2]  # registered once per save, by rank 0
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_rounds_keep_the_ranks_on_one_cursor(fsdp_run):
+    """Rank 1's first prompts lack signal, so in step 1 it draws more rounds than rank 0: the ranks
+    still draw disjoint, consecutive questions, and step 2 starts where step 1 ended on both."""
+    _, _, (r0, r1) = fsdp_run
+    assert r0["drawn"][0][:4] == [19, 20, 21, 22] and r1["drawn"][0][:4] == [23, 24, 25, 26]
+    assert len(r1["drawn"][0]) >= 7 > len(r0["drawn"][0])  # >= 3 more for its 3 prompts without signal
+    every = [q for step in zip(r0["drawn"], r1["drawn"]) for rank in step for q in rank]
+    assert sorted(every) == list(range(19, 19 + len(every)))  # no question twice, none skipped
+    first_step = len(r0["drawn"][0]) + len(r1["drawn"][0])
+    assert r0["drawn"][1][0] == 19 + first_step  # the old per-rank cursors diverged here
 
 
 @pytest.mark.slow

@@ -51,7 +51,9 @@ def toy_recipe(**sections: Any) -> str:
 
 
 class ToyConfig(TaskConfig):
-    pass
+    # questions every answer to is wrong: their prompts never carry signal, so a test can make
+    # dynamic sampling draw again on one rank and not on another
+    no_signal: list[int] = []
 
 
 class ToyTask:
@@ -79,6 +81,8 @@ class ToyTask:
         return text[:1] or None
 
     def is_correct(self, problem: dict[str, Any], text: str) -> bool:
+        if problem["q"] in self.config.no_signal:
+            return False
         b = text.encode("utf-8")[:1]
         return bool(b) and b[0] % 2 == 0
 

@@ -12,14 +12,16 @@ saves and registers like any final step.
 
 Exact resume: the run's state (model, optimizer, scheduler, step, data cursor, token counters)
 is written atomically every `save_every` steps; the randomness of step s is derived from
-(seed, s), so a resumed run replays exactly what an uninterrupted one would have done.
-Rank-aware: every process draws its own prompts, accelerate reduces the gradients, and only
+(seed, s, rank), so a resumed run replays exactly what an uninterrupted one would have done.
+Rank-aware: every process draws its own prompts (dynamic sampling draws in rounds all ranks take
+together, so the data cursor stays one number), accelerate reduces the gradients, and only
 the main process writes checkpoints, the registry and the metrics file. Under FSDP (rl/fsdp.py)
 the policy is sharded instead: sampling, evaluation and the generator's sync run on unsharded
 weights, the update on equal micro-batch counts, checkpoints from gathered state dicts.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -267,7 +269,7 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
     correction = sampler_correction(recipe, sec)
     loop_start = (time.perf_counter(), state.step, state.generated_tokens)  # for the ETA
     while state.step < sec.steps and not _budget_met(state, run.budget):
-        step_seed = recipe.seed * 1_000_003 + state.step * 7919 + run.rank
+        step_seed = derive_seed(recipe.seed, state.step, run.rank)
         rng = random.Random(step_seed)
         tokens_before = state.generated_tokens
         t_step = time.perf_counter()
@@ -448,6 +450,29 @@ def _print_start(console: Console, spec: RLSpec, start_ref: ModelRef, loaded, co
                       f"at step {resumed.step}; no more steps (raise max_generated_tokens to go on)")
 
 
+def derive_seed(*parts: int) -> int:
+    """A 62-bit sampling seed from integers (recipe seed, step, rank; a step seed and its draw):
+    distinct tuples give unrelated seeds. A rollout samples its search with `seed` and its
+    aggregation with `seed + 1`, so seeds made by adding small integers (as before 2026-12-02:
+    `seed * 1_000_003 + step * 7919 + rank`, then `+ drawn`) gave rank r + 1's search the
+    random stream of rank r's aggregation, and a second dynamic-sampling draw the stream of the
+    first draw's aggregation."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+def _draw_round(need: int, uniform: bool, run: RLRun) -> list[int]:
+    """How many prompts each rank draws in this round of a step (`need` is this rank's). The
+    first round of a step, and every round without dynamic sampling, asks the same of every rank,
+    so no collective is needed; later rounds share the counts (one small all-reduce)."""
+    if run.world == 1 or uniform:
+        return [need] * run.world
+    _join_generation(run)  # a rank with a tensor-parallel engine serves the others' rounds first
+    counts = [0.0] * run.world
+    counts[run.rank] = float(need)
+    return [int(c) for c in _all_sum(counts, run.accelerator)]
+
+
 def _collect(run: RLRun, rng: random.Random, step_seed: int) -> tuple[list[PromptRollout], int, float, float]:
     """One step's rollouts: prompts drawn (with dynamic sampling, until enough carry signal or the
     draw cap is hit), generated, scored and given advantages; the token counters advanced over all
@@ -463,16 +488,25 @@ def _collect(run: RLRun, rng: random.Random, step_seed: int) -> tuple[list[Promp
     dynamic = spec.dynamic_sampling
     t_roll = time.perf_counter()
     local_generated = local_total = 0
-    while len(kept) < sec.prompts_per_step and drawn < max_draws:
-        need = sec.prompts_per_step - len(kept)
-        problems = _take(run.train_pool, state.cursor + run.rank * need, need)  # each rank its own prompts
-        state.cursor += need * run.world
-        drawn += need
-        rollouts = spec.collect(run.task, run.policy_gen, run.second_gen, problems, rng, step_seed + drawn)
-        for r in rollouts:
-            local_generated += r.generated_tokens
-            local_total += r.prompt_tokens + r.generated_tokens
-        kept += [r for r in rollouts if r.has_signal] if dynamic else rollouts
+    while True:
+        # one draw round, taken by all ranks together: each says how many prompts it still needs,
+        # and takes its own slice of the pool after the slices of the ranks before it. A rank
+        # whose prompts all had signal needs none, and the cursor advances by the round's total
+        # on every rank, so the one cursor a checkpoint saves is every rank's (exact resume)
+        need = sec.prompts_per_step - len(kept) if drawn < max_draws else 0
+        needs = _draw_round(need, drawn == 0 or not dynamic, run)
+        if not any(needs):
+            break
+        problems = _take(run.train_pool, state.cursor + sum(needs[: run.rank]), need)
+        state.cursor += sum(needs)
+        if need:
+            drawn += need
+            rollouts = spec.collect(run.task, run.policy_gen, run.second_gen, problems, rng,
+                                    derive_seed(step_seed, drawn))
+            for r in rollouts:
+                local_generated += r.generated_tokens
+                local_total += r.prompt_tokens + r.generated_tokens
+            kept += [r for r in rollouts if r.has_signal] if dynamic else rollouts
         if not dynamic:
             break
     _join_generation(run)
