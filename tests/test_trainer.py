@@ -46,18 +46,43 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+def expected_reward(recipe, source: str) -> float:
+    """The toy task's exact expected reward under `source`'s policy, with no sampling noise: the
+    probability that a sampled answer's first byte is even, averaged over the 50 questions."""
+    from spiral_cli.models import load_model
+
+    loaded = load_model(recipe.model, source=source, for_training=False)
+    tok, model = loaded.tokenizer, loaded.model
+    vocab = model.get_input_embeddings().weight.shape[0]
+    even = torch.zeros(vocab)
+    for i in range(min(vocab, len(tok))):
+        b = tok.decode([i]).encode("utf-8")[:1]
+        even[i] = float(bool(b) and b[0] % 2 == 0)
+    with torch.no_grad():
+        probs = [model(tok(f"q{q}:", return_tensors="pt").input_ids).logits[0, -1].float().softmax(-1)
+                 for q in range(50)]
+    return float(sum((p * even).sum() for p in probs) / len(probs))
+
+
 @pytest.mark.slow
 def test_grpo_raises_reward_on_toy_task(tmp_path):
     home = tmp_path / "home"
     # T per trace, not the 2T default: the reward is the first byte's, and under token_mean 12
     # tokens per trace halve that byte's share of the gradient (the 2T default is tested below)
-    train(tmp_path, home, ["train_set.objective=grpo", "train_set.steps=30", "train_set.save_every=30",
-                           "train_set.dynamic_sampling=false", "train_set.grpo_max_new_tokens=6"])
+    overrides = ["train_set.objective=grpo", "train_set.steps=40", "train_set.save_every=40",
+                 "train_set.dynamic_sampling=false", "train_set.grpo_max_new_tokens=6"]
+    train(tmp_path, home, overrides)
     rows = [json.loads(l) for l in (home / "runs" / "toy-grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    # the policy's exact expected reward, before and after: 0.264 -> 0.427 after 30 steps with
+    # these seeds (2026-12-02), so the bar leaves room for other seeds' slower starts
+    recipe = load_recipe(recipe_file(tmp_path), overrides)
+    before = expected_reward(recipe, "scratch:nano")
+    after = expected_reward(recipe, str(Registry(home).resolve("toy-grpo").entry.path))
+    assert after > before + 0.15, (before, after)
     first = sum(r["reward_search"] for r in rows[:5]) / 5
     last = sum(r["reward_search"] for r in rows[-5:]) / 5
-    assert last > first + 0.2, (first, last)
+    assert last > first + 0.1, (first, last)  # and the logged (sampled) reward shows it
     # generated tokens: 4 prompts x 8 samples x <= 6 tokens per step
     assert 0 < rows[0]["generated_tokens"] <= 4 * 8 * 6
 
