@@ -130,6 +130,18 @@ def _load(recipe: Optional[Path], overrides: Optional[list[str]]):
     return load_recipe(recipe, overrides or [])
 
 
+def _one_process(command: str) -> None:
+    """`command` runs in one process: under torchrun or accelerate launch every rank would run all
+    of it, and all of them would write the same run and registry entry. Refused before any work."""
+    from spiral_cli.jsonl import InputError
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise InputError(f"spiral {command} runs in one process, and this one was launched as 1 of {world} "
+                         "(torchrun / accelerate launch): run it without a launcher; train-set and train-agg "
+                         "are the commands that scale out (docs/scaling.md)")
+
+
 def _check_name(name: Optional[str]) -> None:
     """A --name is checked before anything else: it names folders under the spiral home."""
     if name is not None:
@@ -209,6 +221,7 @@ def sft(
     backend: Optional[str] = BackendOpt,
 ) -> None:
     """Supervised warm start: the search format and the aggregation format."""
+    _one_process("sft")
     _check_name(name)
     if data is not None:
         from spiral_cli.jsonl import check_input_file
@@ -304,6 +317,7 @@ def infer(
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Answer problems: N parallel traces -> R rounds of aggregation -> answer, one JSON line each."""
+    _one_process("infer")
     extra = list(overrides or [])
     for key, val in [
         ("infer.parallel", parallel), ("infer.seq_budget", seq_budget), ("infer.agg_rounds", agg_rounds),
@@ -334,6 +348,7 @@ def sweep(
     backend: Optional[str] = BackendOpt,
 ) -> None:
     """Inference-compute scaling curves over N x T x R, with plots and scaling efficiency."""
+    _one_process("sweep")
     from spiral_cli.jsonl import InputError
 
     r = _load(recipe, _with_backend(overrides, backend))

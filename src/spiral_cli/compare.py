@@ -506,6 +506,7 @@ def compare_command(
     """SPIRAL vs GRPO at an equal training-token budget: train both per seed, sweep N x T x R, write a report."""
     from spiral_cli import cli
 
+    cli._one_process("compare")
     extra = cli._with_backend(overrides, backend)
     r = cli._load(recipe, extra)
     summary = run_compare(r, home=cli._home(), sft_model=sft_model, seeds=seeds, budget_tokens=budget_tokens,
