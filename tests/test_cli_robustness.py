@@ -463,14 +463,13 @@ def test_usage_errors_are_one_line(home):
 
 
 @pytest.mark.parametrize("args", [
-    ["sft", "recipes/countdown.yaml"],
     ["infer", "recipes/countdown.yaml", *FAST_INFER, "--eval", "2"],
     ["sweep", "recipes/countdown.yaml", "--models", "scratch:nano"],
     ["compare", "recipes/countdown.yaml", "--quick"],
-], ids=["sft", "infer", "sweep", "compare"])
+], ids=["infer", "sweep", "compare"])
 def test_single_process_commands_refuse_a_launcher(args, home):
     """Under torchrun every rank would run the whole command and write the same run: refused in one
     line before any work, nothing written to SPIRAL_HOME."""
     p = run(args, home=home, env={"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
-    only_error(p, f"spiral {args[0]} runs in one process", "1 of 2", "train-set and train-agg")
+    only_error(p, f"spiral {args[0]} runs in one process", "1 of 2", "sft, train-set and train-agg")
     assert not home.exists() or not any(home.iterdir())

@@ -48,6 +48,8 @@ LAYERS: list[tuple[str, list[str], bool]] = [
     ("prompt fitting", ["spiral_cli.prompt_fit"], False),
     ("pipeline", ["spiral_cli.pipeline"], False),
     ("evaluation", ["spiral_cli.evaluate"], False),
+    # one process or several: the accelerator, ranks, sums over ranks (both trainers)
+    ("processes", ["spiral_cli.processes"], False),
     ("RL pieces", ["spiral_cli.rl", "spiral_cli.rl.advantages", "spiral_cli.rl.loss"], False),
     ("rollouts", ["spiral_cli.rl.rollout"], False),
     # the trainer's parts: token log-probs, then the optimizer update and what a run writes

@@ -14,9 +14,9 @@ import pytest
 import torch
 from test_trainer import REPO, TESTS, recipe_file
 
+from spiral_cli import processes
 from spiral_cli.recipe import RecipeError
 from spiral_cli.registry import Registry
-from spiral_cli.rl import trainer
 
 
 def free_port() -> int:
@@ -71,7 +71,7 @@ def test_fsdp_config_parses_as_fsdp2_with_full_state_dict():
 def test_fsdp_env_is_no_longer_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # spiral shards the model itself (rl/fsdp.py)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert trainer._make_accelerator(torch.device("cpu")) is None  # one process
+    assert processes.make_accelerator(torch.device("cpu")) is None  # one process
 
 
 class FakeAccelerator:
@@ -86,10 +86,10 @@ class FakeAccelerator:
 
 
 def test_ranks_that_disagree_on_resuming_stop(tmp_path):
-    trainer._check_shared_home(FakeAccelerator(True), True, tmp_path)  # all resume
-    trainer._check_shared_home(FakeAccelerator(False), False, tmp_path)  # all start afresh
+    processes.check_shared_home(FakeAccelerator(True), True, tmp_path)  # all resume
+    processes.check_shared_home(FakeAccelerator(False), False, tmp_path)  # all start afresh
     with pytest.raises(RecipeError, match="1 of 2 processes find the run's saved state.*shared filesystem"):
-        trainer._check_shared_home(FakeAccelerator(False), True, tmp_path)
+        processes.check_shared_home(FakeAccelerator(False), True, tmp_path)
 
 
 @pytest.mark.slow

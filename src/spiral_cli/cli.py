@@ -138,7 +138,7 @@ def _one_process(command: str) -> None:
     world = os.environ.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1:
         raise InputError(f"spiral {command} runs in one process, and this one was launched as 1 of {world} "
-                         "(torchrun / accelerate launch): run it without a launcher; train-set and train-agg "
+                         "(torchrun / accelerate launch): run it without a launcher; sft, train-set and train-agg "
                          "are the commands that scale out (docs/scaling.md)")
 
 
@@ -221,7 +221,6 @@ def sft(
     backend: Optional[str] = BackendOpt,
 ) -> None:
     """Supervised warm start: the search format and the aggregation format."""
-    _one_process("sft")
     _check_name(name)
     if data is not None:
         from spiral_cli.jsonl import check_input_file

@@ -6,14 +6,20 @@ tokens only (the EOS that ends a completion included). Resumable: every `save_ev
 run writes its full state (model, optimizer, scheduler, RNG, step) atomically under
 <home>/runs/<name>/state; a restarted run continues from there with the same batch order.
 At the end the model is evaluated on the task's held-out split and registered.
+
+Data parallel under torchrun / accelerate launch (DDP): every rank builds the same batches and
+trains on its share of each (contiguous slices, so N ranks train what one process trains with
+grad_accum N); rank 0 alone writes the state, the metrics, evaluates and registers.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +41,10 @@ from spiral_cli.generation.roles import for_aggregation
 from spiral_cli.jsonl import InputError, read_jsonl_file
 from spiral_cli.optim import adamw, compile_for_training
 from spiral_cli.paths import atomic_write_text, runs_dir
+from spiral_cli.processes import all_sum, check_shared_home, is_main, make_accelerator, rank_world
 from spiral_cli.progress import fmt_duration
 from spiral_cli.prompt_fit import AggregationFit
-from spiral_cli.recipe import Recipe
+from spiral_cli.recipe import Recipe, RecipeError
 from spiral_cli.registry import Registry
 from spiral_cli.tasks import load_task
 from spiral_cli.tasks.base import Task
@@ -250,6 +257,10 @@ class SftRun:
     resuming: bool
     step: int  # where the loop starts (a resumed run's saved step)
     tokens_seen: int
+    model: Any = None  # what the loop calls: the policy, DDP-wrapped in a multi-process run
+    accelerator: Any = None  # None: one process
+    rank: int = 0
+    world: int = 1
 
 
 @dataclass
@@ -265,9 +276,15 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     from spiral_cli.evaluate import evaluate_recipe
 
     console = console or Console(stderr=True)
+    if int(os.environ.get("RANK", "0")) > 0:  # one voice for a multi-process run: rank 0's
+        console = Console(stderr=True, quiet=True)
     run = _setup_sft(recipe, home=home, name=name or f"{recipe.name}-sft", resume=resume, console=console)
     done = _train(run, recipe, console)
     run.loaded.model.eval()
+    if not is_main(run.accelerator):  # rank 0 evaluates and registers; the others wait for it
+        run.accelerator.wait_for_everyone()
+        entry = run.registry.resolve(f"{run.name}@{done.step}").entry
+        return {"name": run.name, "step": done.step, "path": str(entry.path), "rank": run.rank}
 
     cfg = run.cfg
     metrics: dict[str, Any] = {"train_loss": done.last_loss, "steps": done.step, "planned_steps": cfg.steps,
@@ -292,6 +309,8 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     result = {"name": run.name, "step": done.step, "path": str(entry.path), "train_seconds": round(done.train_seconds, 1),
               "stopped_early": done.stopped_early, "metrics": metrics}
     _print_metrics(console, metrics)
+    if run.accelerator is not None:
+        run.accelerator.wait_for_everyone()
     return result
 
 
@@ -333,6 +352,16 @@ def _setup_sft(recipe: Recipe, *, home: Path, name: str, resume: bool, console: 
 
     params = [p for p in loaded.model.parameters() if p.requires_grad]
     optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    accelerator = make_accelerator(loaded.device)
+    rank, world = rank_world(accelerator)
+    model = loaded.model
+    if accelerator is not None:
+        _check_data_parallel(cfg, world)
+        check_shared_home(accelerator, resuming, state_dir)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if is_main(accelerator):
+            console.print(f"  data parallel over {world} processes: each trains {cfg.batch_size // world} of "
+                          f"every {cfg.batch_size} examples" + ("; sft.compile is off (one process only)" if cfg.compile else ""))
     step, tokens_seen = 0, 0
     if resuming:
         state = load_trainer_state(state_dir)
@@ -350,7 +379,18 @@ def _setup_sft(recipe: Recipe, *, home: Path, name: str, resume: bool, console: 
         build_self_agg=lambda: _self_aggregate_examples(task, loaded, recipe, self_agg_file, console))
     return SftRun(name=name, cfg=cfg, loaded=loaded, base=base, task=task, registry=registry, optimizer=optimizer,
                   params=params, phases=phases, state_dir=state_dir, log_path=run_dir / "metrics.jsonl",
-                  resuming=resuming, step=step, tokens_seen=tokens_seen)
+                  resuming=resuming, step=step, tokens_seen=tokens_seen, model=model, accelerator=accelerator,
+                  rank=rank, world=world)
+
+
+def _check_data_parallel(cfg, world: int) -> None:
+    """What SFT over several processes needs, checked before any training."""
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise RecipeError(f"sft.batch_size={cfg.batch_size} must be a multiple of processes x sft.grad_accum "
+                          f"({world} x {cfg.grad_accum}): each rank trains an equal share of every batch")
+    if cfg.self_aggregate_examples and not cfg.data:
+        raise RecipeError("sft.self_aggregate_examples is not supported over several processes yet "
+                          "(the model's own candidates are sampled in one process): run this SFT in one process")
 
 
 def _train(run: SftRun, recipe: Recipe, console: Console) -> SftOutcome:
@@ -366,48 +406,58 @@ def _train(run: SftRun, recipe: Recipe, console: Console) -> SftOutcome:
     window = (start_time, tokens_seen)  # (time, tokens) at the last log line
     deadline = start_time + cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
     stopped_early = False
-    forward = loaded.model
-    if cfg.compile and step < cfg.steps:
+    main, device = is_main(run.accelerator), (run.accelerator.device if run.accelerator else loaded.device)
+    forward = run.model
+    if cfg.compile and step < cfg.steps and run.world == 1:
         # a full batch: compiled with dynamic shapes, a batch of 1 would be specialised and recompiled
         first = collate(phases.at(step)[1][: cfg.batch_size // cfg.grad_accum], pad_id, loaded.device)
         forward = compile_for_training(loaded, {"input_ids": first["input_ids"], "labels": first["labels"]}, console)
     while step < cfg.steps:
         batch_examples = phases.batch(step)
+        mine = _split(batch_examples, run.world)[run.rank] if run.world > 1 else batch_examples
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for micro in _split(batch_examples, cfg.grad_accum):
-            batch = collate(micro, pad_id, loaded.device)
-            with loaded.autocast_ctx():
-                # right padding + causal attention: real tokens never see the pads, so no mask is
-                # needed (same logits), and the maskless attention kernel is much faster on the CPU
-                loss = forward(input_ids=batch["input_ids"], labels=batch["labels"]).loss / cfg.grad_accum
-            loss.backward()
+        micros = _split(mine, cfg.grad_accum)
+        for i, micro in enumerate(micros):
+            batch = collate(micro, pad_id, device)
+            # DDP averages the ranks' gradients once, at the last micro-batch's backward
+            sync = forward.no_sync() if run.world > 1 and i < len(micros) - 1 else nullcontext()
+            with sync:
+                with loaded.autocast_ctx():
+                    # right padding + causal attention: real tokens never see the pads, so no mask is
+                    # needed (same logits), and the maskless attention kernel is much faster on the CPU
+                    loss = forward(input_ids=batch["input_ids"], labels=batch["labels"]).loss / cfg.grad_accum
+                loss.backward()
             loss_sum += loss.item()
-            tokens_seen += int(batch["attention_mask"].sum())
+        tokens_seen += sum(len(e.input_ids) for e in batch_examples)  # every rank's, counted alike on each
         torch.nn.utils.clip_grad_norm_(run.params, 1.0)
         optimizer.step()
         step += 1
         last_loss = loss_sum
         if step % cfg.log_every == 0 or step == cfg.steps:
+            if run.world > 1:  # the batch's loss: the mean of the ranks' shares
+                last_loss = all_sum([loss_sum], run.accelerator)[0] / run.world
             now = time.time()
             tps = (tokens_seen - window[1]) / max(now - window[0], 1e-9)  # since the last log line
             window = (now, tokens_seen)
             eta = (cfg.steps - step) * (now - start_time) / max(1, step - first_step)
-            console.print(f"  step {step}/{cfg.steps} loss {last_loss:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
-                          f"{tps:,.0f} tok/s, ETA {fmt_duration(eta)}")
-            with run.log_path.open("a") as f:
-                f.write(json.dumps({"step": step, "loss": last_loss, "tokens": tokens_seen, "tok_per_s": tps,
-                                    "time": now - start_time}) + "\n")
-        if step % cfg.save_every == 0 and step < cfg.steps:
+            if main:
+                console.print(f"  step {step}/{cfg.steps} loss {last_loss:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                              f"{tps:,.0f} tok/s, ETA {fmt_duration(eta)}")
+                with run.log_path.open("a") as f:
+                    f.write(json.dumps({"step": step, "loss": last_loss, "tokens": tokens_seen, "tok_per_s": tps,
+                                        "time": now - start_time}) + "\n")
+        if step % cfg.save_every == 0 and step < cfg.steps and main:
             _save_state(loaded, optimizer, step, run.state_dir, {"tokens_seen": tokens_seen})
-        if deadline and time.time() > deadline and step < cfg.steps:
-            _warn_time_budget(console, cfg, step, phases.aggregate_from, phases.self_agg_from)
+        if deadline and _past(deadline, run) and step < cfg.steps:
+            if main:
+                _warn_time_budget(console, cfg, step, phases.aggregate_from, phases.self_agg_from)
             stopped_early = True
             break
     train_seconds = time.time() - start_time
-    if train_seconds > 1 or not run.resuming:  # the final state too, so a rerun does not retrain
+    if (train_seconds > 1 or not run.resuming) and main:  # the final state too, so a rerun does not retrain
         _save_state(loaded, optimizer, step, run.state_dir, {"tokens_seen": tokens_seen})
     return SftOutcome(step=step, tokens_seen=tokens_seen, last_loss=last_loss, stopped_early=stopped_early,
                       train_seconds=train_seconds)
@@ -424,6 +474,12 @@ def _warn_time_budget(console: Console, cfg, step: int, aggregate_from: int, sel
     for at, what in ((aggregate_from, "the aggregation examples"), (self_agg_from, "sft.self_aggregate_examples")):
         if at is not None and step < at:
             console.print(f"[bold red]WARNING:[/] {what} (from step {at}) were never trained on.")
+
+
+def _past(deadline: float, run: SftRun) -> bool:
+    """Whether the time budget is spent; over several processes, on any of them (all stop together)."""
+    late = time.time() > deadline
+    return late if run.world == 1 else all_sum([float(late)], run.accelerator)[0] > 0
 
 
 def _split(items: list[Any], parts: int) -> list[list[Any]]:

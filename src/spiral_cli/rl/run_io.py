@@ -13,6 +13,7 @@ from typing import Any
 from spiral_cli.checkpoints import ModelRef, save_registered, save_run_state
 from spiral_cli.metrics import mean
 from spiral_cli.paths import atomic_write_text
+from spiral_cli.processes import is_main
 from spiral_cli.recipe import RecipeError, TrainAggSection, TrainSetSection
 from spiral_cli.registry import Registry
 from spiral_cli.rl.fsdp import gathered_model, optimizer_state
@@ -51,10 +52,6 @@ class RLSpec:
     max_prompt_draws: int = 1  # as a multiple of prompts_per_step
     updates_per_batch: int = 1
     aggregator_mode: str = "shared"
-
-
-def _is_main(accelerator) -> bool:
-    return accelerator is None or accelerator.is_main_process
 
 
 def _budget_met(state: RunState, budget: int | None) -> bool:
@@ -154,7 +151,7 @@ def _checkpoint(recipe, spec: RLSpec, loaded, optimizer, scheduler, state: RunSt
         trainer_state = {"optimizer": optimizer_state(sharded, optimizer), "fsdp": True}
     else:
         trainer_state = None
-    if _is_main(accelerator):
+    if is_main(accelerator):
         if trainer_state is None:
             trainer_state = {"optimizer": optimizer.state_dict()}
         save_run_state(loaded, state_dir, {**trainer_state, "scheduler": scheduler.state_dict(), "run": state.to_dict()})

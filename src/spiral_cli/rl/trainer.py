@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import random
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -54,6 +53,7 @@ from spiral_cli.generation.roles import (
 )
 from spiral_cli.optim import adamw
 from spiral_cli.paths import runs_dir
+from spiral_cli.processes import all_sum, check_shared_home, is_main, make_accelerator, rank_world
 from spiral_cli.progress import fmt_duration
 from spiral_cli.recipe import Recipe, RecipeError, grpo_budget
 from spiral_cli.registry import Registry
@@ -71,7 +71,6 @@ from spiral_cli.rl.run_io import (
     _budget_met,
     _checkpoint,
     _eval_due,
-    _is_main,
     _log,
     _register_missing,
     _step_metrics,
@@ -106,30 +105,7 @@ class TimedGenerator:
         self.inner.update_weights(model)
 
 
-# ---------------------------------------------------------------- processes (one, or DDP ranks)
-
-
-def _make_accelerator(device: torch.device):
-    """accelerate handles DDP (torchrun / accelerate launch); a single process runs without it.
-    Under FSDP it only holds the process group: the model is never `prepare`d (accelerate 1.15
-    drops its FSDP plugin on CPU), rl/fsdp.py shards it with torch's fully_shard."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=device.type == "cpu")
-
-
-def _check_shared_home(accelerator, resuming: bool, state_dir: Path) -> None:
-    """Every rank reads the run's state and registry from SPIRAL_HOME; only rank 0 writes them. On
-    several nodes the home must be one shared directory: ranks that disagree on resuming stop."""
-    if accelerator is None:
-        return
-    found = int(_all_sum([float(resuming)], accelerator)[0])
-    if 0 < found < accelerator.num_processes:
-        raise RecipeError(f"{found} of {accelerator.num_processes} processes find the run's saved state "
-                          f"({state_dir}): SPIRAL_HOME must be a directory every node sees at the same path "
-                          "(a shared filesystem), docs/scaling.md#multi-node")
+# ---------------------------------------------------------------- a saved run's layout
 
 
 def _check_saved_layout(saved: dict[str, Any] | None, fsdp: bool, state_dir: Path) -> None:
@@ -140,13 +116,6 @@ def _check_saved_layout(saved: dict[str, Any] | None, fsdp: bool, state_dir: Pat
     how = ("under FSDP: resume it under FSDP (several processes, model.fsdp or the accelerate FSDP config)"
            if saved.get("fsdp") else "without FSDP: resume it without (no model.fsdp, no accelerate FSDP config)")
     raise RecipeError(f"the run's state in {state_dir} was saved {how}, or give --name NEW to start a new run")
-
-
-def _rank_world(accelerator) -> tuple[int, int]:
-    return (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-
-
-# ---------------------------------------------------------------- entry points
 
 
 def run_train_set(recipe: Recipe, *, home: Path, name: str | None = None, model: str | None = None,
@@ -247,7 +216,7 @@ class RLRun:
 
     @property
     def main(self) -> bool:
-        return _is_main(self.accelerator)
+        return is_main(self.accelerator)
 
     def sampling_weights(self) -> AbstractContextManager:
         """Under FSDP: the policy unsharded on every rank for the block (sampling, evaluation, the
@@ -345,18 +314,18 @@ def _setup_rl(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, conso
         fsdp_.check_loaded(recipe, loaded)
     agg_mode = spec.aggregator_mode
     adapter_roles = _aggregator_adapter_roles(loaded, spec.stage, agg_mode)
-    accelerator = _make_accelerator(loaded.device)
-    rank, world = _rank_world(accelerator)
+    accelerator = make_accelerator(loaded.device)
+    rank, world = rank_world(accelerator)
     if fsdp and world == 1:
         console.print("  [yellow]note:[/] FSDP with one process: nothing to shard, training unsharded")
         fsdp = False
-    _check_shared_home(accelerator, resuming, state_dir)
+    check_shared_home(accelerator, resuming, state_dir)
     saved = load_trainer_state(state_dir) if resuming else None
     _check_saved_layout(saved, fsdp, state_dir)
     model = loaded.model
     warmup = sec.warmup_steps
     if fsdp:
-        if resuming and _is_main(accelerator):  # the loaded weights are the state's, still whole
+        if resuming and is_main(accelerator):  # the loaded weights are the state's, still whole
             _register_missing(recipe, spec, loaded, RunState(**saved["run"]), registry, home, start_ref)
         optimizer, generator = _fsdp_policy(recipe, loaded, accelerator, sec.lr)
     else:
@@ -379,12 +348,12 @@ def _setup_rl(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, conso
             optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = RunState(**saved["run"])
-        if _is_main(accelerator):  # the main rank alone writes metrics.jsonl (two ranks raced on its rewrite)
+        if is_main(accelerator):  # the main rank alone writes metrics.jsonl (two ranks raced on its rewrite)
             _truncate_metrics(run_dir / "metrics.jsonl", state.step)
-        if _is_main(accelerator) and not fsdp:
+        if is_main(accelerator) and not fsdp:
             _register_missing(recipe, spec, loaded, state, registry, home, start_ref)
     budget = sec.max_generated_tokens
-    if _is_main(accelerator):
+    if is_main(accelerator):
         _print_start(console, spec, start_ref, loaded, count_parameters(loaded.model), world,
                      state if resuming else None, budget, fsdp)
     # capped: a token budget comes with a large `steps` cap, and `_take` wraps around the pool
@@ -392,7 +361,7 @@ def _setup_rl(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, conso
                                seed=recipe.seed + 17)
     eval_problems = task.problems("eval", sec.eval_problems, seed=recipe.seed) if sec.eval_problems else []
     compiled = _CompiledForward(loaded, console) if _compile_applies(sec, accelerator, adapter_roles, console) else None
-    tb = _tensorboard(run_dir) if sec.tensorboard and _is_main(accelerator) else None
+    tb = _tensorboard(run_dir) if sec.tensorboard and is_main(accelerator) else None
     return RLRun(recipe=recipe, spec=spec, home=home, registry=registry, task=task, start_ref=start_ref,
                 run_dir=run_dir, state_dir=state_dir, loaded=loaded, model=model, optimizer=optimizer,
                 scheduler=scheduler, accelerator=accelerator, rank=rank, world=world, adapter_roles=adapter_roles,
@@ -470,7 +439,7 @@ def _draw_round(need: int, uniform: bool, run: RLRun) -> list[int]:
     _join_generation(run)  # a rank with a tensor-parallel engine serves the others' rounds first
     counts = [0.0] * run.world
     counts[run.rank] = float(need)
-    return [int(c) for c in _all_sum(counts, run.accelerator)]
+    return [int(c) for c in all_sum(counts, run.accelerator)]
 
 
 def _collect(run: RLRun, rng: random.Random, step_seed: int) -> tuple[list[PromptRollout], int, float, float]:
@@ -511,11 +480,11 @@ def _collect(run: RLRun, rng: random.Random, step_seed: int) -> tuple[list[Promp
             break
     _join_generation(run)
     # exact counts over all ranks, so every rank takes the same decision on the token budget
-    generated, total_tokens = _all_sum([local_generated, local_total], run.accelerator)
+    generated, total_tokens = all_sum([local_generated, local_total], run.accelerator)
     state.generated_tokens += int(generated)
     state.total_tokens += int(total_tokens)
     if spec.scale_rewards == "batch":  # TRL's batch std: over the whole step's batch, all ranks
-        scale_batch(kept, spec.stage == "grpo", lambda xs: _all_sum(xs, run.accelerator))
+        scale_batch(kept, spec.stage == "grpo", lambda xs: all_sum(xs, run.accelerator))
     rollout_seconds = time.perf_counter() - t_roll
     gen_seconds = run.policy_gen.seconds + (run.other_gen.seconds if run.other_gen else 0.0)
     run.model.train()
@@ -590,17 +559,6 @@ def _warn_no_signal(console: Console, spec: RLSpec, state: RunState) -> None:
     else:
         console.print(f"[yellow]note:[/] {empty} of {state.step} steps of {spec.name} kept 0 prompts (no reward signal)",
                       highlight=False, soft_wrap=True)
-
-
-def _all_sum(values: list[float], accelerator) -> list[float]:
-    """Element-wise sum over all ranks (the values themselves in a single process)."""
-    if accelerator is None:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    return accelerator.reduce(t, reduction="sum").tolist()
-
-
-# ---------------------------------------------------------------- pieces of the loop
 
 
 def _eta(state: RunState, steps: int, budget: int | None, loop_start: tuple[float, int, int]) -> str:
