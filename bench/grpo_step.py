@@ -4,7 +4,10 @@ Work per step: 8 prompts x 8 samples x up to 128 generated tokens, a ~4M-paramet
 (scratch:tiny), CPU. Usage (from the repo root, spiral's venv):
 
     .venv/bin/python bench/grpo_step.py prepare /tmp/bench     # model dir + prompts.jsonl (shared with TRL)
-    .venv/bin/python bench/grpo_step.py run /tmp/bench --steps 6 [--compile] [--objective spiral]
+    .venv/bin/python bench/grpo_step.py run /tmp/bench --steps 6 [--compile] [--objective spiral] [--fp32]
+
+bf16 autocast by default, as TRL's bf16=True; `--fp32` (with trl_grpo.py `--no-bf16`) on a CPU
+without native bf16 matrix products (AVX2 only), where bf16 runs a scalar fallback ~9.5x slower.
 
 Prints seconds per step (median of steps 2.., the first is warm-up) split into generation,
 scoring and update, generated tokens per step, seconds per 1,000 generated tokens and peak RSS.
@@ -46,7 +49,7 @@ def prepare(out: Path) -> None:
     print(f"wrote {out / 'model'} and {out / 'prompts.jsonl'}")
 
 
-def run(out: Path, steps: int, compile_update: bool = False, objective: str = "grpo") -> None:
+def run(out: Path, steps: int, compile_update: bool = False, objective: str = "grpo", fp32: bool = False) -> None:
     from rich.console import Console
 
     from spiral_cli.recipe import Recipe
@@ -55,8 +58,9 @@ def run(out: Path, steps: int, compile_update: bool = False, objective: str = "g
     recipe = Recipe.model_validate({
         "name": "bench", "seed": 0,
         "task": {"name": "toy_reward_task:BenchTask"},
-        # bf16 as TRL's bf16=True; "auto" times the CPU at load, and a busy machine can tip it to fp32
-        "model": {"name": str(out / "model"), "autocast": "on"},
+        # bf16 as TRL's bf16=True (fp32 with --fp32); "auto" times the CPU at load, and a busy
+        # machine can tip it either way
+        "model": {"name": str(out / "model"), "autocast": "off" if fp32 else "on"},
         "generation": {"max_new_tokens": 128, "agg_max_new_tokens": 128, "batch_size": 64, "temperature": 1.0},
         "train_set": {"objective": objective, "steps": steps, "prompts_per_step": 8, "num_generations": 8,
                       "num_search": 8, "num_sets": 4, "set_size": 4, "num_aggregations": 4,
@@ -72,7 +76,8 @@ def run(out: Path, steps: int, compile_update: bool = False, objective: str = "g
     med = {k: statistics.median(r["seconds"][k] for r in timed) for k in ("total", "generation", "scoring", "update")}
     gen_per_step = statistics.median(b["generated_tokens"] - a["generated_tokens"] for a, b in zip(rows, rows[1:])) if len(rows) > 1 else rows[0]["generated_tokens"]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    impl = "spiral" + ("" if objective == "grpo" else " --objective spiral") + (" compiled update" if compile_update else "")
+    impl = ("spiral" + ("" if objective == "grpo" else " --objective spiral") + (" compiled update" if compile_update else "")
+            + (" fp32" if fp32 else " bf16"))
     print(json.dumps({"impl": impl, "steps_timed": len(timed), "sec_per_step": round(med["total"], 3),
                       "generation_s": round(med["generation"], 3), "scoring_s": round(med["scoring"], 3),
                       "update_s": round(med["update"], 3), "generated_tokens_per_step": gen_per_step,
@@ -88,5 +93,6 @@ if __name__ == "__main__":
     ap.add_argument("--compile", action="store_true", help="train_set.compile: the update's forward compiled")
     ap.add_argument("--objective", choices=["grpo", "spiral"], default="grpo",
                     help="grpo (TRL's work, the default) or a SPIRAL step on the same prompts")
+    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (compare with trl_grpo.py --no-bf16)")
     a = ap.parse_args()
-    prepare(a.dir) if a.what == "prepare" else run(a.dir, a.steps, a.compile, a.objective)
+    prepare(a.dir) if a.what == "prepare" else run(a.dir, a.steps, a.compile, a.objective, a.fp32)

@@ -27,7 +27,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("dir", type=Path)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--bf16", action="store_true", default=True)
+    # bf16 as spiral's bench default; --no-bf16 with grpo_step.py --fp32 on a CPU without native bf16
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     a = ap.parse_args()
 
     import trl
@@ -67,7 +68,7 @@ def main() -> None:
     logs = [h for h in trainer.state.log_history if "loss" in h or "completions/mean_length" in h]
     timed = timer.t[1:] if len(timer.t) > 1 else timer.t
     lengths = [h.get("completions/mean_length") for h in logs if h.get("completions/mean_length")]
-    print(json.dumps({"impl": f"trl {trl.__version__}", "steps_timed": len(timed),
+    print(json.dumps({"impl": f"trl {trl.__version__}" + (" bf16" if a.bf16 else " fp32"), "steps_timed": len(timed),
                       "sec_per_step": round(statistics.median(timed), 3),
                       "generated_tokens_per_step": round(64 * statistics.median(lengths)) if lengths else None,
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
