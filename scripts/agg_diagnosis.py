@@ -9,7 +9,8 @@ when at least one candidate was right), and how often it rejected every candidat
 
     .venv/bin/python scripts/agg_diagnosis.py <checkpoint dir or registry path> [temperature] [problems] [recipe overrides...]
 
-e.g. `... 1.0 100 task.agg_view=grouped task.agg_answer=select` for a model trained with those;
+e.g. `... 1.0 100 task.agg_view=grouped task.agg_answer=select` for a model trained with those (in
+the steps view a candidate is right when its kept steps check out, the answer it gives then);
 `aggregator=<checkpoint dir>` among them aggregates with that model (the two-model form) instead.
 """
 from __future__ import annotations
@@ -43,19 +44,16 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
     prompts, sets = [], []
     for i, r in enumerate(results):
         for subset in draw_subsets(8, 4, 8, rng):
-            cands = [r.search[j] for j in subset]
-            texts = [t.text for t in cands]
-            if task.config.agg_view == "grouped":  # the verdicts are per distinct answer
-                by_key = {vote_key(t.answer): t for t in cands if t.answer}
-                cands = [by_key[vote_key(a)] for a in task.candidate_answers(texts)]
+            texts = [r.search[j].text for j in subset]
             prompts.append(task.aggregate_prompt(problems[i], texts))
-            sets.append((i, cands, texts))
+            # the truth about each numbered candidate: its answer's check, or its re-done steps (steps view)
+            sets.append((i, texts, task.candidate_checks(problems[i], texts)))
     outs = agg_gen.generate(prompts, n=1, max_new_tokens=256, temperature=temperature, stop=task.stop_strings(), seed=1)
     c = collections.Counter()
-    for (i, cands, texts), out in zip(sets, outs):
+    for (i, texts, checks), out in zip(sets, outs):
         text = resolve_aggregation(task, texts, out[0].text)
         right = task.is_correct(problems[i], text)
-        any_right = any(t.correct for t in cands)
+        any_right = any(ok for ok, _ in checks)
         c["sets"] += 1
         c["sets with a right candidate"] += any_right
         c["aggregation right"] += right
@@ -63,20 +61,21 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
         verdicts = {int(m.group(1)): m.group(2).rstrip() for m in re.finditer(r"^(\d+): (.*)$", text, re.M)}
         if not any(v.endswith(" ok") for v in verdicts.values()):
             c["rejected every candidate"] += 1
-        accepted = [t for k, t in enumerate(cands, 1) if verdicts.get(k, "").endswith(" ok") and t.answer]
-        if any(t.correct for t in accepted):
+        answers = task.candidate_answers(texts)  # numbered as the prompt numbers them
+        accepted = [k for k in range(1, len(checks) + 1) if verdicts.get(k, "").endswith(" ok") and answers[k - 1]]
+        if any(checks[k - 1][0] for k in accepted):
             c["accepted a right candidate"] += 1
             answer = task.extract_answer(text)
             c["accepted a right candidate, answered with an accepted one"] += any(
-                answer is not None and vote_key(answer) == vote_key(t.answer) for t in accepted)
+                answer is not None and vote_key(answer) == vote_key(answers[k - 1]) for k in accepted)
             c["accepted a right candidate, answer right"] += right
-        for k, t in enumerate(cands, 1):
-            if t.answer is None or k not in verdicts:
+        for k, (truth, line) in enumerate(checks, 1):
+            if line == "none" or k not in verdicts:
                 continue
             ok = verdicts[k].endswith(" ok")
             c["verdict lines"] += 1
-            c["verdict lines equal to the verifier's check"] += verdicts[k] == task.check(problems[i], t.answer)[1]
-            c[("accepted" if ok else "rejected") + (" right" if t.correct else " wrong") + " candidate"] += 1
+            c["verdict lines equal to the verifier's check"] += verdicts[k] == line
+            c[("accepted" if ok else "rejected") + (" right" if truth else " wrong") + " candidate"] += 1
     pass1 = sum(t.correct for r in results for t in r.search) / (8 * len(results))
     for k, v in c.items():
         print(f"{k:40s} {v}")

@@ -11,6 +11,7 @@ import pytest
 from spiral_cli.tasks import TaskError, list_tasks, load_task
 from spiral_cli.tasks.base import Task
 from spiral_cli.tasks.countdown import CountdownConfig, CountdownTask, check_answer, solve
+from spiral_cli.tasks.countdown.steps import Step, check_path, path_expression, step_path
 
 P70 = {"id": "p70", "numbers": [3, 7, 12, 25], "target": 70}  # 25*3-12+7 = 70 uses all four
 P68 = {"id": "p68", "numbers": [3, 7, 12, 25], "target": 68}  # 25*3-7 = 68 leaves 12 unused
@@ -478,7 +479,7 @@ def test_select_in_verbose_format_and_not_with_full_view():
     assert target.endswith("<answer>#1</answer>") and "name it by its number" in t.aggregate_prompt(P70, traces)
     sampled = target.removesuffix("</answer>")  # the stop string is cut from a sampled completion
     assert t.is_correct(P70, t.resolve_aggregation(traces, sampled))
-    with pytest.raises(ValueError, match="agg_answer: select needs agg_view answer or grouped"):
+    with pytest.raises(ValueError, match="agg_answer: select needs agg_view answer, grouped or steps"):
         task(agg_view="full", agg_answer="select")
 
 
@@ -505,6 +506,144 @@ def test_sft_examples_grouped_select_round_trip():
             assert lines[len(cands)] == f"answer: #{first_ok + 1}"
             assert t.extract_answer(e["completion"]) == f"#{first_ok + 1}"
     assert named >= 100 and duplicated >= 30
+
+
+# ------------------------------------------------------------------------------- steps view
+SOLVED70 = "25*3=75 (7 12 75)\n75+12=87 (7 87)\nback\n75-12=63 (7 63)\n63+7=70 (70)\nanswer: 25*3-12+7\n"
+
+
+def test_step_path_keeps_the_steps_on_the_way_to_the_answer():
+    path = step_path(SOLVED70)
+    assert [s.text() for s in path] == ["25*3=75 (7 12 75)", "75-12=63 (7 63)", "63+7=70 (70)"]
+    assert step_path("3 + 7 = 10\nsomething else\nback\nback\n12*7=84\nanswer: 12*7\n75-12=63 (7 63)\n") == [
+        Step(12, "*", 7, 84, None)]  # no state written; "back" on an empty path; nothing after the answer
+    assert step_path("<think>\n25*3=75 (7 12 75)\n</think>\n<answer>25*3</answer>") == [Step(25, "*", 3, 75, (7, 12, 75))]
+    assert step_path("9" * 13 + "+1=2\nanswer: 1\n") == []  # no 13-digit operands
+    assert len(step_path("1+1=2\n" * 100 + "answer: 2\n")) == 16  # MAX_STEPS
+
+
+def test_check_path_redoes_each_step_as_the_search_writes_it():
+    def check(trace, numbers=(3, 7, 12, 25), target=70, rule="at_most_once"):
+        return check_path(step_path(trace), list(numbers), target, rule)
+
+    assert check(SOLVED70) == (True, "25*3=75 (7 12 75) 75-12=63 (7 63) 63+7=70 (70) ok")
+    # the value is re-done and the claimed one compared: the first wrong claim ends the check
+    assert check("25*3=76 (7 12 76)\n76-6=70 (7 70)\n") == (False, "25*3=75 (7 12 75) no")
+    assert check("25*3=75 (7 12 75)\n75-12=63 (7 63)\n63+7=71 (71)\n") == (
+        False, "25*3=75 (7 12 75) 75-12=63 (7 63) 63+7=70 (70) no")
+    # the numbers left are tracked from the problem, not from what the trace wrote
+    assert check("25*3=75 (3 7 12 75)\n75-5=70 (70)\n") == (False, "25*3=75 (7 12 75) uses 5 no")
+    assert check("25*3=75 (7 12 75)\n75-3=72 (7 12 72)\n") == (False, "25*3=75 (7 12 75) uses 3 no")
+    assert check("25/3=8 (7 12 8)\n") == (False, "25/3=? no")
+    assert check("25*3=75 (7 12 75)\n75-7=68 (12 68)\n") == (False, "25*3=75 (7 12 75) 75-7=68 (12 68) no")
+    assert check("25*3=75 (7 12 75)\n75-7=68 (12 68)\n", target=68) == (
+        True, "25*3=75 (7 12 75) 75-7=68 (12 68) ok")
+    assert check("25*3=75 (7 12 75)\n75-7=68 (12 68)\n", target=68, rule="exactly_once") == (
+        False, "25*3=75 (7 12 75) 75-7=68 (12 68) unused 12 no")
+    assert check("2+2=4 (7 5 4)\n", numbers=(2, 2, 7, 5), target=4) == (True, "2+2=4 (7 5 4) ok")
+    assert check("2+2=4 (7 5 4)\n4*2=8 (7 5 8)\n", numbers=(2, 2, 7, 5), target=8)[1].endswith("uses 2 no")
+    assert check("answer: 25*3-12+7\n") == (False, "none")
+
+
+def test_path_expression_is_what_the_steps_build():
+    assert path_expression(step_path(SOLVED70)) == "25*3-12+7"
+    assert path_expression(step_path("20-11=9 (9)\n14-3=11 (20 11)\n")) == "14-3"  # the last step's
+    assert path_expression(step_path("14-3=11 (20 11)\n20-11=9 (9)\n")) == "20-(14-3)"
+    # steps link by real value: 76 is not what 25*3 made, so it stays a number the verifier rejects
+    wrong = path_expression(step_path("25*3=76 (7 12 76)\n76-6=70 (7 70)\n"))
+    assert wrong == "76-6" and AT_MOST.check(P70, wrong) == (False, "76-6=70 uses 6 76 no")
+    # a wrong claim that the next step does not use: 75 is what 25*3 made
+    assert path_expression(step_path("25*3=76 (7 12 76)\n75-5=70 (7 70)\n")) == "25*3-5"
+    assert path_expression([]) is None
+
+
+def test_paths_that_check_out_build_answers_that_verify():
+    """Over the steps view's SFT candidates (honest, slipped, cut short) and both number rules:
+    a path the check accepts builds an expression the verifier accepts; one it rejects builds one
+    that verifies only where the check is stricter (a wrong claim no later step uses)."""
+    for rule in ("at_most_once", "exactly_once"):
+        t = task(number_rule=rule, agg_view="steps", agg_answer="select")
+        rng = random.Random(3)
+        accepted = rejected = stricter = 0
+        for p in t.problems("train", 300, seed=1):
+            cand = t._steps_candidate(p, rng)
+            ok, _line = t.candidate_checks(p, [cand])[0]
+            expr = t.candidate_answers([cand])[0]
+            if ok:
+                accepted += 1
+                assert t.check(p, expr)[0], (p, cand)
+            elif expr is not None:
+                rejected += 1
+                if t.check(p, expr)[0]:
+                    stricter += 1
+                    redone = check_path(step_path(cand), p["numbers"], p["target"], rule)[1]
+                    assert redone.endswith(") no")  # stopped at a wrong claim, not at a number or the target
+        assert accepted >= 50 and rejected >= 80 and stricter < rejected / 2, (rule, accepted, rejected, stricter)
+
+
+def test_steps_view_prompt_target_and_selection():
+    """agg_view=steps: each candidate shown as the steps it kept; the target re-does them and names
+    the first that checks out; the selected candidate's answer is the expression its steps build,
+    which the verifier then scores, whatever its answer line said."""
+    t = task(number_rule="at_most_once", agg_view="steps", agg_answer="select")
+    slipped = "25*3=75 (7 12 75)\n75-12=62 (7 62)\n62+8=70 (70)\nanswer: 25*3-12+7\n"
+    miscopied = SOLVED70.replace("answer: 25*3-12+7", "answer: 25*3-(12+7)")  # right steps, wrong answer line
+    traces = [slipped, "fail\n", miscopied]
+    prompt = t.aggregate_prompt(P70, traces)
+    assert prompt == ("agg 3 7 12 25 -> 70\n1: 25*3=75 (7 12 75) 75-12=62 (7 62) 62+8=70 (70)\n2: none\n"
+                      "3: 25*3=75 (7 12 75) 75-12=63 (7 63) 63+7=70 (70)\n--\n")
+    target = t.aggregate_completion(P70, traces, random.Random(0))
+    assert target == ("1: 25*3=75 (7 12 75) 75-12=63 (7 63) no\n2: none\n"
+                      "3: 25*3=75 (7 12 75) 75-12=63 (7 63) 63+7=70 (70) ok\nanswer: #3\n")
+    resolved = t.resolve_aggregation(traces, target)
+    assert resolved.endswith("answer: 25*3-12+7\n") and t.is_correct(P70, resolved)
+    assert not t.is_correct(P70, miscopied)  # the vote scores its answer line
+    named_slip = t.resolve_aggregation(traces, "answer: #1\n")
+    assert t.extract_answer(named_slip) == "62+8" and not t.is_correct(P70, named_slip)
+    assert t.resolve_aggregation(traces, "answer: #2\n") == "answer: #2\n"  # "none" resolves to nothing
+    # the write form writes the expression the accepted steps build
+    w = task(number_rule="at_most_once", agg_view="steps")
+    assert w.aggregate_completion(P70, traces, random.Random(0)).endswith("\nanswer: 25*3-12+7\n")
+    # verbose: steps inside <think>, the candidate shown as its steps
+    v = task(number_rule="at_most_once", agg_view="steps", agg_answer="select", prompt_format="verbose")
+    vt = "<think>\n25*3=75 (7 12 75)\n75-12=63 (7 63)\n63+7=70 (70)\n</think>\n<answer>25*3-12+7</answer>"
+    assert "Candidate 1:\n25*3=75 (7 12 75) 75-12=63 (7 63) 63+7=70 (70)" in v.aggregate_prompt(P70, [vt])
+    assert v.aggregate_completion(P70, [vt], random.Random(0)).endswith("<answer>#1</answer>")
+
+
+def test_sft_examples_steps_select_round_trip():
+    """Every SFT aggregation example of the steps/select form: the target's lines are the re-done
+    steps of the candidates the prompt shows, it names the first that checks out, and resolved,
+    the verifier scores it right; slips of all three kinds and honest paths are all there."""
+    t = task(number_rule="at_most_once", agg_view="steps", agg_answer="select")
+    ex = t.sft_examples(0, 300, seed=4, set_size=4)
+    kinds = Counter()
+    named = 0
+    for e in ex:
+        p = _problem_from_prompt(t, e["prompt"])
+        views = re.findall(r"^(\d+): (.*)$", e["prompt"], flags=re.M)
+        assert [int(i) for i, _ in views] == [1, 2, 3, 4]
+        lines = e["completion"].split("\n")
+        first_ok = None
+        for k, (_i, view) in enumerate(views):
+            steps = [] if view == "none" else step_path(view.replace(") ", ")\n") + "\n")
+            ok, line = check_path(steps, p["numbers"], p["target"])
+            assert lines[k] == f"{k + 1}: {line}"
+            kinds["ok" if ok else "none" if line == "none" else "uses" if "uses " in line else "wrong"] += 1
+            if ok and first_ok is None:
+                first_ok = k + 1
+        if first_ok is not None:
+            named += 1
+            assert lines[4] == f"answer: #{first_ok}"
+            assert t.is_correct(p, t.resolve_aggregation(_traces_for(views), e["completion"]))
+    assert named >= 150
+    assert kinds["ok"] >= 300 and kinds["none"] >= 50 and kinds["uses"] >= 50, kinds
+    assert kinds["wrong"] >= 100, kinds  # a wrong value, an inexact division, or a last value that is not the target
+
+
+def _traces_for(views):
+    """Search traces with the steps a steps-view prompt shows (a round trip through the view)."""
+    return ["fail\n" if v == "none" else v.replace(") ", ")\n") + "\nanswer: x\n" for _i, v in views]
 
 
 def _problem_from_prompt(t, prompt):

@@ -31,9 +31,10 @@ class CountdownConfig(TaskConfig):
     # often, so a model trained on a mix learns that spending more tokens pays (the T knob)
     sft_max_nodes: list[int] = Field(default_factory=lambda: [2, 4, 8, 16], min_length=1)
     # what the aggregator sees of each candidate: its answer line ("answer"), its trace ("full"),
-    # or the distinct answers with their vote counts, most votes first ("grouped": the vote's
-    # information, one line per distinct answer)
-    agg_view: Literal["answer", "full", "grouped"] = "answer"
+    # the distinct answers with their vote counts, most votes first ("grouped": the vote's
+    # information, one line per distinct answer), or the search steps each kept on the way to its
+    # answer ("steps": checked by re-doing each step, and its answer is the expression they build)
+    agg_view: Literal["answer", "full", "grouped", "steps"] = "answer"
     # the aggregation target: "all" checks every candidate, then answers with the first that
     # verified; "until_ok" stops at the first that verifies and answers at once, so the answer
     # line follows the check of the candidate it copies (a small model miscopies across lines)
@@ -47,7 +48,7 @@ class CountdownConfig(TaskConfig):
     @model_validator(mode="after")
     def _ranges(self) -> CountdownConfig:
         if self.agg_answer == "select" and self.agg_view == "full":
-            raise ValueError("agg_answer: select needs agg_view answer or grouped (a full trace has no answer line to name)")
+            raise ValueError("agg_answer: select needs agg_view answer, grouped or steps (a full trace has no answer line to name)")
         if self.min_numbers > self.max_numbers:
             raise ValueError("min_numbers must be <= max_numbers")
         if self.min_value > self.max_value:

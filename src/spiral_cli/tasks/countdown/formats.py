@@ -1,6 +1,6 @@
 """Countdown's prompts and completions, compact and verbose: the search prompt, the aggregation
-prompt in its three views (answer, full, grouped), how a completion ends (answer line or tags),
-and the substitution of a `select` answer ("answer: #2") by the candidate it names."""
+prompt in its four views (answer, full, grouped, steps), how a completion ends (answer line or
+tags), and the substitution of a `select` answer ("answer: #2") by the candidate it names."""
 from __future__ import annotations
 
 import re
@@ -8,6 +8,7 @@ from typing import Any
 
 from .._answers import vote_key
 from .config import CountdownConfig
+from .steps import check_path, path_expression, step_path
 
 _SELECT = re.compile(r"#\s*(\d{1,3})")  # "answer: #2": the aggregator names candidate 2
 
@@ -42,10 +43,17 @@ class CountdownFormats:
             "tags, for example <answer> (1 + 2) / 3 </answer>.\n"
         )
 
+    def _steps(self, trace: str) -> list:
+        """The step path of a candidate that has an answer line (steps.py); [] for one without."""
+        return step_path(trace) if self.extract_answer(trace) is not None else []
+
     def _candidate_view(self, trace: str) -> str:
         if self.config.agg_view == "answer":
             ans = self.extract_answer(trace)
             return ans if ans is not None else "none"
+        if self.config.agg_view == "steps":
+            text = " ".join(s.text() for s in self._steps(trace)) or "none"
+            return text if len(text) <= self.config.agg_max_chars else text[: self.config.agg_max_chars - 3] + "..."
         text = trace.strip("\n")
         if len(text) > self.config.agg_max_chars:
             text = "..." + text[-(self.config.agg_max_chars - 3) :]
@@ -71,10 +79,22 @@ class CountdownFormats:
 
     def candidate_answers(self, traces: list[str]) -> list[str | None]:
         """The answers the aggregator numbers 1, 2, ... in its prompt (None: a candidate without
-        one): one per candidate, or one per distinct answer in the grouped view."""
+        one): one per candidate, or one per distinct answer in the grouped view; in the steps view
+        the expression each candidate's steps build (what its steps, not its answer line, claim)."""
         if self.config.agg_view == "grouped":
             return [a for a, _ in self._answer_groups(traces)[0]]
+        if self.config.agg_view == "steps":
+            return [path_expression(self._steps(t)) for t in traces]
         return [self.extract_answer(t) for t in traces]
+
+    def candidate_checks(self, problem: dict[str, Any], traces: list[str]) -> list[tuple[bool, str]]:
+        """The verifier's verdict and check line for each candidate the aggregation prompt numbers,
+        in that order: the check of its answer, or in the steps view the re-done steps."""
+        if self.config.agg_view == "steps":
+            c = self.config
+            return [check_path(self._steps(t), list(problem["numbers"]), int(problem["target"]), c.number_rule)
+                    for t in traces]
+        return [self.check(problem, a) for a in self.candidate_answers(traces)]
 
     def aggregate_prompt(self, problem: dict[str, Any], traces: list[str]) -> str:
         c = self.config
@@ -98,7 +118,7 @@ class CountdownFormats:
         if c.prompt_format == "compact":
             out = ["agg " + self._header(problem)]
             for i, v in enumerate(views, 1):
-                if c.agg_view == "answer":
+                if c.agg_view in ("answer", "steps"):
                     out.append(f"{i}: {v}")
                 else:
                     out.append(f"[{i}]")

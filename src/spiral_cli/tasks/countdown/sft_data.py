@@ -8,7 +8,8 @@ from typing import Any
 
 from .config import CountdownConfig
 from .expressions import _OPS, _evaluate, _tokenize, parse_expression
-from .solver import _search
+from .solver import _moves, _search
+from .steps import Step, path_expression, step_path
 
 
 class CountdownSftData:
@@ -65,6 +66,8 @@ class CountdownSftData:
 
     def _candidate(self, problem: dict[str, Any], rng: random.Random) -> str:
         c = self.config
+        if c.agg_view == "steps":
+            return self._steps_candidate(problem, rng)
         kind = rng.random()
         budget = rng.randint(1, 2 * c.solver_max_nodes)
         lines, ans, (_cv, cexpr) = _search(
@@ -84,6 +87,33 @@ class CountdownSftData:
             return self._finish(lines, ans)
         return self._finish(lines, cexpr)
 
+    def _steps_candidate(self, problem: dict[str, Any], rng: random.Random) -> str:
+        """A candidate for the steps view, where the steps are what gets checked: an honest solver
+        trace (40%), a solved path with one step's value, operand or operator slipped (45%: the
+        answer is what the slipped path builds), or a search cut short that claims where it stopped."""
+        c = self.config
+        nums, target = list(problem["numbers"]), int(problem["target"])
+
+        def search(budget: int) -> tuple[list[str], str | None]:
+            lines, ans, _ = _search(nums, target, rng, budget, c.solver_order, c.solver_moves_per_node, c.number_rule)
+            return lines, ans
+
+        kind = rng.random()
+        lines, ans = search(rng.randint(1, 2 * c.solver_max_nodes))
+        if kind < 0.4:
+            return self._finish(lines, ans)
+        if kind < 0.85:
+            if ans is None:
+                lines, ans = search(4 * c.solver_max_nodes)
+            kept = _kept(lines)
+            if ans is None or not kept:
+                return self._finish(lines, ans)
+            i = rng.choice(kept)
+            lines[i] = _slip(step_path(lines[i])[0], nums, rng).text()
+        elif ans is not None or not _kept(lines):
+            return self._finish(lines, ans)
+        return self._finish(lines, path_expression(step_path("\n".join(lines))))
+
     def aggregate_completion(self, problem: dict[str, Any], traces: list[str], rng: random.Random) -> str:
         """The target aggregation completion: check the candidates in the order the prompt numbers
         them (distinct answers in the grouped view), answer from the first that verifies (checking
@@ -91,8 +121,8 @@ class CountdownSftData:
         select`, naming it; if none does, search (a solver trace) and end with its answer or fail."""
         checks = []
         chosen = None
-        for i, ans in enumerate(self.candidate_answers(traces), 1):
-            ok, line = self.check(problem, ans)
+        answers = self.candidate_answers(traces)
+        for i, (ans, (ok, line)) in enumerate(zip(answers, self.candidate_checks(problem, traces)), 1):
             checks.append(f"{i}: {line}")
             if ok and chosen is None:
                 chosen = f"#{i}" if self.config.agg_answer == "select" else ans
@@ -125,3 +155,33 @@ class CountdownSftData:
                 "kind": "aggregate",
             })
         return out
+
+
+def _kept(lines: list[str]) -> list[int]:
+    """Indices of the solver's step lines still on its path at the end (each "back" undoes one)."""
+    stack: list[int] = []
+    for i, line in enumerate(lines):
+        if line == "back":
+            stack.pop()
+        else:
+            stack.append(i)
+    return stack
+
+
+def _slip(step: Step, numbers: list[int], rng: random.Random) -> Step:
+    """`step` with one plausible slip: a wrong value, a wrong operand, or a wrong operator."""
+    kind = rng.random()
+    if kind < 0.4:  # a wrong value: off by a little, or another operator's value
+        others = [r for r, _op, _a, _b in _moves(step.a, step.b, "at_most_once")]
+        wrong = [v for v in [step.result + d for d in (-2, -1, 1, 2)] + others if v != step.result and v > 0]
+        v = rng.choice(wrong)
+        rest = None if step.rest is None else step.rest[:-1] + (v,)
+        return Step(step.a, step.op, step.b, v, rest)
+    if kind < 0.75:  # a wrong operand: a near number or another given one
+        side = rng.random() < 0.5
+        x = step.a if side else step.b
+        near = [y for y in [x + d for d in (-2, -1, 1, 2)] + list(numbers) if y != x and y > 0]
+        y = rng.choice(near)
+        return Step(y, step.op, step.b, step.result, step.rest) if side else Step(step.a, step.op, y, step.result, step.rest)
+    op = rng.choice([o for o in "+-*/" if o != step.op])
+    return Step(step.a, op, step.b, step.result, step.rest)
