@@ -517,6 +517,10 @@ def test_step_path_keeps_the_steps_on_the_way_to_the_answer():
     assert [s.text() for s in path] == ["25*3=75 (7 12 75)", "75-12=63 (7 63)", "63+7=70 (70)"]
     assert step_path("3 + 7 = 10\nsomething else\nback\nback\n12*7=84\nanswer: 12*7\n75-12=63 (7 63)\n") == [
         Step(12, "*", 7, 84, None)]  # no state written; "back" on an empty path; nothing after the answer
+    assert step_path("25*3=75 (7 12 75)\n") == []  # no answer: nothing kept
+    # a resolved selection: the checks, the name, then the named candidate's steps and answer
+    assert step_path("1: 25*3=75 (7 12 75) ok\nanswer: #1\n25*3=75 (7 12 75)\nanswer: 25*3\n") == [
+        Step(25, "*", 3, 75, (7, 12, 75))]
     assert step_path("<think>\n25*3=75 (7 12 75)\n</think>\n<answer>25*3</answer>") == [Step(25, "*", 3, 75, (7, 12, 75))]
     assert step_path("9" * 13 + "+1=2\nanswer: 1\n") == []  # no 13-digit operands
     assert len(step_path("1+1=2\n" * 100 + "answer: 2\n")) == 16  # MAX_STEPS
@@ -524,7 +528,7 @@ def test_step_path_keeps_the_steps_on_the_way_to_the_answer():
 
 def test_check_path_redoes_each_step_as_the_search_writes_it():
     def check(trace, numbers=(3, 7, 12, 25), target=70, rule="at_most_once"):
-        return check_path(step_path(trace), list(numbers), target, rule)
+        return check_path(step_path(trace + "answer: x\n"), list(numbers), target, rule)
 
     assert check(SOLVED70) == (True, "25*3=75 (7 12 75) 75-12=63 (7 63) 63+7=70 (70) ok")
     # the value is re-done and the claimed one compared: the first wrong claim ends the check
@@ -547,13 +551,13 @@ def test_check_path_redoes_each_step_as_the_search_writes_it():
 
 def test_path_expression_is_what_the_steps_build():
     assert path_expression(step_path(SOLVED70)) == "25*3-12+7"
-    assert path_expression(step_path("20-11=9 (9)\n14-3=11 (20 11)\n")) == "14-3"  # the last step's
-    assert path_expression(step_path("14-3=11 (20 11)\n20-11=9 (9)\n")) == "20-(14-3)"
+    assert path_expression(step_path("20-11=9 (9)\n14-3=11 (20 11)\nanswer: x\n")) == "14-3"  # the last step's
+    assert path_expression(step_path("14-3=11 (20 11)\n20-11=9 (9)\nanswer: x\n")) == "20-(14-3)"
     # steps link by real value: 76 is not what 25*3 made, so it stays a number the verifier rejects
-    wrong = path_expression(step_path("25*3=76 (7 12 76)\n76-6=70 (7 70)\n"))
+    wrong = path_expression(step_path("25*3=76 (7 12 76)\n76-6=70 (7 70)\nanswer: x\n"))
     assert wrong == "76-6" and AT_MOST.check(P70, wrong) == (False, "76-6=70 uses 6 76 no")
     # a wrong claim that the next step does not use: 75 is what 25*3 made
-    assert path_expression(step_path("25*3=76 (7 12 76)\n75-5=70 (7 70)\n")) == "25*3-5"
+    assert path_expression(step_path("25*3=76 (7 12 76)\n75-5=70 (7 70)\nanswer: x\n")) == "25*3-5"
     assert path_expression([]) is None
 
 
@@ -601,14 +605,22 @@ def test_steps_view_prompt_target_and_selection():
     named_slip = t.resolve_aggregation(traces, "answer: #1\n")
     assert t.extract_answer(named_slip) == "62+8" and not t.is_correct(P70, named_slip)
     assert t.resolve_aggregation(traces, "answer: #2\n") == "answer: #2\n"  # "none" resolves to nothing
-    # the write form writes the expression the accepted steps build
-    w = task(number_rule="at_most_once", agg_view="steps")
-    assert w.aggregate_completion(P70, traces, random.Random(0)).endswith("\nanswer: 25*3-12+7\n")
+    # the resolved selection carries the named candidate's steps, which a second RSA round then checks
+    assert resolved == target + "25*3=75 (7 12 75)\n75-12=63 (7 63)\n63+7=70 (70)\nanswer: 25*3-12+7\n"
+    assert t.aggregate_prompt(P70, [resolved, named_slip]) == (
+        "agg 3 7 12 25 -> 70\n1: 25*3=75 (7 12 75) 75-12=63 (7 63) 63+7=70 (70)\n"
+        "2: 25*3=75 (7 12 75) 75-12=62 (7 62) 62+8=70 (70)\n--\n")
+    assert t.candidate_answers([resolved]) == ["25*3-12+7"]
+    with pytest.raises(ValueError, match="agg_view: steps needs agg_answer: select"):
+        task(agg_view="steps")  # a written answer has no steps for the next round
     # verbose: steps inside <think>, the candidate shown as its steps
     v = task(number_rule="at_most_once", agg_view="steps", agg_answer="select", prompt_format="verbose")
     vt = "<think>\n25*3=75 (7 12 75)\n75-12=63 (7 63)\n63+7=70 (70)\n</think>\n<answer>25*3-12+7</answer>"
     assert "Candidate 1:\n25*3=75 (7 12 75) 75-12=63 (7 63) 63+7=70 (70)" in v.aggregate_prompt(P70, [vt])
-    assert v.aggregate_completion(P70, [vt], random.Random(0)).endswith("<answer>#1</answer>")
+    vtarget = v.aggregate_completion(P70, [vt], random.Random(0))
+    assert vtarget.endswith("<answer>#1</answer>")
+    vresolved = v.resolve_aggregation([vt], vtarget.removesuffix("</answer>"))
+    assert v.is_correct(P70, vresolved) and v.candidate_answers([vresolved]) == ["25*3-12+7"]
 
 
 def test_sft_examples_steps_select_round_trip():
@@ -626,7 +638,7 @@ def test_sft_examples_steps_select_round_trip():
         lines = e["completion"].split("\n")
         first_ok = None
         for k, (_i, view) in enumerate(views):
-            steps = [] if view == "none" else step_path(view.replace(") ", ")\n") + "\n")
+            steps = [] if view == "none" else step_path(view.replace(") ", ")\n") + "\nanswer: x\n")
             ok, line = check_path(steps, p["numbers"], p["target"])
             assert lines[k] == f"{k + 1}: {line}"
             kinds["ok" if ok else "none" if line == "none" else "uses" if "uses " in line else "wrong"] += 1

@@ -49,6 +49,8 @@ class CountdownConfig(TaskConfig):
     def _ranges(self) -> CountdownConfig:
         if self.agg_answer == "select" and self.agg_view == "full":
             raise ValueError("agg_answer: select needs agg_view answer, grouped or steps (a full trace has no answer line to name)")
+        if self.agg_view == "steps" and self.agg_answer != "select":
+            raise ValueError("agg_view: steps needs agg_answer: select (a written answer has no steps for a later RSA round to check)")
         if self.min_numbers > self.max_numbers:
             raise ValueError("min_numbers must be <= max_numbers")
         if self.min_value > self.max_value:

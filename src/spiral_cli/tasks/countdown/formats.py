@@ -142,8 +142,9 @@ class CountdownFormats:
 
     def resolve_aggregation(self, traces: list[str], completion: str) -> str:
         """With `agg_answer: select`, an aggregation that names candidate i ("answer: #2") gets that
-        candidate's answer appended as its final answer; anything else is returned unchanged (a
-        number with no answer behind it stays an unscorable answer)."""
+        candidate's answer appended as its final answer (in the steps view after the steps that
+        build it); anything else is returned unchanged (a number with no answer behind it stays an
+        unscorable answer)."""
         if self.config.agg_answer != "select":
             return completion
         m = _SELECT.fullmatch(self.extract_answer(completion) or "")
@@ -153,8 +154,12 @@ class CountdownFormats:
         i = int(m.group(1))
         if not 1 <= i <= len(answers) or answers[i - 1] is None:
             return completion
+        steps = ""
+        if self.config.agg_view == "steps":  # its steps too, for the next RSA round's view of this one
+            steps = "".join(s.text() + "\n" for s in self._steps(traces[i - 1]))
+            steps = steps if self.config.prompt_format == "compact" else f"<think>\n{steps}</think>\n"
         tail = f"answer: {answers[i - 1]}\n" if self.config.prompt_format == "compact" else f"<answer>{answers[i - 1]}</answer>"
-        return completion.rstrip("\n") + "\n" + tail
+        return completion.rstrip("\n") + "\n" + steps + tail
 
     def stop_strings(self) -> list[str]:
         return [] if self.config.prompt_format == "compact" else ["</answer>"]

@@ -9,7 +9,7 @@ from typing import Any
 from .config import CountdownConfig
 from .expressions import _OPS, _evaluate, _tokenize, parse_expression
 from .solver import _moves, _search
-from .steps import Step, path_expression, step_path
+from .steps import Step, parse_step, path_expression
 
 
 class CountdownSftData:
@@ -109,10 +109,10 @@ class CountdownSftData:
             if ans is None or not kept:
                 return self._finish(lines, ans)
             i = rng.choice(kept)
-            lines[i] = _slip(step_path(lines[i])[0], nums, rng).text()
+            lines[i] = _slip(parse_step(lines[i]), nums, rng).text()
         elif ans is not None or not _kept(lines):
             return self._finish(lines, ans)
-        return self._finish(lines, path_expression(step_path("\n".join(lines))))
+        return self._finish(lines, path_expression([parse_step(lines[k]) for k in _kept(lines)]))
 
     def aggregate_completion(self, problem: dict[str, Any], traces: list[str], rng: random.Random) -> str:
         """The target aggregation completion: check the candidates in the order the prompt numbers

@@ -35,22 +35,34 @@ class Step:
 
 
 def step_path(trace: str) -> list[Step]:
-    """The steps `trace` kept before its answer: each step line is pushed, each "back" pops the
-    last, anything else is skipped; reading stops at the answer line (or `</think>`)."""
+    """The steps `trace` kept on the way to its last answer: each step line is pushed, each "back"
+    pops the last, anything else is skipped; an answer line (or `</think>`) closes the steps read
+    since the one before. The last non-empty closed path is the trace's: a search trace's steps,
+    or in a resolved selection (`resolve_aggregation`) the steps of the candidate it named."""
     path: list[Step] = []
+    kept: list[Step] = []
     for line in trace.split("\n"):
         if _ANSWER.match(line):
-            break
+            if path:
+                kept, path = path, []
+            continue
         if line.strip() == "back":
             if path:
                 path.pop()
             continue
-        m = _STEP.fullmatch(line)
-        if m is None:
-            continue
-        rest = None if m[5] is None else tuple(int(x) for x in m[5].split())
-        path.append(Step(int(m[1]), m[2], int(m[3]), int(m[4]), rest))
-    return path[:MAX_STEPS]
+        step = parse_step(line)
+        if step is not None:
+            path.append(step)
+    return kept[:MAX_STEPS]
+
+
+def parse_step(line: str) -> Step | None:
+    """One search step line ("25*3=75 (7 12 75)"), or None for any other line."""
+    m = _STEP.fullmatch(line)
+    if m is None:
+        return None
+    rest = None if m[5] is None else tuple(int(x) for x in m[5].split())
+    return Step(int(m[1]), m[2], int(m[3]), int(m[4]), rest)
 
 
 def _apply(a: int, op: str, b: int) -> int | None:
