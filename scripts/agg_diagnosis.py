@@ -20,6 +20,8 @@ import random
 import re
 import sys
 
+_OPERATION = re.compile(r"(\d+)([-+*/])(\d+)=")
+
 
 def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: list[str] = (),
          recipe_path: str = "recipes/countdown.yaml") -> dict[str, float]:
@@ -31,6 +33,7 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
     from spiral_cli.tasks import load_task
     from spiral_cli.tasks._answers import vote_key
     from spiral_cli.tasks.base import resolve_aggregation
+    from spiral_cli.tasks.countdown.steps import step_path
 
     aggregator = [o.split("=", 1)[1] for o in overrides if o.startswith("aggregator=")]
     recipe = load_recipe(recipe_path, [o for o in overrides if not o.startswith("aggregator=")])
@@ -50,7 +53,9 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
             sets.append((i, texts, task.candidate_checks(problems[i], texts)))
     outs = agg_gen.generate(prompts, n=1, max_new_tokens=256, temperature=temperature, stop=task.stop_strings(), seed=1)
     c = collections.Counter()
+    steps_view = task.config.agg_view == "steps"
     for (i, texts, checks), out in zip(sets, outs):
+        own = [[(str(s.a), s.op, str(s.b)) for s in step_path(t)] if task.extract_answer(t) else [] for t in texts]
         text = resolve_aggregation(task, texts, out[0].text)
         right = task.is_correct(problems[i], text)
         any_right = any(ok for ok, _ in checks)
@@ -75,6 +80,9 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
             ok = verdicts[k].endswith(" ok")
             c["verdict lines"] += 1
             c["verdict lines equal to the verifier's check"] += verdicts[k] == line
+            if steps_view:  # did it re-do the candidate's own steps (operands and operators), whatever the values?
+                done = _OPERATION.findall(verdicts[k])
+                c["verdict lines re-doing the candidate's steps"] += bool(done) and done == own[k - 1][: len(done)]
             c[("accepted" if ok else "rejected") + (" right" if truth else " wrong") + " candidate"] += 1
     pass1 = sum(t.correct for r in results for t in r.search) / (8 * len(results))
     for k, v in c.items():
@@ -85,8 +93,12 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
     faithful = c["verdict lines equal to the verifier's check"] / max(1, c["verdict lines"])
     print(f"accepts {acc_right:.0%} of right candidates and {acc_wrong:.0%} of wrong ones; "
           f"{faithful:.0%} of the verdict lines are the verifier's own check, step for step")
+    redo = c["verdict lines re-doing the candidate's steps"] / max(1, c["verdict lines"])
+    if steps_view:
+        print(f"{redo:.0%} of the verdict lines re-do the candidate's own steps (its operands and operators)")
     return {"sets": c["sets"], "accepts_right": acc_right, "accepts_wrong": acc_wrong, "faithful_verdict_lines": faithful,
             "rejected_every_candidate": c["rejected every candidate"], "search_pass@1": pass1,
+            **({"verdict_lines_redoing_own_steps": redo} if steps_view else {}),
             "aggregation_accuracy": c["aggregation right"] / max(1, c["sets"])}
 
 

@@ -85,7 +85,7 @@ def test_the_cap_is_near_the_largest_that_fits(small, problem):
 
 def test_answer_views_are_unaffected(small, problem):
     for view in ("answer", "grouped", "steps"):
-        task = load_task("countdown", {"agg_view": view})
+        task = load_task("countdown", {"agg_view": view, "agg_answer": "select" if view == "steps" else "write"})
         prompts, cut = AggregationFit(task, small, AGG).prompts([problem], [[LONG, LONG, LONG, SHORT]])
         assert prompts == [task.aggregate_prompt(problem, [LONG, LONG, LONG, SHORT])] and cut == [0]
 
