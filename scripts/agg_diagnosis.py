@@ -33,7 +33,7 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
     from spiral_cli.tasks import load_task
     from spiral_cli.tasks._answers import vote_key
     from spiral_cli.tasks.base import resolve_aggregation
-    from spiral_cli.tasks.countdown.steps import step_path
+    from spiral_cli.tasks.countdown import step_path
 
     aggregator = [o.split("=", 1)[1] for o in overrides if o.startswith("aggregator=")]
     recipe = load_recipe(recipe_path, [o for o in overrides if not o.startswith("aggregator=")])

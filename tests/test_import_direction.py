@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, list[str], bool]] = [
     # them, the task, and the package that re-exports them (with the other tasks)
     ("countdown core", ["spiral_cli.tasks.countdown.expressions", "spiral_cli.tasks.countdown.solver",
                         "spiral_cli.tasks.countdown.config"], False),
+    ("countdown steps", ["spiral_cli.tasks.countdown.steps"], False),  # a candidate's step path, on the solver
     ("countdown parts", ["spiral_cli.tasks.countdown.problems", "spiral_cli.tasks.countdown.formats",
                          "spiral_cli.tasks.countdown.sft_data"], False),
     ("countdown task", ["spiral_cli.tasks.countdown.task"], False),

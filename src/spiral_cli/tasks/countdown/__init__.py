@@ -26,6 +26,7 @@ The package, one module per responsibility (each imports only those above it):
     expressions.py  tokenizer, parser, exact evaluation, check_answer (the verifier)
     solver.py       expression building and the depth-first search that writes its trace; solve
     config.py       CountdownConfig (the recipe's `task:` options)
+    steps.py        a candidate's kept search steps, their re-done check, the expression they build
     problems.py     the seeded generator, the train/eval split, problem validation
     formats.py      search and aggregation prompts, completion endings, `select` answers
     sft_data.py     supervised warm-start examples (search traces, aggregation targets)
@@ -37,6 +38,7 @@ from .config import MAX_TARGET, CountdownConfig
 from .expressions import MAX_ANSWER_CHARS, Node, check_answer, parse_expression
 from .problems import stable_hash
 from .solver import solve
+from .steps import check_path, path_expression, step_path
 from .task import CountdownTask
 
 __all__ = [
@@ -46,7 +48,10 @@ __all__ = [
     "CountdownTask",
     "Node",
     "check_answer",
+    "check_path",
     "parse_expression",
+    "path_expression",
     "solve",
     "stable_hash",
+    "step_path",
 ]
