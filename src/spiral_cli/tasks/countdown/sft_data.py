@@ -102,17 +102,17 @@ class CountdownSftData:
         lines, ans = search(rng.randint(1, 2 * c.solver_max_nodes))
         if kind < 0.4:
             return self._finish(lines, ans)
+        if kind < 0.85 and ans is None:
+            lines, ans = search(4 * c.solver_max_nodes)
+        kept = _kept(lines)
         if kind < 0.85:
-            if ans is None:
-                lines, ans = search(4 * c.solver_max_nodes)
-            kept = _kept(lines)
             if ans is None or not kept:
                 return self._finish(lines, ans)
             i = rng.choice(kept)
-            lines[i] = _slip(parse_step(lines[i]), nums, rng).text()
-        elif ans is not None or not _kept(lines):
+            lines[i] = _slip(parse_step(lines[i]), nums, rng).text()  # a line replaced: `kept` still holds
+        elif ans is not None or not kept:
             return self._finish(lines, ans)
-        return self._finish(lines, path_expression([parse_step(lines[k]) for k in _kept(lines)]))
+        return self._finish(lines, path_expression([parse_step(lines[k]) for k in kept]))
 
     def aggregate_completion(self, problem: dict[str, Any], traces: list[str], rng: random.Random) -> str:
         """The target aggregation completion: check the candidates in the order the prompt numbers

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from fractions import Fraction
 
+from .expressions import _evaluate
 from .solver import _combine
 
 # "25*3=75 (7 12 75)": one search step and the numbers left after it (as the solver writes it);
@@ -66,16 +66,11 @@ def parse_step(line: str) -> Step | None:
 
 
 def _apply(a: int, op: str, b: int) -> int | None:
-    """a op b, or None for a division that is not exact (or by zero)."""
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    if b == 0 or Fraction(a, b).denominator != 1:
+    """a op b by the verifier's own arithmetic, or None for a division that is not exact (or by zero)."""
+    try:
+        return int(_evaluate((op, a, b), []))
+    except ArithmeticError:
         return None
-    return a // b
 
 
 def check_path(steps: list[Step], numbers: list[int], target: int, rule: str = "at_most_once") -> tuple[bool, str]:
