@@ -102,3 +102,22 @@ def test_a_batch_the_ranks_cannot_share_is_refused(tmp_path):
     assert errors == {"error: sft.batch_size=3 must be a multiple of processes x sft.grad_accum (2 x 1): each rank "
                       "trains an equal share of every batch"}, p.stderr[-3000:]
     assert not (tmp_path / "home" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_evaluation_on_rank_0_stops_every_rank_at_once(tmp_path):
+    """Rank 0 evaluates alone after training; here it cannot build its generator. Rank 1 must not
+    wait in a collective for the process group's 30-minute timeout: it stops with rank 0's reason."""
+    closed = _port()  # nothing listens there
+    p = _sft(tmp_path, tmp_path / "home", ["sft.eval_problems=2", "generation.backend=vllm_server",
+                                           f"generation.vllm.server.url=http://127.0.0.1:{closed}",
+                                           "generation.vllm.server.retries=0"], 2)
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, p.stderr[-3000:]
+    own = next(e for e in errors if "rank 0 failed" not in e)
+    assert own.startswith("error: generation.backend=vllm_server: ")
+    assert any(e.startswith("error: rank 0 failed, so rank 1 stops too: ") and own[len("error: "):] in e
+               for e in errors), errors
+    assert not (tmp_path / "home" / "checkpoints" / "dp-sft").exists() or not any(
+        (tmp_path / "home" / "checkpoints" / "dp-sft").glob("step-6"))  # not registered

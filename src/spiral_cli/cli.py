@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from spiral_cli import __version__
+from spiral_cli.processes import OtherRankFailed
 
 app = typer.Typer(
     help="SPIRAL: train LMs to search in parallel and aggregate. Recipes in YAML, one shared checkpoint registry.",
@@ -97,6 +98,9 @@ def friendly(fn: Callable) -> Callable:
         except _user_errors() as e:
             _error(str(e))
             raise typer.Exit(2) from None
+        except OtherRankFailed as e:  # rank 0 said why (and exits with its own code); this rank follows
+            _error(str(e))
+            raise typer.Exit(1) from None
         except BrokenPipeError:  # `spiral ... | head` closed the pipe: not an error
             sys.stderr.close()
             raise typer.Exit(0) from None

@@ -4,11 +4,14 @@ these (`spiral sft` and `spiral train-set` / `train-agg` run data parallel the s
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from spiral_cli.recipe import RecipeError
+T = TypeVar("T")
 
 
 def make_accelerator(device: torch.device):
@@ -34,6 +37,8 @@ def all_sum(values: list[float], accelerator) -> list[float]:
     """Element-wise sum over all ranks (the values themselves in a single process)."""
     if accelerator is None:
         return list(values)
+    import torch  # here: the CLI imports this module (OtherRankFailed) and must start fast
+
     t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
     return accelerator.reduce(t, reduction="sum").tolist()
 
@@ -41,6 +46,8 @@ def all_sum(values: list[float], accelerator) -> list[float]:
 def check_shared_home(accelerator, resuming: bool, state_dir: Path) -> None:
     """Every rank reads the run's state and registry from SPIRAL_HOME; only rank 0 writes them. On
     several nodes the home must be one shared directory: ranks that disagree on resuming stop."""
+    from spiral_cli.recipe import RecipeError
+
     if accelerator is None:
         return
     found = int(all_sum([float(resuming)], accelerator)[0])
@@ -48,3 +55,37 @@ def check_shared_home(accelerator, resuming: bool, state_dir: Path) -> None:
         raise RecipeError(f"{found} of {accelerator.num_processes} processes find the run's saved state "
                           f"({state_dir}): SPIRAL_HOME must be a directory every node sees at the same path "
                           "(a shared filesystem), docs/scaling.md#multi-node")
+
+
+class OtherRankFailed(RuntimeError):
+    """Rank 0 failed in work the other ranks were waiting for (evaluation, a checkpoint write)."""
+
+
+def share_failure(accelerator, failure: BaseException | None) -> None:
+    """After work rank 0 did alone: every rank learns whether it failed. Rank 0 re-raises its own
+    error; the others stop with its reason at once, instead of waiting in their next collective
+    until the process group times out (30 min). A collective itself: every rank must call it."""
+    if accelerator is None:
+        if failure is not None:
+            raise failure
+        return
+    from accelerate.utils import broadcast_object_list
+
+    reason = [None if failure is None else (" ".join(str(failure).split()) or type(failure).__name__)]
+    broadcast_object_list(reason, from_process=0)
+    if failure is not None:
+        raise failure
+    if reason[0] is not None:
+        raise OtherRankFailed(f"rank 0 failed, so rank {accelerator.process_index} stops too: {reason[0]}")
+
+
+def run_on_main(accelerator, work: Callable[[], T]) -> T | None:
+    """`work()` on rank 0 while the other ranks wait for it (None there); a failure stops every rank."""
+    result, failure = None, None
+    if is_main(accelerator):
+        try:
+            result = work()
+        except BaseException as e:  # noqa: BLE001 - shared, then re-raised as it was
+            failure = e
+    share_failure(accelerator, failure)
+    return result

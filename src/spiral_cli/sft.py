@@ -41,7 +41,14 @@ from spiral_cli.generation.roles import for_aggregation
 from spiral_cli.jsonl import InputError, read_jsonl_file
 from spiral_cli.optim import adamw, compile_for_training
 from spiral_cli.paths import atomic_write_text, runs_dir
-from spiral_cli.processes import all_sum, check_shared_home, is_main, make_accelerator, rank_world
+from spiral_cli.processes import (
+    all_sum,
+    check_shared_home,
+    is_main,
+    make_accelerator,
+    rank_world,
+    run_on_main,
+)
 from spiral_cli.progress import fmt_duration
 from spiral_cli.prompt_fit import AggregationFit
 from spiral_cli.recipe import Recipe, RecipeError
@@ -273,18 +280,22 @@ class SftOutcome:
 
 
 def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool = True, console: Console | None = None) -> dict[str, Any]:
-    from spiral_cli.evaluate import evaluate_recipe
-
     console = console or Console(stderr=True)
     if int(os.environ.get("RANK", "0")) > 0:  # one voice for a multi-process run: rank 0's
         console = Console(stderr=True, quiet=True)
     run = _setup_sft(recipe, home=home, name=name or f"{recipe.name}-sft", resume=resume, console=console)
     done = _train(run, recipe, console)
     run.loaded.model.eval()
-    if not is_main(run.accelerator):  # rank 0 evaluates and registers; the others wait for it
-        run.accelerator.wait_for_everyone()
+    # rank 0 evaluates and registers while the others wait; if it fails, they stop with its reason
+    result = run_on_main(run.accelerator, lambda: _evaluate_and_register(run, recipe, home, done, console))
+    if result is None:
         entry = run.registry.resolve(f"{run.name}@{done.step}").entry
         return {"name": run.name, "step": done.step, "path": str(entry.path), "rank": run.rank}
+    return result
+
+
+def _evaluate_and_register(run: SftRun, recipe: Recipe, home: Path, done: SftOutcome, console: Console) -> dict[str, Any]:
+    from spiral_cli.evaluate import evaluate_recipe
 
     cfg = run.cfg
     metrics: dict[str, Any] = {"train_loss": done.last_loss, "steps": done.step, "planned_steps": cfg.steps,
@@ -309,8 +320,6 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     result = {"name": run.name, "step": done.step, "path": str(entry.path), "train_seconds": round(done.train_seconds, 1),
               "stopped_early": done.stopped_early, "metrics": metrics}
     _print_metrics(console, metrics)
-    if run.accelerator is not None:
-        run.accelerator.wait_for_everyone()
     return result
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from spiral_cli.checkpoints import ModelRef, save_registered, save_run_state
 from spiral_cli.metrics import mean
 from spiral_cli.paths import atomic_write_text
-from spiral_cli.processes import is_main
+from spiral_cli.processes import run_on_main
 from spiral_cli.recipe import RecipeError, TrainAggSection, TrainSetSection
 from spiral_cli.registry import Registry
 from spiral_cli.rl.fsdp import gathered_model, optimizer_state
@@ -151,13 +151,15 @@ def _checkpoint(recipe, spec: RLSpec, loaded, optimizer, scheduler, state: RunSt
         trainer_state = {"optimizer": optimizer_state(sharded, optimizer), "fsdp": True}
     else:
         trainer_state = None
-    if is_main(accelerator):
+
+    def write() -> None:
+        nonlocal trainer_state
         if trainer_state is None:
             trainer_state = {"optimizer": optimizer.state_dict()}
         save_run_state(loaded, state_dir, {**trainer_state, "scheduler": scheduler.state_dict(), "run": state.to_dict()})
         _register(recipe, spec, loaded, state, registry, home, start_ref)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+
+    run_on_main(accelerator, write)  # a failed write (a full disk) stops every rank, not rank 0 alone
 
 
 def _register(recipe, spec: RLSpec, loaded, state: RunState, registry: Registry, home: Path, start_ref: ModelRef) -> None:

@@ -53,7 +53,14 @@ from spiral_cli.generation.roles import (
 )
 from spiral_cli.optim import adamw
 from spiral_cli.paths import runs_dir
-from spiral_cli.processes import all_sum, check_shared_home, is_main, make_accelerator, rank_world
+from spiral_cli.processes import (
+    all_sum,
+    check_shared_home,
+    is_main,
+    make_accelerator,
+    rank_world,
+    share_failure,
+)
 from spiral_cli.progress import fmt_duration
 from spiral_cli.recipe import Recipe, RecipeError, grpo_budget
 from spiral_cli.registry import Registry
@@ -230,10 +237,9 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
                     frozen_search_ref=frozen_search_ref)
     state, sec = run.state, spec.section
     if not run.resumed and run.eval_problems:
-        with run.sampling_weights():
-            if run.main:
-                _eval_point(run)
-    _join_generation(run)
+        _evaluate_on_main(run)
+    else:
+        _join_generation(run)
     run.model.train()
     correction = sampler_correction(recipe, sec)
     loop_start = (time.perf_counter(), state.step, state.generated_tokens)  # for the ETA
@@ -266,10 +272,10 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
             "update": update_seconds, "sync": sync_seconds, "total": time.perf_counter() - t_step,
         })
         if (_eval_due(sec, state, tokens_before) or last) and run.eval_problems:
-            with run.sampling_weights():
-                if run.main:
-                    row["eval"] = _eval_point(run)
-        _join_generation(run)
+            if (point := _evaluate_on_main(run)) is not None:
+                row["eval"] = point
+        else:
+            _join_generation(run)
         if run.main:
             _log(run.run_dir / "metrics.jsonl", row, run.tb)
             _print_step(run, row, kept, drawn, loop_start)
@@ -499,6 +505,22 @@ def _join_generation(run: RLRun) -> None:
     join = getattr(run.generator, "join", None)
     if callable(join):
         join()
+
+
+def _evaluate_on_main(run: RLRun) -> dict[str, float] | None:
+    """Rank 0 evaluates (None on the others): the policy whole on every rank under FSDP, ranks with
+    a tensor-parallel engine serve its rounds (_join_generation). If it fails, every rank stops
+    with its reason rather than waiting in the next collective for the process-group timeout."""
+    point, failure = None, None
+    with run.sampling_weights():
+        if run.main:
+            try:
+                point = _eval_point(run)
+            except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
+                failure = e
+    _join_generation(run)
+    share_failure(run.accelerator, failure)
+    return point
 
 
 def _eval_point(run: RLRun) -> dict[str, float]:
