@@ -14,9 +14,11 @@ class ScriptedGenerator:
     def __init__(self, search_answers: dict[str, list[str]]):
         self.search_answers = search_answers
         self.calls = []
+        self.temperatures = []
 
     def generate(self, prompts, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop=None, seed=None):
         self.calls.append((len(prompts), n, max_new_tokens))
+        self.temperatures.append((prompts[0][0], temperature))  # 'S' search, 'A' aggregation
         out = []
         for prompt in prompts:
             pid = prompt.split("\n")[0].split()[1]
@@ -68,6 +70,31 @@ def test_rsa_rounds_population_and_tokens():
     # every aggregation completion is "checked\nanswer: 7" = 17 tokens; 3 per round, 2 rounds
     assert agg.generated == 17 * 6
     assert r1.token_totals().total == r1.tokens["search"].total + agg.total
+
+
+def test_aggregation_samples_at_agg_temperature_and_search_at_temperature():
+    for agg_temperature, expected in [(None, 0.7), (0.0, 0.0), (1.3, 1.3)]:
+        gen = ScriptedGenerator(ANSWERS)
+        cfg = PipelineConfig(parallel=4, seq_budget=16, agg_rounds=2, population=3, agg_set_size=2,
+                             temperature=0.7, agg_temperature=agg_temperature)
+        run_pipeline(EchoTask(), gen, PROBLEMS, cfg)
+        assert gen.temperatures == [("S", 0.7), ("A", expected), ("A", expected)]
+
+
+def test_infer_and_the_stages_evaluation_take_agg_temperature_from_the_recipe():
+    from spiral_cli.evaluate import evaluate_recipe
+    from spiral_cli.infer import pipeline_config
+    from spiral_cli.recipe import Recipe
+
+    recipe = Recipe.model_validate({"name": "t", "generation": {"temperature": 0.9, "agg_temperature": 0.2},
+                                    "infer": {"parallel": 4, "population": 2, "agg_set_size": 2}})
+    cfg = pipeline_config(recipe)
+    assert (cfg.temperature, cfg.agg_temperature) == (0.9, 0.2)
+    gen = ScriptedGenerator(ANSWERS)
+    evaluate_recipe(EchoTask(), gen, PROBLEMS, recipe)
+    assert gen.temperatures == [("S", 0.9), ("A", 0.2)]
+    unset = Recipe.model_validate({"name": "t", "generation": {"temperature": 0.9}})
+    assert pipeline_config(unset).agg_temperature is None  # aggregations at `temperature`
 
 
 def test_aggregate_none_takes_one_trace():

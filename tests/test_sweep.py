@@ -30,7 +30,7 @@ class ScriptedGenerator:
     def generate(self, prompts, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop=None, seed=None):
         if self.fail_after is not None and len(self.log) >= self.fail_after:
             raise Interrupted("simulated crash")
-        self.log.append((prompts[0][0], len(prompts), n, max_new_tokens, seed))
+        self.log.append((prompts[0][0], len(prompts), n, max_new_tokens, seed, temperature))
         out = []
         for prompt in prompts:
             pid = prompt.split("\n")[0].split()[1]
@@ -58,11 +58,11 @@ P, K = 2, 2  # RSA population and subset size
 NS, TS, RS = [1, 2, 4], [8, 16], [0, 1, 2]
 
 
-def make_recipe(**sweep_extra) -> Recipe:
+def make_recipe(generation_extra=None, **sweep_extra) -> Recipe:
     return Recipe.model_validate({
         "name": "echo-sweep",
         "infer": {"population": P, "agg_set_size": K},
-        "generation": {"batch_size": 4},  # 4 // max N = 1 problem per search call, 4 // P = 2 per agg call
+        "generation": {"batch_size": 4, **(generation_extra or {})},  # 4 // max N = 1 problem per search call, 4 // P = 2 per agg call
         "sweep": {"parallel": NS, "seq_budget": TS, "agg_rounds": RS, "max_problems": 3, "seed": 0, **sweep_extra},
     })
 
@@ -82,13 +82,13 @@ def fake(monkeypatch):
     return state
 
 
-def run(tmp_path, out_name, **kw):
+def run(tmp_path, out_name, generation_extra=None, **kw):
     import io
 
     from rich.console import Console
 
     console = Console(file=io.StringIO(), width=200)
-    summary = sweep_mod.run_sweep(make_recipe(**kw), models=MODELS, out=tmp_path / out_name, home=tmp_path / "home",
+    summary = sweep_mod.run_sweep(make_recipe(generation_extra, **kw), models=MODELS, out=tmp_path / out_name, home=tmp_path / "home",
                                   console=console)
     return summary, console.file.getvalue()
 
@@ -327,6 +327,23 @@ def test_resume_after_interruption_redoes_nothing(tmp_path, fake, fail_after):
     fake["opened"].clear()
     summary, _ = run(tmp_path, "resumed")
     assert summary["generate_calls"] == 0 and fake["log"] == [] and fake["opened"] == []
+
+
+def test_agg_temperature_redoes_only_the_aggregations(tmp_path, fake):
+    run(tmp_path, "a")
+    assert {(kind, temp) for kind, *_, temp in fake["log"]} == {("S", 1.0), ("A", 1.0)}
+    fake["log"].clear()
+    run(tmp_path, "a", generation_extra={"agg_temperature": None})  # unset: the same cache
+    assert fake["log"] == []
+    cells = (tmp_path / "a" / "cells.jsonl").read_text()
+    summary, _ = run(tmp_path, "a", generation_extra={"agg_temperature": 0.0})  # the same output: its cache
+    # the search pools are reused; every learned round is redone, greedily
+    assert summary["generate_calls"] == len(fake["log"]) == 2 * len(TS) * len(NS) * max(RS) * 2
+    assert {(kind, temp) for kind, *_, temp in fake["log"]} == {("A", 0.0)}
+    a = {(c["model"], c["method"], c["N"], c["T"], c["R"]): c for c in map(json.loads, cells.splitlines())}
+    g = {(c["model"], c["method"], c["N"], c["T"], c["R"]): c for c in map(json.loads, (tmp_path / "a" / "cells.jsonl").open())}
+    assert a.keys() == g.keys()
+    assert all(a[k] == g[k] for k in a if k[1] != "learned")  # pass@N and majority@N: the same pools
 
 
 def test_baseline_field_default_out_and_errors(tmp_path, fake, monkeypatch):

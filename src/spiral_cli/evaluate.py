@@ -56,6 +56,7 @@ def evaluate(
     agg_max_new_tokens: int = 256,
     agg_fit: str = "trim_middle",
     temperature: float = 1.0,
+    agg_temperature: float | None = None,
     seed: int = 0,
     short_budget: int | None = None,
     batch_problems: int = 32,
@@ -65,7 +66,7 @@ def evaluate(
     cfg = PipelineConfig(
         parallel=parallel, seq_budget=seq_budget, agg_rounds=1, population=population,
         agg_set_size=agg_set_size, aggregate="learned", agg_max_new_tokens=agg_max_new_tokens,
-        agg_fit=agg_fit, temperature=temperature, seed=seed,
+        agg_fit=agg_fit, temperature=temperature, agg_temperature=agg_temperature, seed=seed,
     )
     results = _run_batched(task, generator, problems, cfg, batch_problems, progress)
     metrics = summarize(results, prefix=f"T{seq_budget}/")
@@ -85,13 +86,14 @@ def evaluate_recipe(task: Task, generator: Generator, problems: list[dict[str, A
                     *, short_budget: bool = False) -> dict[str, float]:
     """`evaluate` with a recipe's settings, the one way every training stage evaluates: N =
     infer.parallel traces of T = generation.max_new_tokens at generation.temperature, one learned
-    aggregation round of P = infer.population subsets of k = infer.agg_set_size. `short_budget`
+    aggregation round of P = infer.population subsets of k = infer.agg_set_size (its traces at
+    generation.agg_temperature when set). `short_budget`
     adds single-trace accuracy at T/4 (sft's end-of-run figures; the RL stages evaluate every
     `eval_every` steps and leave it out)."""
     gen, inf = recipe.generation, recipe.infer
     return evaluate(
         task, generator, problems, parallel=inf.parallel, seq_budget=gen.max_new_tokens,
         population=inf.population, agg_set_size=inf.agg_set_size, agg_max_new_tokens=gen.agg_max_new_tokens,
-        agg_fit=gen.agg_fit, temperature=gen.temperature, seed=recipe.seed,
+        agg_fit=gen.agg_fit, temperature=gen.temperature, agg_temperature=gen.agg_temperature, seed=recipe.seed,
         short_budget=max(1, gen.max_new_tokens // 4) if short_budget else None,
     )

@@ -177,6 +177,19 @@ class _CountingGenerator:
         return getattr(self.inner, name)
 
 
+def pipeline_config(recipe: Recipe):
+    """The pipeline `spiral infer` runs: the recipe's infer and generation sections."""
+    from spiral_cli.pipeline import PipelineConfig
+
+    inf, gen = recipe.infer, recipe.generation
+    return PipelineConfig(
+        parallel=inf.parallel, seq_budget=inf.seq_budget or gen.max_new_tokens, agg_rounds=inf.agg_rounds,
+        population=inf.population, agg_set_size=inf.agg_set_size, aggregate=inf.aggregate,
+        agg_max_new_tokens=gen.agg_max_new_tokens, agg_fit=gen.agg_fit, temperature=gen.temperature,
+        agg_temperature=gen.agg_temperature, top_p=gen.top_p, top_k=gen.top_k, seed=recipe.seed,
+    )
+
+
 def run_infer(
     *,
     recipe_path: Path | None,
@@ -191,7 +204,7 @@ def run_infer(
     out=None,
 ) -> dict[str, Any]:
     from spiral_cli.models import load_model
-    from spiral_cli.pipeline import PipelineConfig, largest_agg_set, run_pipeline
+    from spiral_cli.pipeline import largest_agg_set, run_pipeline
     from spiral_cli.prompt_fit import AggregationFit
 
     console = console or Console(stderr=True)
@@ -207,12 +220,7 @@ def run_infer(
     check_infer_settings(recipe, overrides, console)
     task = load_task(recipe.task.name, recipe.task.options())
     inf, gen = recipe.infer, recipe.generation
-    cfg = PipelineConfig(
-        parallel=inf.parallel, seq_budget=inf.seq_budget or gen.max_new_tokens, agg_rounds=inf.agg_rounds,
-        population=inf.population, agg_set_size=inf.agg_set_size, aggregate=inf.aggregate,
-        agg_max_new_tokens=gen.agg_max_new_tokens, agg_fit=gen.agg_fit, temperature=gen.temperature,
-        top_p=gen.top_p, top_k=gen.top_k, seed=recipe.seed,
-    )
+    cfg = pipeline_config(recipe)
     total: int | None
     if prompt is not None:
         problems: Iterator[dict[str, Any]] = iter([_problem_from_text(task, prompt)])

@@ -126,6 +126,7 @@ class PipelineConfig:
     agg_max_new_tokens: int = 256
     agg_fit: str = "trim_middle"  # generation.agg_fit: prompts over the context are cut or refused
     temperature: float = 1.0
+    agg_temperature: float | None = None  # aggregation traces; None = temperature
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
@@ -186,7 +187,8 @@ def aggregate_rounds(
         for i, c in zip(owners, cut):
             results[i].agg_prompts_trimmed += int(c > 0)
         outs = generator.generate(
-            prompts, n=1, max_new_tokens=cfg.agg_max_new_tokens, temperature=cfg.temperature,
+            prompts, n=1, max_new_tokens=cfg.agg_max_new_tokens,
+            temperature=cfg.temperature if cfg.agg_temperature is None else cfg.agg_temperature,
             top_p=cfg.top_p, top_k=cfg.top_k, stop=stop, seed=cfg.seed + 1 + len(results[0].rounds),
         )
         new_pops: list[list[Trace]] = [[] for _ in problems]

@@ -153,6 +153,9 @@ class GenerationSection(_Section):
     # started separately (generation.vllm.server.url)
     backend: Literal["hf", "vllm", "vllm_server"] = "hf"
     temperature: float = Field(1.0, ge=0.0)
+    # aggregation traces at inference (infer, sweep, compare, the stages' evaluations); None = temperature.
+    # RL always samples its aggregations at `temperature`: the policy gradient needs the policy's samples
+    agg_temperature: float | None = Field(None, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0 = off
     max_new_tokens: int = Field(256, gt=0)  # sequential budget T of a search trace

@@ -184,6 +184,8 @@ def _learned_key(ctx: _Context, pool_key: str, n: int) -> str:
         "v": CACHE_VERSION, "pool": pool_key, "N": n, "P": ctx.grid.population, "k": ctx.grid.agg_set_size,
         "agg_max_new_tokens": ctx.recipe.generation.agg_max_new_tokens, "sampling": ctx.sampling(),
         "seed": ctx.grid.seed, "chunk": ctx.agg_chunk,
+        # only when set, so caches written before the field existed stay valid
+        **({"agg_temperature": t} if (t := ctx.recipe.generation.agg_temperature) is not None else {}),
     })
 
 
@@ -266,7 +268,7 @@ def _run_learned(ctx: _Context, w: ModelWork, t: int, n: int, generator: Callabl
     cfg_base = dict(
         population=ctx.grid.population, agg_set_size=ctx.grid.agg_set_size, aggregate="learned",
         agg_max_new_tokens=ctx.recipe.generation.agg_max_new_tokens, agg_fit=ctx.recipe.generation.agg_fit,
-        **ctx.sampling(),
+        agg_temperature=ctx.recipe.generation.agg_temperature, **ctx.sampling(),
     )
     for r in range(1, max_r + 1):
         rows_round: list[dict[str, Any]] = []
