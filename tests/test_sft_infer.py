@@ -3,6 +3,7 @@ the checkpoint loads with plain transformers and gives the same greedy output.""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -96,6 +97,20 @@ def test_sft_resumes_from_its_last_state(trained, tmp_path):
     assert json.loads(out.stdout)["step"] == 130
     steps = [e.step for e in __import__("spiral_cli.registry", fromlist=["Registry"]).Registry(home).ls("tiny-sft")]
     assert steps == [120, 130]
+    # the same command again: nothing left to train; it reports the loss it last logged, not NaN
+    again = spiral(["sft", str(recipe), "--data", str(recipe.parent / "pairs.jsonl"), "--set", "sft.steps=130"], home)
+    assert "already finished" in again.stderr
+    logged = [json.loads(line) for line in (home / "runs" / "tiny-sft" / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads(again.stdout)["metrics"]["train_loss"] == pytest.approx(logged[-1]["loss"])
+
+
+def test_a_resumed_run_reports_its_last_logged_loss(tmp_path):
+    from spiral_cli.sft import _last_logged_loss
+
+    log = tmp_path / "metrics.jsonl"
+    assert math.isnan(_last_logged_loss(log))  # no log yet
+    log.write_text('{"step": 10, "loss": 1.5}\n{"step": 20, "loss": 0.25}\n{"step": 20, "loss": "oops"}\n')
+    assert _last_logged_loss(log) == 0.25  # the last line with a loss that is a number
 
 
 @pytest.mark.slow

@@ -298,8 +298,8 @@ def _evaluate_and_register(run: SftRun, recipe: Recipe, home: Path, done: SftOut
     from spiral_cli.evaluate import evaluate_recipe
 
     cfg = run.cfg
-    metrics: dict[str, Any] = {"train_loss": done.last_loss, "steps": done.step, "planned_steps": cfg.steps,
-                               "train_tokens": done.tokens_seen}
+    metrics: dict[str, Any] = {"train_loss": None if math.isnan(done.last_loss) else done.last_loss,
+                               "steps": done.step, "planned_steps": cfg.steps, "train_tokens": done.tokens_seen}
     if done.step < cfg.steps:  # the registry says so too: this is not the recipe's model
         metrics["stopped_by_time_budget"] = 1
     if cfg.eval_problems > 0 and not cfg.data:
@@ -402,6 +402,20 @@ def _check_data_parallel(cfg, world: int) -> None:
                           "(the model's own candidates are sampled in one process): run this SFT in one process")
 
 
+def _last_logged_loss(log_path: Path) -> float:
+    """The loss of the run's last log line (NaN if none): what a resumed run reports before it steps."""
+    try:
+        lines = log_path.read_text().splitlines()
+    except FileNotFoundError:
+        return float("nan")
+    for line in reversed(lines):
+        try:
+            return float(json.loads(line)["loss"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return float("nan")
+
+
 def _train(run: SftRun, recipe: Recipe, console: Console) -> SftOutcome:
     """The loop: one optimizer step per batch of the phase schedule, a log line every `log_every`
     steps, the run's state every `save_every` (and at the end)."""
@@ -410,7 +424,7 @@ def _train(run: SftRun, recipe: Recipe, console: Console) -> SftOutcome:
     pad_id = loaded.tokenizer.pad_token_id
     run.log_path.parent.mkdir(parents=True, exist_ok=True)
     loaded.model.train()
-    start_time, last_loss = time.time(), float("nan")
+    start_time, last_loss = time.time(), _last_logged_loss(run.log_path)  # a finished run resumed trains no step
     first_step = step  # of this process (a resumed run): the ETA counts the steps it has timed
     window = (start_time, tokens_seen)  # (time, tokens) at the last log line
     deadline = start_time + cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
