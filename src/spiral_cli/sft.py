@@ -480,7 +480,7 @@ def _train(run: SftRun, recipe: Recipe, console: Console) -> SftOutcome:
             stopped_early = True
             break
     train_seconds = time.time() - start_time
-    if (train_seconds > 1 or not run.resuming) and main:  # the final state too, so a rerun does not retrain
+    if (step > first_step or not run.resuming) and main:  # the final state too, so a rerun does not retrain
         _save_state(loaded, optimizer, step, run.state_dir, {"tokens_seen": tokens_seen})
     return SftOutcome(step=step, tokens_seen=tokens_seen, last_loss=last_loss, stopped_early=stopped_early,
                       train_seconds=train_seconds)
