@@ -215,11 +215,9 @@ def test_train_agg_trains_only_aggregations(tmp_path):
     assert [(e.step, e.stage) for e in Registry(home).ls("toy-agg")] == [(2, "agg")]
     row = json.loads((home / "runs" / "toy-agg" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["len_aggregate"] is not None and row["reward_aggregate"] is not None
-    # only aggregation samples are trained: no search-trace entropy is measured, and at most
-    # 4 prompts x 4 sets x 2 aggregations sequences
-    import math
-
-    assert math.isnan(row["entropy_search"])
+    # only aggregation samples are trained: no search-trace entropy is measured (null, not NaN,
+    # which is not JSON), and at most 4 prompts x 4 sets x 2 aggregations sequences
+    assert row["entropy_search"] is None
     assert 0 < row["trained_sequences"] <= 4 * 4 * 2
 
 

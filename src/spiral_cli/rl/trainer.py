@@ -541,7 +541,8 @@ def _print_step(run: RLRun, row: dict[str, Any], kept: list[PromptRollout], draw
     run.console.print(
         f"  step {state.step}/{run.spec.section.steps} reward {row['reward_search']:.3f}"
         + (f" agg {row['reward_aggregate']:.3f}" if row.get("reward_aggregate") is not None else "")
-        + f" kept {len(kept)}/{drawn} entropy {row['entropy_search']:.3f}" + _fmt_mismatch(row)
+        + f" kept {len(kept)}/{drawn}"
+        + (f" entropy {row['entropy_search']:.3f}" if row.get("entropy_search") is not None else "") + _fmt_mismatch(row)
         + f" | {secs['total']:.1f}s (gen {secs['generation']:.1f}, score {secs['scoring']:.2f}, "
         f"update {secs['update']:.1f}, sync {secs['sync']:.2f}) | tokens {state.generated_tokens:,}"
         + (f"/{budget:,}" if budget else "") + f" generated, {state.total_tokens:,} total"

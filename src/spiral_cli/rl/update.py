@@ -66,7 +66,7 @@ def _compile_applies(sec, accelerator, adapter_roles, console: Console) -> bool:
 
 def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, loaded, prompt_cache, accelerator,
             adapter_roles: dict[str, str] | None = None, compiled: _CompiledForward | None = None,
-            passes: int = 1, correction: SamplerCorrection | None = None, fsdp: bool = False) -> dict[str, float]:
+            passes: int = 1, correction: SamplerCorrection | None = None, fsdp: bool = False) -> dict[str, float | None]:
     """`passes` (train_set.updates_per_batch) passes over the samples, each one optimizer step of micro-batches.
     The normaliser is the whole batch's token count (token_mean), sequence count (seq_mean) or
     sum of sequence budgets (dr_grpo), so accumulating micro-batches gives exactly the
@@ -88,7 +88,8 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
     else:  # dr_grpo: sequences x max_completion_length, each sequence at the budget it was sampled
         # under (search and aggregation budgets may differ); constant in the lengths sampled
         normalizer = sum(s.max_new_tokens for s in samples)
-    stats: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "entropy_search": float("nan"), "grad_norm": 0.0}
+    # entropy_search stays None (JSON null) when no search token was trained (train-agg)
+    stats: dict[str, float | None] = {"loss": 0.0, "clip_frac": 0.0, "entropy_search": None, "grad_norm": 0.0}
 
     micro = sec.micro_batch_size
     # Sort by length so micro-batches carry little padding (and by role when roles have adapters).
