@@ -1,6 +1,6 @@
 """SFT step time of scratch:tiny on this machine, one speed path added at a time.
 
-    .venv/bin/python bench/sft_step.py [--batch 16] [--lengths 40,84,250] [--steps 20]
+    .venv/bin/python bench/sft_step.py [--batch 16] [--lengths 40,84,250] [--steps 20] [--configs 4,5]
 
 Each configuration: a fresh model, a batch of `--batch` random sequences per length, bf16
 autocast as the countdown recipe runs it, forward + backward + clip + AdamW step. Prints the
@@ -19,7 +19,7 @@ from rich.console import Console
 from train_attention import sdpa  # bench/ is on the path when run as a script
 
 from spiral_cli.models import load_model
-from spiral_cli.optim import adamw, compile_for_training
+from spiral_cli.optim import adamw, compile_for_training, full_determinism
 from spiral_cli.recipe import ModelSection
 
 CONFIGS = [
@@ -27,6 +27,7 @@ CONFIGS = [
     ("fused AdamW, SDPA attention", dict(fused=True, use_sdpa=True, compiled=False)),
     ("fused AdamW, matmul attention up to 192 tokens (default)", dict(fused=True, use_sdpa=False, compiled=False)),
     ("+ torch.compile (sft.compile)", dict(fused=True, use_sdpa=False, compiled=True)),
+    ("+ deterministic algorithms (sft.full_determinism)", dict(fused=True, use_sdpa=False, compiled=True, deterministic=True)),
 ]
 
 
@@ -37,7 +38,12 @@ def batch(size: int, length: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels}
 
 
-def run(name: str, fused: bool, use_sdpa: bool, compiled: bool, args) -> None:
+def run(name: str, fused: bool, use_sdpa: bool, compiled: bool, args, deterministic: bool = False) -> None:
+    with full_determinism(deterministic):  # the compile and the timed steps alike
+        _run(name, fused, use_sdpa, compiled, args)
+
+
+def _run(name: str, fused: bool, use_sdpa: bool, compiled: bool, args) -> None:
     from spiral_cli.models import cpu_attention as models
 
     loaded = load_model(ModelSection(name="scratch:tiny", autocast="auto"), source="scratch:tiny", for_training=True, seed=0)
@@ -91,9 +97,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lengths", default="40,84,250")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--configs", default=None, help="which configurations, 1-based (e.g. 4,5); default all")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
-    for name, kw in CONFIGS:
+    chosen = [int(i) for i in args.configs.split(",")] if args.configs else range(1, len(CONFIGS) + 1)
+    for i in chosen:
+        name, kw = CONFIGS[i - 1]
         run(name, args=args, **kw)
 
 

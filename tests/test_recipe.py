@@ -79,6 +79,9 @@ def test_override_applies_and_validates(tmp_path):
     assert r.generation.vllm.tensor_parallel_size == 1  # one engine per rank unless asked
     r = load_recipe(write(tmp_path, ""), ["generation.vllm.tensor_parallel_size=2"])
     assert r.generation.vllm.tensor_parallel_size == 2
+    assert Recipe().sft.full_determinism == "auto"
+    for value, parsed in (("true", True), ("false", False), ("auto", "auto")):
+        assert load_recipe(write(tmp_path, ""), [f"sft.full_determinism={value}"]).sft.full_determinism == parsed
 
 
 @pytest.mark.parametrize(
@@ -104,6 +107,7 @@ def test_override_applies_and_validates(tmp_path):
          "loss_type grpo means loss_aggregation seq_mean, not token_mean"),
         ("train_set: {scale_std: true, scale_rewards: batch}\n", [], "scale_std (true) contradicts scale_rewards ('batch')"),
         ("train_agg: {scale_std: true}\n", [], "train_agg.scale_std: unknown field"),
+        ("", ["sft.full_determinism=sometimes"], "sft.full_determinism: Input should be 'auto', True or False"),
         ("", ["generation.vllm.tensor_parallel_size=0"],
          "generation.vllm.tensor_parallel_size: Input should be greater than or equal to 1"),
     ],

@@ -59,7 +59,7 @@ RERUN_MAY_CHANGE_ALWAYS: tuple[str, ...] = (
 )
 RERUN_MAY_CHANGE: dict[str, tuple[str, ...]] = {
     "sft": ("train_set", "train_agg", "sft.steps", "sft.time_budget_minutes", "sft.save_every",
-            "sft.log_every", "sft.eval_problems", "sft.compile"),
+            "sft.log_every", "sft.eval_problems", "sft.compile", "sft.full_determinism"),
     "set": ("sft", "train_agg", "train_set.steps", "train_set.max_generated_tokens", "train_set.save_every",
             "train_set.eval_every", "train_set.eval_every_tokens", "train_set.eval_problems", "train_set.tensorboard", "train_set.compile"),
     "agg": ("sft", "train_set", "train_agg.steps", "train_agg.max_generated_tokens", "train_agg.save_every",

@@ -8,8 +8,10 @@ attention for training (models/cpu_attention.py); 68 ms with `torch.compile`, af
 """
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -48,3 +50,32 @@ def compile_for_training(loaded, sample: dict[str, torch.Tensor], console: Conso
     if compiled is not model:
         console.print(f"  compiled the training forward in {time.time() - t0:.0f}s")
     return compiled
+
+
+def resolve_full_determinism(setting: bool | str, device_type: str) -> bool:
+    """`sft.full_determinism`: "auto" is on for the CPU (bit-identical reruns at a small cost,
+    bench/README.md) and off on CUDA, where deterministic kernels cost more (transformers' default)."""
+    return device_type == "cpu" if setting == "auto" else bool(setting)
+
+
+@contextmanager
+def full_determinism(enabled: bool) -> Iterator[None]:
+    """`torch.use_deterministic_algorithms` for a block, the previous mode restored after.
+
+    Why on the CPU: a compiled training step accumulates the embedding's gradient with parallel
+    atomic adds, whose order changes from run to run, so two compiled runs of one recipe drifted
+    apart (docs/results.md, 2026-12-04); in this mode inductor lowers that scatter to torch's
+    serial kernel and the runs repeat bit for bit. The compiled graph depends on the mode, so the
+    compile and every step it serves must run inside the block. On CUDA cuBLAS also needs
+    CUBLAS_WORKSPACE_CONFIG before its first use (set here when unset, as transformers'
+    `enable_full_determinism` does); ops without a deterministic kernel warn instead of failing."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

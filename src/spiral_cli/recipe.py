@@ -199,6 +199,9 @@ class SftSection(_Section):
     # torch.compile the training forward: ~1.4x the tokens/s on the CPU after a one-off compile
     # (~60 s on 2 cores), so it pays on runs of minutes, not on short ones; falls back if it cannot run
     compile: bool = False
+    # torch.use_deterministic_algorithms while training (transformers' `full_determinism`): a
+    # compiled CPU run repeats bit for bit (it did not without); "auto" = on for the CPU, off on CUDA
+    full_determinism: Literal["auto", True, False] = "auto"
     # fraction of the steps trained on search examples alone before the task's aggregation
     # examples join (0 = mixed from the start)
     aggregate_after: float = Field(0.0, ge=0.0, lt=1.0)

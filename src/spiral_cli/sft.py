@@ -39,7 +39,7 @@ from spiral_cli.checkpoints import (
 from spiral_cli.generation import close_generator, make_generator
 from spiral_cli.generation.roles import for_aggregation
 from spiral_cli.jsonl import InputError, read_jsonl_file
-from spiral_cli.optim import adamw, compile_for_training
+from spiral_cli.optim import adamw, compile_for_training, full_determinism, resolve_full_determinism
 from spiral_cli.paths import atomic_write_text, runs_dir
 from spiral_cli.processes import (
     all_sum,
@@ -284,7 +284,11 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     if int(os.environ.get("RANK", "0")) > 0:  # one voice for a multi-process run: rank 0's
         console = Console(stderr=True, quiet=True)
     run = _setup_sft(recipe, home=home, name=name or f"{recipe.name}-sft", resume=resume, console=console)
-    done = _train(run, recipe, console)
+    deterministic = resolve_full_determinism(run.cfg.full_determinism, run.loaded.device.type)
+    if deterministic:
+        console.print("  deterministic algorithms on (sft.full_determinism): a rerun on this machine repeats bit for bit")
+    with full_determinism(deterministic):  # the compile and every step it serves
+        done = _train(run, recipe, console)
     run.loaded.model.eval()
     # rank 0 evaluates and registers while the others wait; if it fails, they stop with its reason
     result = run_on_main(run.accelerator, lambda: _evaluate_and_register(run, recipe, home, done, console))
