@@ -53,7 +53,7 @@ def compile_for_training(loaded, sample: dict[str, torch.Tensor], console: Conso
 
 
 def resolve_full_determinism(setting: bool | str, device_type: str) -> bool:
-    """`sft.full_determinism`: "auto" is on for the CPU (bit-identical reruns at a small cost,
+    """`sft.full_determinism`: "auto" is on for the CPU (bit-identical reruns at no measured cost,
     bench/README.md) and off on CUDA, where deterministic kernels cost more (transformers' default)."""
     return device_type == "cpu" if setting == "auto" else bool(setting)
 
