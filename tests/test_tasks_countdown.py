@@ -11,7 +11,13 @@ import pytest
 from spiral_cli.tasks import TaskError, list_tasks, load_task
 from spiral_cli.tasks.base import Task
 from spiral_cli.tasks.countdown import CountdownConfig, CountdownTask, check_answer, solve
-from spiral_cli.tasks.countdown.steps import Step, check_path, path_expression, step_path
+from spiral_cli.tasks.countdown.steps import (
+    Step,
+    check_path,
+    parse_step,
+    path_expression,
+    step_path,
+)
 
 P70 = {"id": "p70", "numbers": [3, 7, 12, 25], "target": 70}  # 25*3-12+7 = 70 uses all four
 P68 = {"id": "p68", "numbers": [3, 7, 12, 25], "target": 68}  # 25*3-7 = 68 leaves 12 unused
@@ -524,6 +530,22 @@ def test_step_path_keeps_the_steps_on_the_way_to_the_answer():
     assert step_path("<think>\n25*3=75 (7 12 75)\n</think>\n<answer>25*3</answer>") == [Step(25, "*", 3, 75, (7, 12, 75))]
     assert step_path("9" * 13 + "+1=2\nanswer: 1\n") == []  # no 13-digit operands
     assert len(step_path("1+1=2\n" * 100 + "answer: 2\n")) == 16  # MAX_STEPS
+
+
+def test_a_sampled_line_with_garbled_numbers_left_is_not_a_step():
+    # "(3-3)" crashed `spiral infer` in the steps view (int("3-3")): model output is hostile input
+    assert parse_step("3+3=6 (3-3)") is None and parse_step("3+3=6 (3 -3 x)") is None
+    assert parse_step("3+3=6 (--3)") is None and parse_step("3+3=6 (" + "1 " * 41 + ")") is None
+    assert parse_step("3-5=-2 (7 -2)") == Step(3, "-", 5, -2, (7, -2))
+    assert parse_step("3+3=6 ()") == Step(3, "+", 3, 6, ())
+    assert parse_step("3+3=6 ( 7  6 )") == Step(3, "+", 3, 6, (7, 6))
+    assert step_path("3+3=6 (3-3)\n6*2=12 (12)\nanswer: 6*2\n") == [Step(6, "*", 2, 12, (12,))]
+    t = CountdownTask(CountdownConfig(agg_view="steps", agg_answer="select"))
+    p = {"numbers": [3, 3, 2], "target": 12}
+    prompt = t.aggregate_prompt(p, ["3+3=6 (3-3)\n6*2=12 (12)\nanswer: 3+3*2\n", "answer: 3*2*2\n"])
+    assert "1: 6*2=12 (12)\n2: none\n" in prompt
+    # a long run of digits in the parentheses fails fast (no exponential backtracking)
+    assert parse_step("3+3=6 (" + "1" * 5000 + "x)") is None
 
 
 def test_check_path_redoes_each_step_as_the_search_writes_it():

@@ -15,8 +15,10 @@ from .expressions import _evaluate
 from .solver import _combine
 
 # "25*3=75 (7 12 75)": one search step and the numbers left after it (as the solver writes it);
-# 12 digits at most, so hostile text cannot make huge integers
-_STEP = re.compile(r"\s*(\d{1,12})\s*([-+*/])\s*(\d{1,12})\s*=\s*(-?\d{1,12})\s*(?:\(([-\d ]{0,200})\))?\s*")
+# 12 digits and 40 numbers at most, so hostile text cannot make huge integers; a line whose
+# parentheses hold anything but numbers ("(3-3 7)", sampled by a model) is not a step line
+_STEP = re.compile(r"\s*(\d{1,12})\s*([-+*/])\s*(\d{1,12})\s*=\s*(-?\d{1,12})\s*"
+                   r"(?:\((\s*(?:-?\d{1,12}(?: +-?\d{1,12}){0,39})?\s*)\))?\s*")
 _ANSWER = re.compile(r"\s*(answer:|<answer>|</think>)")
 MAX_STEPS = 16  # a longer kept path is not a countdown solution of <= 8 numbers; view and check stop
 
