@@ -94,11 +94,20 @@ def load_stages(specs: list[str]) -> tuple[dict[str, dict], list[str]]:
     return stages, ids or []
 
 
+def _difference(a, b) -> dict:
+    """a - b on the same problems with its paired interval, and each seed's own difference."""
+    from spiral_cli.metrics import paired_bootstrap_diff
+
+    d = paired_bootstrap_diff(a, b)
+    return {"estimate": d["estimate"], "interval": list(d["interval"]),
+            "per_seed": [x - y for x, y in zip(d["per_seed_a"], d["per_seed_b"])]}
+
+
 def summarise(stages: dict[str, dict]) -> dict[str, dict]:
     """The figures of both tables (fractions, not percent)."""
     import numpy as np
 
-    from spiral_cli.metrics import bootstrap_accuracy, paired_bootstrap_diff
+    from spiral_cli.metrics import bootstrap_accuracy
 
     out: dict[str, dict] = {}
     for name, st in stages.items():
@@ -107,9 +116,7 @@ def summarise(stages: dict[str, dict]) -> dict[str, dict]:
         for col in COLUMNS:
             b = bootstrap_accuracy(v[col])
             row[col] = {"estimate": b["estimate"], "interval": list(b["interval"]), "per_seed": b["per_seed"]}
-        d = paired_bootstrap_diff(v["final"], v["majority@N"])
-        row["final - majority@N"] = {"estimate": d["estimate"], "interval": list(d["interval"]),
-                                     "per_seed": (v["final"] - v["majority@N"]).mean(axis=1).tolist()}
+        row["final - majority@N"] = _difference(v["final"], v["majority@N"])
         if st["base"] is not None:
             base = {col: np.asarray(x) for col, x in stages[st["base"]]["values"].items()}
             k = min(len(st["files"]), len(stages[st["base"]]["files"]))
@@ -119,9 +126,7 @@ def summarise(stages: dict[str, dict]) -> dict[str, dict]:
                 ("final", v["final"][:k], base["final"][:k]),
                 ("final - majority@N", (v["final"] - v["majority@N"])[:k], (base["final"] - base["majority@N"])[:k]),
             ):
-                d = paired_bootstrap_diff(here, there)
-                changes[label] = {"estimate": d["estimate"], "interval": list(d["interval"]),
-                                  "per_seed": (here - there).mean(axis=1).tolist()}
+                changes[label] = _difference(here, there)
             row["change"] = {"seeds": k, **changes}
         out[name] = row
     return out
