@@ -89,8 +89,10 @@ class CountdownSftData:
 
     def _steps_candidate(self, problem: dict[str, Any], rng: random.Random) -> str:
         """A candidate for the steps view, where the steps are what gets checked: an honest solver
-        trace (40%), a solved path with one step's value, operand or operator slipped (45%: the
-        answer is what the slipped path builds), or a search cut short that claims where it stopped."""
+        trace (40%), a solved path with one step's value, operand or operator slipped (25%: the
+        answer is what the slipped path builds), or a search cut short that claims where it stopped
+        (35%: right steps that end off the target, the commonest wrong candidate a trained model
+        writes; docs/results.md, session 17)."""
         c = self.config
         nums, target = list(problem["numbers"]), int(problem["target"])
 
@@ -102,17 +104,28 @@ class CountdownSftData:
         lines, ans = search(rng.randint(1, 2 * c.solver_max_nodes))
         if kind < 0.4:
             return self._finish(lines, ans)
-        if kind < 0.85 and ans is None:
-            lines, ans = search(4 * c.solver_max_nodes)
-        kept = _kept(lines)
-        if kind < 0.85:
+        if kind < 0.65:
+            if ans is None:
+                lines, ans = search(4 * c.solver_max_nodes)
+            kept = _kept(lines)
             if ans is None or not kept:
                 return self._finish(lines, ans)
             i = rng.choice(kept)
             lines[i] = _slip(parse_step(lines[i]), nums, rng).text()  # a line replaced: `kept` still holds
-        elif ans is not None or not kept:
+            return self._finish(lines, path_expression([parse_step(lines[k]) for k in kept]))
+        # cut short: stop after a line that leaves steps on the path, short of the target (a failed
+        # search has backtracked its whole path by its end, so its last line would leave none)
+        cuts = []
+        for end in range(1, len(lines) + 1):
+            kept = _kept(lines[:end])
+            if kept:
+                claim = path_expression([parse_step(lines[k]) for k in kept])
+                if claim is not None and not self.check(problem, claim)[0]:
+                    cuts.append((end, claim))
+        if not cuts:
             return self._finish(lines, ans)
-        return self._finish(lines, path_expression([parse_step(lines[k]) for k in kept]))
+        end, claim = rng.choice(cuts)
+        return self._finish(lines[:end], claim)
 
     def aggregate_completion(self, problem: dict[str, Any], traces: list[str], rng: random.Random) -> str:
         """The target aggregation completion: check the candidates in the order the prompt numbers
