@@ -607,16 +607,11 @@ def test_paths_that_check_out_build_answers_that_verify():
         assert accepted >= 50 and rejected >= 80 and stricter < rejected / 2, (rule, accepted, rejected, stricter)
 
 
-def test_steps_view_sft_candidates_include_right_steps_that_end_off_the_target():
-    """A trained model's commonest wrong candidate has every step right and stops short of the
-    target (16% of stp-agg-agg's own candidates, docs/results.md session 17); the SFT data must
-    show the aggregator that kind, with a target that re-does the steps and rejects it. Before the
-    fix a failed search had backtracked its whole path, so this kind never appeared (0 of 3000)."""
-    t = task(number_rule="at_most_once", agg_view="steps", agg_answer="select")
+def _steps_candidate_kinds(t, n=1000):
+    """Counts of the steps view's SFT candidates by kind, and one cut-short example."""
     rng = random.Random(0)
-    kinds = Counter()
-    example = None
-    for p in t.problems("train", 1000, seed=5):
+    kinds, example = Counter(), None
+    for p in t.problems("train", n, seed=5):
         cand = t._steps_candidate(p, rng)
         ok, line = t.candidate_checks(p, [cand])[0]
         steps = " ".join(s.text() for s in step_path(cand))
@@ -625,12 +620,24 @@ def test_steps_view_sft_candidates_include_right_steps_that_end_off_the_target()
             example = example or (p, cand, line)
         else:
             kinds["right" if ok else "other"] += 1
+    return kinds, example
+
+
+def test_sft_cut_short_adds_right_steps_that_end_off_the_target():
+    """A trained model's commonest wrong candidate has every step right and stops short of the
+    target (16% of stp-agg-agg's own candidates, docs/results.md session 17). By default the SFT
+    data has none of them (a failed search has backtracked its whole path by its end: `none`);
+    `task.sft_cut_short` adds them, with a target that re-does the steps and rejects them."""
+    default, _ = _steps_candidate_kinds(task(number_rule="at_most_once", agg_view="steps", agg_answer="select"))
+    assert default["off target"] == 0 and default["right"] >= 400, default
+    t = task(number_rule="at_most_once", agg_view="steps", agg_answer="select", sft_cut_short=0.35)
+    kinds, (p, cand, line) = _steps_candidate_kinds(t)
     assert 0.10 <= kinds["off target"] / 1000 <= 0.25 and kinds["right"] >= 400, kinds
-    p, cand, line = example
     claim = t.candidate_answers([cand])[0]
     assert claim == path_expression(step_path(cand)) and not t.check(p, claim)[0]
-    target = t.aggregate_completion(p, [cand], random.Random(0))
-    assert target.startswith(f"1: {line}\n")  # the aggregator's check rejects it
+    assert t.aggregate_completion(p, [cand], random.Random(0)).startswith(f"1: {line}\n")  # the check rejects it
+    with pytest.raises(ValueError):
+        task(agg_view="steps", agg_answer="select", sft_cut_short=0.5)  # more than the slipped share
 
 
 def test_steps_view_prompt_target_and_selection():

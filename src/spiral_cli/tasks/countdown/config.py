@@ -44,6 +44,9 @@ class CountdownConfig(TaskConfig):
     # candidate's answer, so the answer is exactly the candidate the check accepted
     agg_answer: Literal["write", "select"] = "write"
     agg_max_chars: int = Field(400, ge=20)
+    # share of the steps view's SFT candidates that are searches cut short, claiming a path of right
+    # steps that ends off the target (taken from the slipped ones); measured worse (docs/results.md)
+    sft_cut_short: float = Field(0.0, ge=0.0, le=0.45)
 
     @model_validator(mode="after")
     def _ranges(self) -> CountdownConfig:

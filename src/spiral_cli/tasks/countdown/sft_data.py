@@ -89,10 +89,11 @@ class CountdownSftData:
 
     def _steps_candidate(self, problem: dict[str, Any], rng: random.Random) -> str:
         """A candidate for the steps view, where the steps are what gets checked: an honest solver
-        trace (40%), a solved path with one step's value, operand or operator slipped (25%: the
-        answer is what the slipped path builds), or a search cut short that claims where it stopped
-        (35%: right steps that end off the target, the commonest wrong candidate a trained model
-        writes; docs/results.md, session 17)."""
+        trace (40%), a solved path with one step's value, operand or operator slipped (45%, less
+        `sft_cut_short`: the answer is what the slipped path builds), another honest trace (the
+        rest), and with `task.sft_cut_short` that share of searches cut short, each claiming the path
+        it holds: right steps that end off the target. Measured worse as SFT data (docs/results.md,
+        session 17), so off by default; at 0 the data is the same as before the option existed."""
         c = self.config
         nums, target = list(problem["numbers"]), int(problem["target"])
 
@@ -104,17 +105,25 @@ class CountdownSftData:
         lines, ans = search(rng.randint(1, 2 * c.solver_max_nodes))
         if kind < 0.4:
             return self._finish(lines, ans)
-        if kind < 0.65:
-            if ans is None:
-                lines, ans = search(4 * c.solver_max_nodes)
-            kept = _kept(lines)
+        if kind >= 1.0 - c.sft_cut_short:
+            return self._cut_short(problem, lines, ans, rng)
+        slipped = kind < 0.85
+        if slipped and ans is None:
+            lines, ans = search(4 * c.solver_max_nodes)
+        kept = _kept(lines)
+        if slipped:
             if ans is None or not kept:
                 return self._finish(lines, ans)
             i = rng.choice(kept)
             lines[i] = _slip(parse_step(lines[i]), nums, rng).text()  # a line replaced: `kept` still holds
-            return self._finish(lines, path_expression([parse_step(lines[k]) for k in kept]))
-        # cut short: stop after a line that leaves steps on the path, short of the target (a failed
-        # search has backtracked its whole path by its end, so its last line would leave none)
+        elif ans is not None or not kept:
+            return self._finish(lines, ans)
+        return self._finish(lines, path_expression([parse_step(lines[k]) for k in kept]))
+
+    def _cut_short(self, problem: dict[str, Any], lines: list[str], ans: str | None, rng: random.Random) -> str:
+        """The search `lines` stopped after a random line that leaves steps on its path short of the
+        target, claiming the expression they build (a whole failed search has backtracked its path
+        by its end, so it shows as `none`); the whole trace where no such line exists."""
         cuts = []
         for end in range(1, len(lines) + 1):
             kept = _kept(lines[:end])
