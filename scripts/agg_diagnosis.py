@@ -5,7 +5,8 @@ each over a random subset of k=4 of those traces (as `spiral infer` builds them)
 aggregation writes one verdict line per candidate ("<i>: <check> ok|no"); this script compares
 every verdict with the candidate's true correctness (and its line with the verifier's own check)
 and prints the confusion counts, how often the aggregation's final answer is right (overall and
-when at least one candidate was right), and how often it rejected every candidate.
+when at least one candidate was right), how often it rejected every candidate, and in the steps
+view the kinds of candidate the search wrote (right, none, off target, a step wrong, a number not left).
 
     .venv/bin/python scripts/agg_diagnosis.py <checkpoint dir or registry path> [temperature] [problems] [recipe overrides...]
 
@@ -21,6 +22,24 @@ import re
 import sys
 
 _OPERATION = re.compile(r"(\d+)([-+*/])(\d+)=")
+
+
+def candidate_kind(task, problem: dict, trace: str) -> str:
+    """What kind of candidate a countdown search trace is, in the steps view: "right", "none" (no
+    answer), "off target" (every step re-done alike, the path ends away from the target), "uses a
+    number not left", or "a step's value wrong" (e.g. a slip)."""
+    from spiral_cli.tasks.countdown import step_path
+
+    ok, line = task.candidate_checks(problem, [trace])[0]
+    if ok:
+        return "right"
+    if line == "none":
+        return "none"
+    if " uses " in f" {line}":
+        return "uses a number not left"
+    if line == " ".join(s.text() for s in step_path(trace)) + " no":
+        return "off target"
+    return "a step's value wrong"
 
 
 def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: list[str] = (),
@@ -85,6 +104,10 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
                 c["verdict lines re-doing the candidate's steps"] += bool(done) and done == own[k - 1][: len(done)]
             c[("accepted" if ok else "rejected") + (" right" if truth else " wrong") + " candidate"] += 1
     pass1 = sum(t.correct for r in results for t in r.search) / (8 * len(results))
+    if steps_view:  # the kinds of candidate the search wrote, which the aggregator has to tell apart
+        kinds = collections.Counter(candidate_kind(task, p, t.text) for p, r in zip(problems, results) for t in r.search)
+        total = sum(kinds.values())
+        print("search candidates: " + ", ".join(f"{k} {v / total:.0%}" for k, v in kinds.most_common()))
     for k, v in c.items():
         print(f"{k:40s} {v}")
     acc_wrong = c["accepted wrong candidate"] / max(1, c["accepted wrong candidate"] + c["rejected wrong candidate"])
@@ -96,7 +119,8 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
     redo = c["verdict lines re-doing the candidate's steps"] / max(1, c["verdict lines"])
     if steps_view:
         print(f"{redo:.0%} of the verdict lines re-do the candidate's own steps (its operands and operators)")
-    return {"sets": c["sets"], "accepts_right": acc_right, "accepts_wrong": acc_wrong, "faithful_verdict_lines": faithful,
+    kind_shares = {f"candidates {k}": v / sum(kinds.values()) for k, v in kinds.items()} if steps_view else {}
+    return {**kind_shares, "sets": c["sets"], "accepts_right": acc_right, "accepts_wrong": acc_wrong, "faithful_verdict_lines": faithful,
             "rejected_every_candidate": c["rejected every candidate"], "search_pass@1": pass1,
             **({"verdict_lines_redoing_own_steps": redo} if steps_view else {}),
             "aggregation_accuracy": c["aggregation right"] / max(1, c["sets"])}

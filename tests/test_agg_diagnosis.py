@@ -1,0 +1,25 @@
+"""scripts/agg_diagnosis.py: the kinds of candidate a search trace is, in the steps view."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from spiral_cli.tasks import load_task
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("agg_diagnosis", REPO / "scripts" / "agg_diagnosis.py")
+agg_diagnosis = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(agg_diagnosis)
+
+P = {"numbers": [19, 22, 11, 14], "target": 44}
+
+
+def test_candidate_kinds_in_the_steps_view():
+    t = load_task("countdown", {"agg_view": "steps", "agg_answer": "select", "number_rule": "at_most_once"})
+    kind = lambda trace: agg_diagnosis.candidate_kind(t, P, trace)  # noqa: E731
+    assert kind("22+19=41 (11 14 41)\n41-11=30 (14 30)\n30+14=44 (44)\nanswer: 22+19-11+14\n") == "right"
+    assert kind("fail\n") == "none"
+    # every step right, stopped at 41: the kind a trained model writes most (docs/results.md)
+    assert kind("22+19=41 (11 14 41)\nanswer: 22+19\n") == "off target"
+    assert kind("22+19=42 (11 14 42)\n42+2=44 (11 14 44)\nanswer: 22+19+2\n") == "a step's value wrong"
+    assert kind("22+19=41 (11 14 41)\n41+3=44 (11 14 44)\nanswer: 22+19+3\n") == "uses a number not left"
