@@ -6,7 +6,7 @@ aggregation writes one verdict line per candidate ("<i>: <check> ok|no"); this s
 every verdict with the candidate's true correctness (and its line with the verifier's own check)
 and prints the confusion counts, how often the aggregation's final answer is right (overall and
 when at least one candidate was right), how often it rejected every candidate, and in the steps
-view the kinds of candidate the search wrote (right, none, off target, a step wrong, a number not left).
+view the kinds of candidate the search wrote (right, none, off target, a step wrong, a number not left, ...).
 
     .venv/bin/python scripts/agg_diagnosis.py <checkpoint dir or registry path> [temperature] [problems] [recipe overrides...]
 
@@ -22,24 +22,31 @@ import re
 import sys
 
 _OPERATION = re.compile(r"(\d+)([-+*/])(\d+)=")
+_STEP_VALUE = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
 
 
 def candidate_kind(task, problem: dict, trace: str) -> str:
     """What kind of candidate a countdown search trace is, in the steps view: "right", "none" (no
-    answer), "off target" (every step re-done alike, the path ends away from the target), "uses a
-    number not left", or "a step's value wrong" (e.g. a slip)."""
-    from spiral_cli.tasks.countdown import step_path
-
+    answer line), "no steps" (an answer but no step lines), "off target" (every step's operands,
+    operator and value right, the path ending away from the target), "uses a number not left",
+    "numbers left unused" (exactly_once), or "a step wrong" (a wrong value or an inexact division)."""
     ok, line = task.candidate_checks(problem, [trace])[0]
     if ok:
         return "right"
-    if line == "none":
+    if task.extract_answer(trace) is None:
         return "none"
-    if " uses " in f" {line}":
+    if line == "none":
+        return "no steps"
+    if line.endswith(" no") and " uses " in f" {line}":
         return "uses a number not left"
-    if line == " ".join(s.text() for s in step_path(trace)) + " no":
+    if " unused " in f" {line}":
+        return "numbers left unused"
+    # compare what each step claims with its re-done value; the numbers-left lists are not checked
+    redone = [(int(a), op, int(b), int(v)) for a, op, b, v in _STEP_VALUE.findall(line)]
+    claimed = [(s.a, s.op, s.b, s.result) for s in task._steps(trace)]
+    if "=?" not in line and redone == claimed:
         return "off target"
-    return "a step's value wrong"
+    return "a step wrong"
 
 
 def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: list[str] = (),

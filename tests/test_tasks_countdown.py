@@ -636,8 +636,10 @@ def test_sft_cut_short_adds_right_steps_that_end_off_the_target():
     claim = t.candidate_answers([cand])[0]
     assert claim == path_expression(step_path(cand)) and not t.check(p, claim)[0]
     assert t.aggregate_completion(p, [cand], random.Random(0)).startswith(f"1: {line}\n")  # the check rejects it
-    with pytest.raises(ValueError):
-        task(agg_view="steps", agg_answer="select", sft_cut_short=0.5)  # more than the slipped share
+    with pytest.raises(ValueError, match="sft_cut_short"):
+        task(agg_view="steps", agg_answer="select", sft_cut_short=0.7)  # more than honest traces leave
+    with pytest.raises(ValueError, match="sft_cut_short"):
+        task(sft_cut_short=0.35)  # the answer view's candidates have no steps to cut
 
 
 def test_steps_view_prompt_target_and_selection():

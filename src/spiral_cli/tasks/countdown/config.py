@@ -44,14 +44,17 @@ class CountdownConfig(TaskConfig):
     # candidate's answer, so the answer is exactly the candidate the check accepted
     agg_answer: Literal["write", "select"] = "write"
     agg_max_chars: int = Field(400, ge=20)
-    # share of the steps view's SFT candidates that are searches cut short, claiming a path of right
-    # steps that ends off the target (taken from the slipped ones); measured worse (docs/results.md)
-    sft_cut_short: float = Field(0.0, ge=0.0, le=0.45)
+    # share of the steps view's SFT candidates drawn as searches cut short, claiming a path of right
+    # steps that ends off the target (taken from the 15% second honest share first, then from the
+    # slipped one); measured worse as SFT data (docs/results.md, session 17), so 0 by default
+    sft_cut_short: float = Field(0.0, ge=0.0, le=0.6)
 
     @model_validator(mode="after")
     def _ranges(self) -> CountdownConfig:
         if self.agg_answer == "select" and self.agg_view == "full":
             raise ValueError("agg_answer: select needs agg_view answer, grouped or steps (a full trace has no answer line to name)")
+        if self.sft_cut_short and self.agg_view != "steps":
+            raise ValueError("sft_cut_short shapes the steps view's SFT candidates: it needs agg_view: steps")
         if self.agg_view == "steps" and self.agg_answer != "select":
             raise ValueError("agg_view: steps needs agg_answer: select (a written answer has no steps for a later RSA round to check)")
         if self.min_numbers > self.max_numbers:

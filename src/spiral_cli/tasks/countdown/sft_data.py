@@ -89,11 +89,12 @@ class CountdownSftData:
 
     def _steps_candidate(self, problem: dict[str, Any], rng: random.Random) -> str:
         """A candidate for the steps view, where the steps are what gets checked: an honest solver
-        trace (40%), a solved path with one step's value, operand or operator slipped (45%, less
-        `sft_cut_short`: the answer is what the slipped path builds), another honest trace (the
-        rest), and with `task.sft_cut_short` that share of searches cut short, each claiming the path
-        it holds: right steps that end off the target. Measured worse as SFT data (docs/results.md,
-        session 17), so off by default; at 0 the data is the same as before the option existed."""
+        trace (40%), a solved path with one step's value, operand or operator slipped (45%: the
+        answer is what the slipped path builds), another honest trace (15%); `task.sft_cut_short`
+        draws that share (from the last 15% first, then from the slipped 45%) as searches cut short,
+        each claiming the path it holds: right steps that end off the target, or the whole trace
+        where it has no such point. Measured worse as SFT data (docs/results.md, session 17), so 0
+        by default; at 0 the data is the same as before the option existed."""
         c = self.config
         nums, target = list(problem["numbers"]), int(problem["target"])
 
