@@ -625,7 +625,7 @@ def _steps_candidate_kinds(t, n=1000):
 
 def test_sft_cut_short_adds_right_steps_that_end_off_the_target():
     """A trained model's commonest wrong candidate has every step right and stops short of the
-    target (16% of stp-agg-agg's own candidates, docs/results.md session 17). By default the SFT
+    target (18% of stp-agg-agg's own candidates, docs/results.md session 17). By default the SFT
     data has none of them (a failed search has backtracked its whole path by its end: `none`);
     `task.sft_cut_short` adds them, with a target that re-does the steps and rejects them."""
     default, _ = _steps_candidate_kinds(task(number_rule="at_most_once", agg_view="steps", agg_answer="select"))
