@@ -37,14 +37,15 @@ def candidate_kind(task, problem: dict, trace: str) -> str:
         return "none"
     if line == "none":
         return "no steps"
-    if line.endswith(" no") and " uses " in f" {line}":
+    if " uses " in f" {line}":
         return "uses a number not left"
     if " unused " in f" {line}":
         return "numbers left unused"
-    # compare what each step claims with its re-done value; the numbers-left lists are not checked
+    # compare what each step claims with its re-done value (an inexact division "a/b=?" has none, so
+    # it differs); the numbers-left lists are not checked
     redone = [(int(a), op, int(b), int(v)) for a, op, b, v in _STEP_VALUE.findall(line)]
     claimed = [(s.a, s.op, s.b, s.result) for s in task._steps(trace)]
-    if "=?" not in line and redone == claimed:
+    if redone == claimed:
         return "off target"
     return "a step wrong"
 
@@ -113,8 +114,8 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
     pass1 = sum(t.correct for r in results for t in r.search) / (8 * len(results))
     if steps_view:  # the kinds of candidate the search wrote, which the aggregator has to tell apart
         kinds = collections.Counter(candidate_kind(task, p, t.text) for p, r in zip(problems, results) for t in r.search)
-        total = sum(kinds.values())
-        print("search candidates: " + ", ".join(f"{k} {v / total:.0%}" for k, v in kinds.most_common()))
+        kind_shares = {k: v / sum(kinds.values()) for k, v in kinds.most_common()}
+        print("search candidates: " + ", ".join(f"{k} {share:.0%}" for k, share in kind_shares.items()))
     for k, v in c.items():
         print(f"{k:40s} {v}")
     acc_wrong = c["accepted wrong candidate"] / max(1, c["accepted wrong candidate"] + c["rejected wrong candidate"])
@@ -126,8 +127,7 @@ def main(ckpt: str, temperature: float = 1.0, n_problems: int = 100, overrides: 
     redo = c["verdict lines re-doing the candidate's steps"] / max(1, c["verdict lines"])
     if steps_view:
         print(f"{redo:.0%} of the verdict lines re-do the candidate's own steps (its operands and operators)")
-    kind_shares = {f"candidates {k}": v / sum(kinds.values()) for k, v in kinds.items()} if steps_view else {}
-    return {**kind_shares, "sets": c["sets"], "accepts_right": acc_right, "accepts_wrong": acc_wrong, "faithful_verdict_lines": faithful,
+    return {**({f"candidates {k}": share for k, share in kind_shares.items()} if steps_view else {}), "sets": c["sets"], "accepts_right": acc_right, "accepts_wrong": acc_wrong, "faithful_verdict_lines": faithful,
             "rejected_every_candidate": c["rejected every candidate"], "search_pass@1": pass1,
             **({"verdict_lines_redoing_own_steps": redo} if steps_view else {}),
             "aggregation_accuracy": c["aggregation right"] / max(1, c["sets"])}
