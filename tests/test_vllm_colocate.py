@@ -217,6 +217,10 @@ def _rounds_worker(rank: int, port: int, out_dir: str) -> None:
     gen.join()
     Path(out_dir, f"rounds{rank}.json").write_text(json.dumps({"calls": calls, "mine": mine}))
     dist.destroy_process_group()
+    # Skip the interpreter's teardown: in a spawned child that imported vLLM it aborted about once
+    # in 10-40 runs ("terminate called without an active exception", SIGABRT after every line
+    # above had run; CI 2026-12-04) in a C++ destructor of a library. What is tested is written.
+    os._exit(0)
 
 
 @pytest.mark.slow  # two spawned interpreters import vllm
