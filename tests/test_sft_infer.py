@@ -126,14 +126,20 @@ def test_sft_adds_aggregation_examples_over_its_own_candidates(tmp_path):
     recipe_path.write_text(RECIPE)
     recipe = load_recipe(recipe_path, [
         "sft.steps=8", "sft.save_every=4", "sft.num_search_examples=32", "sft.num_aggregate_examples=8",
-        "sft.self_aggregate_examples=6", "sft.self_aggregate_after=0.5", "generation.temperature=1.0",
+        "sft.self_aggregate_examples=6", "sft.self_aggregate_after=[0.25, 0.75]", "generation.temperature=1.0",
     ])
     home = tmp_path / "home"
     result = run_sft(recipe, home=home, console=Console(stderr=True, quiet=True))
     assert result["step"] == 8
-    rows = [json.loads(line) for line in (home / "runs" / "tiny-sft" / "self_aggregate.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and all(r["kind"] == "self_aggregate" for r in rows)
-    for r in rows:
+    run_dir = home / "runs" / "tiny-sft"
+    rounds = [[json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+              for name in ("self_aggregate.jsonl", "self_aggregate-2.jsonl")]  # two rounds, built at steps 2 and 6
+    assert sorted(p.name for p in run_dir.glob("self_aggregate*.jsonl")) == ["self_aggregate-2.jsonl", "self_aggregate.jsonl"]
+    first, second = ({r["prompt"].split("\n")[0] for r in rows} for rows in rounds)
+    assert not first & second  # each round samples other problems
+    for rows in rounds:
+        assert len(rows) == 6 and all(r["kind"] == "self_aggregate" for r in rows)
+    for r in rounds[0] + rounds[1]:
         assert r["prompt"].startswith("agg ")
         # one verdict line per candidate, written by the verifier, not by the model
         verdicts = [line for line in r["completion"].splitlines() if line[:2] in ("1:", "2:", "3:", "4:")]
@@ -273,28 +279,56 @@ def test_sft_phases_follow_the_steps_and_build_self_aggregation_once():
     """The phase schedule alone: search examples until aggregate_after, then all of them; from
     self_aggregate_after also the self-aggregation examples, built once, at the first step that needs
     them; batches are a pure function of (seed, phase, epoch)."""
-    from types import SimpleNamespace
-
+    from spiral_cli.recipe import SftSection
     from spiral_cli.sft import Example, SftPhases
 
     examples = [Example([i], [i], "search") for i in range(8)] + [Example([100 + i], [i], "aggregate") for i in range(4)]
     own = [Example([200 + i], [i], "self_aggregate") for i in range(4)]
     built = []
-    cfg = SimpleNamespace(steps=20, aggregate_after=0.25, self_aggregate_examples=4, self_aggregate_after=0.5,
-                          data=None, batch_size=4)
-    phases = SftPhases.for_recipe(cfg, examples, seed=3, build_self_agg=lambda: built.append(1) or own)
-    assert (phases.aggregate_from, phases.self_agg_from) == (5, 10)
+    cfg = SftSection(steps=20, aggregate_after=0.25, self_aggregate_examples=4, self_aggregate_after=0.5, batch_size=4)
+    phases = SftPhases.for_recipe(cfg, examples, seed=3, build_self_agg=lambda r: built.append(r) or own)
+    assert (phases.aggregate_from, phases.self_agg_starts) == (5, [10])
     assert phases.at(0) == (0, examples[:8]) and phases.at(4) == (0, examples[:8])
     assert phases.at(5) == (5, examples) and phases.at(9) == (5, examples)
     assert not built
-    assert phases.at(10) == (10, examples + own) and phases.at(19)[1] == examples + own and built == [1]
+    assert phases.at(10) == (10, examples + own) and phases.at(19)[1] == examples + own and built == [0]
     assert all(e.kind == "search" for s in range(5) for e in phases.batch(s))
-    again = SftPhases.for_recipe(cfg, examples, seed=3, build_self_agg=lambda: own)
+    again = SftPhases.for_recipe(cfg, examples, seed=3, build_self_agg=lambda r: own)
     assert [phases.batch(s) for s in range(20)] == [again.batch(s) for s in range(20)]
     # a pool of one kind has one phase; sft.data has no self-aggregation phase
     one_kind = SftPhases.for_recipe(cfg, examples[:8], seed=3)
     assert one_kind.aggregate_from == 0
-    assert SftPhases.for_recipe(SimpleNamespace(**{**vars(cfg), "data": "x.jsonl"}), examples, seed=3).self_agg_from is None
+    assert SftPhases.for_recipe(cfg.model_copy(update={"data": "x.jsonl"}), examples, seed=3).self_agg_starts == []
+
+
+def test_self_aggregation_rounds_replace_each_other_and_resume_in_place():
+    """sft.self_aggregate_after as a list: round r's examples are built at its own step, from the
+    model of that step, and replace round r-1's; a run resumed inside round 2 builds (reads back)
+    round 2 only and trains on the batches the uninterrupted run trained on."""
+    from spiral_cli.recipe import SftSection
+    from spiral_cli.sft import Example, SftPhases
+
+    cfg = SftSection(steps=40, aggregate_after=0.0, self_aggregate_examples=4, self_aggregate_after=[0.25, 0.5, 0.75],
+                     batch_size=4)
+    assert cfg.self_aggregate_rounds() == [0.25, 0.5, 0.75]
+    examples = [Example([i], [i], "search") for i in range(8)]
+    own = {r: [Example([100 * (r + 1) + i], [i], "self_aggregate") for i in range(4)] for r in range(3)}
+    built = []
+    phases = SftPhases.for_recipe(cfg, examples, seed=5, build_self_agg=lambda r: built.append(r) or own[r])
+    assert phases.self_agg_starts == [10, 20, 30]
+    assert phases.at(9) == (0, examples) and built == []
+    assert phases.at(10) == (10, examples + own[0]) and phases.at(19) == (10, examples + own[0])
+    assert phases.at(20) == (20, examples + own[1]) and phases.at(29)[1] == examples + own[1]  # round 1's replaced
+    assert phases.at(39) == (30, examples + own[2]) and built == [0, 1, 2]  # each round built once
+    resumed_built = []
+    resumed = SftPhases.for_recipe(cfg, examples, seed=5, build_self_agg=lambda r: resumed_built.append(r) or own[r])
+    assert [resumed.batch(s) for s in range(25, 40)] == [phases.batch(s) for s in range(25, 40)]
+    assert resumed_built == [1, 2]  # resumed at step 25: round 1's examples were never needed again
+    # one fraction is one round, as before; fractions out of order or out of (0, 1) are refused
+    assert SftSection(self_aggregate_after=0.6).self_aggregate_rounds() == [0.6]
+    for bad in ([0.5, 0.5], [0.7, 0.3], [], [0.5, 1.0], 0.0):
+        with pytest.raises(ValueError, match="self_aggregate_after"):
+            SftSection(self_aggregate_after=bad)
 
 
 @pytest.mark.slow

@@ -206,9 +206,25 @@ class SftSection(_Section):
     # examples join (0 = mixed from the start)
     aggregate_after: float = Field(0.0, ge=0.0, lt=1.0)
     # aggregation examples over the model's OWN sampled candidates (targets from the task's
-    # verifier), built when `self_aggregate_after` of the steps are done, then mixed in; 0 = off
+    # verifier), built when `self_aggregate_after` of the steps are done, then mixed in; 0 = off.
+    # A list of fractions makes rounds: at each, the examples are built anew from the model of
+    # that step and replace the previous round's (its candidates change as it trains)
     self_aggregate_examples: int = Field(0, ge=0)
-    self_aggregate_after: float = Field(0.5, gt=0.0, lt=1.0)
+    self_aggregate_after: float | list[float] = 0.5
+
+    @field_validator("self_aggregate_after")
+    @classmethod
+    def _rounds_in_order(cls, v: float | list[float]) -> float | list[float]:
+        fractions = v if isinstance(v, list) else [v]
+        if not fractions or any(not 0.0 < f < 1.0 for f in fractions):
+            raise ValueError("one fraction or a list of them, each strictly between 0 and 1")
+        if any(b <= a for a, b in zip(fractions, fractions[1:])):
+            raise ValueError("the rounds' fractions must increase")
+        return v
+
+    def self_aggregate_rounds(self) -> list[float]:
+        """The fractions of the steps at which the self-aggregation examples are (re)built."""
+        return list(self.self_aggregate_after) if isinstance(self.self_aggregate_after, list) else [self.self_aggregate_after]
 
 
 class AggregatorSection(_Section):

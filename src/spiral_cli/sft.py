@@ -127,22 +127,25 @@ def collate(examples: list[Example], pad_id: int, device: torch.device) -> dict[
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def self_aggregate_pairs(task: Task, generator, n: int, set_size: int, recipe: Recipe) -> list[dict[str, str]]:
+def self_aggregate_pairs(task: Task, generator, n: int, set_size: int, recipe: Recipe,
+                         round_index: int = 0) -> list[dict[str, str]]:
     """Aggregation examples whose candidates are the model's own samples (its real kinds of
     wrong answers, which a solver's corrupted expressions do not cover) and whose targets come
-    from the task's verifier (`aggregate_completion`): check every candidate, keep a verified one."""
+    from the task's verifier (`aggregate_completion`): check every candidate, keep a verified one.
+    Each round (sft.self_aggregate_after as a list) draws other problems and samples."""
     make = getattr(task, "aggregate_completion", None)
     if make is None:
         raise InputError(f"sft.self_aggregate_examples: task {task.name!r} has no aggregate_completion to build targets")
-    problems = task.problems("train", n, seed=recipe.seed + 104_729)
+    problems = task.problems("train", n, seed=recipe.seed + 104_729 * (round_index + 1))
     gen = recipe.generation
     fit = AggregationFit(task, for_aggregation(generator), gen.agg_max_new_tokens, gen.agg_fit)
     fit.check(problems, set_size)  # the prompts the model will see at inference, fitted alike
     outs = generator.generate(
         [task.search_prompt(p) for p in problems], n=set_size, max_new_tokens=gen.max_new_tokens,
-        temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, stop=task.stop_strings(), seed=recipe.seed,
+        temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, stop=task.stop_strings(),
+        seed=recipe.seed + round_index,
     )
-    rng = random.Random(f"self-aggregate/{recipe.seed}")
+    rng = random.Random(f"self-aggregate/{recipe.seed}" + (f"/{round_index}" if round_index else ""))
     candidates = [[c.text for c in samples] for samples in outs]
     prompts, _ = fit.prompts(problems, candidates)
     return [{"prompt": prompt, "completion": make(p, texts, rng), "kind": "self_aggregate"}
@@ -157,21 +160,31 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _self_aggregate_examples(task: Task, loaded, recipe: Recipe, path: Path, console: Console) -> list[Example]:
-    """Phase-2 examples: read back on resume (the same ones), else sampled now and saved."""
+def self_aggregate_file(run_dir: Path, round_index: int) -> Path:
+    """Where a round's self-aggregation examples are kept for resume (round 0: the name of one round)."""
+    return run_dir / ("self_aggregate.jsonl" if round_index == 0 else f"self_aggregate-{round_index + 1}.jsonl")
+
+
+def _self_aggregate_examples(task: Task, loaded, recipe: Recipe, run_dir: Path, round_index: int,
+                             console: Console) -> list[Example]:
+    """A round's self-aggregation examples: read back on resume (the same ones), else sampled now
+    from the model being trained and saved."""
 
     cfg = recipe.sft
+    path = self_aggregate_file(run_dir, round_index)
     if path.is_file():
         pairs = [row for _, row in read_jsonl_file(path)]
     else:
         t0 = time.time()
         generator = make_generator(loaded, recipe.generation)
         try:
-            pairs = self_aggregate_pairs(task, generator, cfg.self_aggregate_examples, cfg.set_size, recipe)
+            pairs = self_aggregate_pairs(task, generator, cfg.self_aggregate_examples, cfg.set_size, recipe, round_index)
         finally:
             close_generator(generator)
         atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in pairs))
-        console.print(f"  built {len(pairs)} aggregation examples over the model's own candidates ({time.time() - t0:.0f}s)")
+        rounds = len(cfg.self_aggregate_rounds())
+        console.print(f"  built {len(pairs)} aggregation examples over the model's own candidates"
+                      + (f" (round {round_index + 1} of {rounds})" if rounds > 1 else "") + f" ({time.time() - t0:.0f}s)")
     out, _ = tokenize_examples(pairs, loaded.tokenizer, cfg.max_len)
     return out
 
@@ -191,21 +204,21 @@ class SftPhases:
     """Which examples step `s` trains on: the phases along the steps (docs/method.md).
 
     Search examples alone until `aggregate_from` (the arithmetic the aggregator checks with is
-    learned there first), then every example; from `self_agg_from` on (sft.self_aggregate_examples)
-    also aggregation examples over the model's own candidates, built by `build_self_agg` the first
-    time a step needs them. The boundaries count steps, never seconds: the same recipe trains the
-    same model on a fast and on a slow machine. Within a phase, each epoch's batches are
-    `batch_schedule(phase pool, epoch)`, a pure function of (seed, phase, epoch), so a resumed run
-    sees the same batches."""
+    learned there first), then every example; from each of `self_agg_starts` on
+    (sft.self_aggregate_examples) also aggregation examples over the model's own candidates, built
+    by `build_self_agg(round)` the first time a step needs them and replacing the previous round's.
+    The boundaries count steps, never seconds: the same recipe trains the same model on a fast and
+    on a slow machine. Within a phase, each epoch's batches are `batch_schedule(phase pool, epoch)`,
+    a pure function of (seed, phase, epoch), so a resumed run sees the same batches."""
 
     examples: list[Example]
     aggregate_from: int  # 0: mixed from the start
-    self_agg_from: int | None  # None: no self-aggregation phase
+    self_agg_starts: list[int]  # the step each self-aggregation round begins; empty: none
     batch_size: int
     seed: int
-    build_self_agg: Callable[[], list[Example]] | None = None
+    build_self_agg: Callable[[int], list[Example]] | None = None
     search_only: list[Example] = field(init=False)
-    _self_agg_pool: list[Example] | None = field(default=None, init=False)
+    _self_agg_pool: tuple[int, list[Example]] | None = field(default=None, init=False)  # (round, pool)
     _schedule: tuple[tuple[int, int], list[list[int]]] = field(default=((-1, -1), []), init=False)
 
     def __post_init__(self) -> None:
@@ -213,24 +226,27 @@ class SftPhases:
 
     @classmethod
     def for_recipe(cls, cfg, examples: list[Example], seed: int,
-                   build_self_agg: Callable[[], list[Example]] | None = None) -> SftPhases:
+                   build_self_agg: Callable[[int], list[Example]] | None = None) -> SftPhases:
         """The phases of an SftSection: `aggregate_after` and `self_aggregate_after` are fractions
         of `steps`; a pool with no aggregation examples (or only those) has one phase."""
         has_both = any(e.kind == "aggregate" for e in examples) and any(e.kind != "aggregate" for e in examples)
+        rounds = cfg.self_aggregate_rounds() if cfg.self_aggregate_examples and not cfg.data else []
         return cls(
             examples=examples,
             aggregate_from=int(cfg.steps * cfg.aggregate_after) if has_both else 0,
-            self_agg_from=int(cfg.steps * cfg.self_aggregate_after) if cfg.self_aggregate_examples and not cfg.data else None,
+            self_agg_starts=sorted({int(cfg.steps * f) for f in rounds}),
             batch_size=cfg.batch_size, seed=seed, build_self_agg=build_self_agg,
         )
 
     def at(self, step: int) -> tuple[int, list[Example]]:
         """(the step the phase began, its example pool) for `step`."""
-        if self.self_agg_from is not None and step >= self.self_agg_from:
-            if self._self_agg_pool is None:
-                extra = self.build_self_agg() if self.build_self_agg else []
-                self._self_agg_pool = self.examples + extra
-            return self.self_agg_from, self._self_agg_pool
+        begun = [i for i, start in enumerate(self.self_agg_starts) if step >= start]
+        if begun:
+            r = begun[-1]
+            if self._self_agg_pool is None or self._self_agg_pool[0] != r:
+                extra = self.build_self_agg(r) if self.build_self_agg else []
+                self._self_agg_pool = (r, self.examples + extra)
+            return self.self_agg_starts[r], self._self_agg_pool[1]
         if step < self.aggregate_from:
             return 0, self.search_only
         return self.aggregate_from, self.examples
@@ -384,12 +400,12 @@ def _setup_sft(recipe: Recipe, *, home: Path, name: str, resume: bool, console: 
         random.setstate(state["python_rng"])
         console.print(f"  resumed from {state_dir} at step {step}" + (" (already finished; --no-resume starts over)" if step >= cfg.steps else ""))
 
-    self_agg_file = run_dir / "self_aggregate.jsonl"  # kept in the run dir for resume
-    if not resuming:
-        self_agg_file.unlink(missing_ok=True)
+    if not resuming:  # a fresh run samples its own candidates anew
+        for old in run_dir.glob("self_aggregate*.jsonl"):
+            old.unlink()
     phases = SftPhases.for_recipe(
         cfg, examples, recipe.seed,
-        build_self_agg=lambda: _self_aggregate_examples(task, loaded, recipe, self_agg_file, console))
+        build_self_agg=lambda r: _self_aggregate_examples(task, loaded, recipe, run_dir, r, console))
     return SftRun(name=name, cfg=cfg, loaded=loaded, base=base, task=task, registry=registry, optimizer=optimizer,
                   params=params, phases=phases, state_dir=state_dir, log_path=run_dir / "metrics.jsonl",
                   resuming=resuming, step=step, tokens_seen=tokens_seen, model=model, accelerator=accelerator,
@@ -480,7 +496,7 @@ def _train(run: SftRun, recipe: Recipe, console: Console) -> SftOutcome:
             _save_state(loaded, optimizer, step, run.state_dir, {"tokens_seen": tokens_seen})
         if deadline and _past(deadline, run) and step < cfg.steps:
             if main:
-                _warn_time_budget(console, cfg, step, phases.aggregate_from, phases.self_agg_from)
+                _warn_time_budget(console, cfg, step, phases.aggregate_from, phases.self_agg_starts)
             stopped_early = True
             break
     train_seconds = time.time() - start_time
@@ -490,7 +506,7 @@ def _train(run: SftRun, recipe: Recipe, console: Console) -> SftOutcome:
                       train_seconds=train_seconds)
 
 
-def _warn_time_budget(console: Console, cfg, step: int, aggregate_from: int, self_agg_from: int | None) -> None:
+def _warn_time_budget(console: Console, cfg, step: int, aggregate_from: int, self_agg_starts: list[int]) -> None:
     """The safety net fired: say loudly that this run's model is not the one its recipe defines."""
     console.print(
         f"[bold red]WARNING: sft.time_budget_minutes={cfg.time_budget_minutes} stopped the run at step "
@@ -498,8 +514,10 @@ def _warn_time_budget(console: Console, cfg, step: int, aggregate_from: int, sel
         f"recipe trains a different one. Rerun the same command to train on from step {step} (the run "
         f"resumes), or raise or drop sft.time_budget_minutes."
     )
-    for at, what in ((aggregate_from, "the aggregation examples"), (self_agg_from, "sft.self_aggregate_examples")):
-        if at is not None and step < at:
+    rounds = [(at, "sft.self_aggregate_examples" + (f" (round {i + 1})" if len(self_agg_starts) > 1 else ""))
+              for i, at in enumerate(self_agg_starts)]
+    for at, what in [(aggregate_from, "the aggregation examples"), *rounds]:
+        if step < at:
             console.print(f"[bold red]WARNING:[/] {what} (from step {at}) were never trained on.")
 
 
