@@ -229,6 +229,7 @@ def test_sft_time_budget_is_a_loud_safety_net_not_a_schedule(tmp_path, monkeypat
         "sft.steps=1000", "sft.save_every=5", "sft.log_every=1000", "sft.batch_size=8", "sft.num_search_examples=24",
         "sft.num_aggregate_examples=24", "sft.aggregate_after=0.5", "sft.time_budget_minutes=1",
         "sft.eval_problems=0", "model.max_seq_len=512", "sft.max_len=512",
+        "sft.self_aggregate_examples=4", "sft.self_aggregate_after=[0.6, 0.8]",
     ])
     out = io.StringIO()
     result = sft.run_sft(recipe, home=tmp_path / "home", console=Console(file=out, width=400))
@@ -238,6 +239,8 @@ def test_sft_time_budget_is_a_loud_safety_net_not_a_schedule(tmp_path, monkeypat
     text = " ".join(out.getvalue().split())
     assert f"WARNING: sft.time_budget_minutes=1.0 stopped the run at step {stopped} of 1000" in text
     assert "the aggregation examples (from step 500) were never trained on" in text
+    for r, at in ((1, 600), (2, 800)):  # each self-aggregation round it never reached, named
+        assert f"sft.self_aggregate_examples (round {r}) (from step {at}) were never trained on" in text
     entry = Registry(tmp_path / "home").latest("tiny-sft")
     assert entry.metrics["stopped_by_time_budget"] == 1 and entry.metrics["planned_steps"] == 1000
     again = sft.run_sft(recipe, home=tmp_path / "home", console=Console(file=io.StringIO()))
