@@ -13,6 +13,7 @@ grad_accum N); rank 0 alone writes the state, the metrics, evaluates and registe
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -240,9 +241,8 @@ class SftPhases:
 
     def at(self, step: int) -> tuple[int, list[Example]]:
         """(the step the phase began, its example pool) for `step`."""
-        begun = [i for i, start in enumerate(self.self_agg_starts) if step >= start]
-        if begun:
-            r = begun[-1]
+        r = bisect.bisect_right(self.self_agg_starts, step) - 1  # the last round begun by `step`
+        if r >= 0:
             if self._self_agg_pool is None or self._self_agg_pool[0] != r:
                 extra = self.build_self_agg(r) if self.build_self_agg else []
                 self._self_agg_pool = (r, self.examples + extra)
