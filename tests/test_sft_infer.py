@@ -2,9 +2,11 @@
 the checkpoint loads with plain transformers and gives the same greedy output."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +118,8 @@ def test_a_resumed_run_reports_its_last_logged_loss(tmp_path):
 @pytest.mark.slow
 def test_sft_adds_aggregation_examples_over_its_own_candidates(tmp_path):
     """sft.self_aggregate_examples: halfway through, the model samples candidates for new train
-    problems; the verifier writes the targets; training continues on the mixed pool."""
+    problems; the verifier writes the targets; training continues on the mixed pool. Two rounds,
+    each pool half own examples (self_aggregate_share), the learning rate restarted at each."""
     from rich.console import Console
 
     from spiral_cli.recipe import load_recipe
@@ -127,10 +130,15 @@ def test_sft_adds_aggregation_examples_over_its_own_candidates(tmp_path):
     recipe = load_recipe(recipe_path, [
         "sft.steps=8", "sft.save_every=4", "sft.num_search_examples=32", "sft.num_aggregate_examples=8",
         "sft.self_aggregate_examples=6", "sft.self_aggregate_after=[0.25, 0.75]", "generation.temperature=1.0",
+        "sft.self_aggregate_share=0.5", "sft.restart_lr_each_round=true", "sft.warmup_steps=2", "sft.log_every=1",
     ])
     home = tmp_path / "home"
-    result = run_sft(recipe, home=home, console=Console(stderr=True, quiet=True))
+    log = io.StringIO()
+    result = run_sft(recipe, home=home, console=Console(file=log, width=400))
     assert result["step"] == 8
+    # the learning rate of steps 1-8 (peak 3e-3, 2 warm-up steps): cycles [0, 2), [2, 6), [6, 8)
+    lrs = [float(m) for m in re.findall(r"step \d+/8 loss \S+ lr (\S+)", log.getvalue())]
+    assert lrs == pytest.approx([1.5e-3, 3e-3, 1.5e-3, 3e-3, 3e-3, 1.65e-3, 1.5e-3, 3e-3], rel=1e-2)
     run_dir = home / "runs" / "tiny-sft"
     rounds = [[json.loads(line) for line in (run_dir / name).read_text().splitlines()]
               for name in ("self_aggregate.jsonl", "self_aggregate-2.jsonl")]  # two rounds, built at steps 2 and 6
@@ -332,6 +340,41 @@ def test_self_aggregation_rounds_replace_each_other_and_resume_in_place():
     for bad in ([0.5, 0.5], [0.7, 0.3], [], [0.5, 1.0], 0.0):
         with pytest.raises(ValueError, match="self_aggregate_after"):
             SftSection(self_aggregate_after=bad)
+
+
+def test_rounds_as_continuations_draw_a_share_and_restart_the_learning_rate():
+    """sft.self_aggregate_share: a round's pool is its own examples plus a draw of the others sized
+    to give them that share (the same draw on resume, another each round); restart_lr_each_round:
+    the warm-up and cosine start again at each round, as a continuation run from that model would."""
+    from spiral_cli.recipe import SftSection
+    from spiral_cli.sft import Example, SftPhases, lr_at
+
+    cfg = SftSection(steps=100, aggregate_after=0.0, self_aggregate_examples=5, self_aggregate_after=[0.5, 0.8],
+                     self_aggregate_share=0.2, restart_lr_each_round=True, batch_size=4, warmup_steps=10)
+    examples = [Example([i], [i], "search") for i in range(40)]
+    own = {r: [Example([100 * (r + 1) + i], [i], "self_aggregate") for i in range(5)] for r in range(2)}
+    phases = SftPhases.for_recipe(cfg, examples, seed=5, build_self_agg=lambda r: own[r])
+    assert phases.at(49) == (0, examples)  # before the first round: every example
+    start, pool = phases.at(50)
+    others = [e for e in pool if e.kind == "search"]
+    assert start == 50 and len(pool) == 25 and pool[-5:] == own[0] and len(others) == 20  # 5 of 25 = 0.2
+    assert others == sorted(others, key=lambda e: e.input_ids[0]) and len(set(id(e) for e in others)) == 20
+    again = SftPhases.for_recipe(cfg, examples, seed=5, build_self_agg=lambda r: own[r])
+    assert again.at(60)[1] == pool  # a resumed run draws the same
+    second = [e for e in phases.at(80)[1] if e.kind == "search"]
+    assert len(second) == 20 and second != others  # each round its own draw
+    # the learning-rate cycles: [0, 50), [50, 80), [80, 100), each warm-up then cosine to 10% of the peak
+    assert [phases.lr_cycle(s, 100, True) for s in (0, 49, 50, 79, 80, 99)] == [(0, 50), (0, 50), (50, 30), (50, 30),
+                                                                             (80, 20), (80, 20)]
+    assert phases.lr_cycle(80, 100, False) == (0, 100)
+    assert lr_at(0, 30, 10, 1.0) == pytest.approx(0.1)  # step 50: the warm-up's first step again
+    assert lr_at(20, 30, 10, 1.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 10 / 20)))  # step 70: 0.55
+    # without rounds the two options mean nothing: refused
+    for bad in ({"self_aggregate_share": 0.2}, {"restart_lr_each_round": True}):
+        with pytest.raises(ValueError, match="self_aggregate_examples"):
+            SftSection(**bad)
+    with pytest.raises(ValueError, match="self_aggregate_share"):
+        SftSection(self_aggregate_examples=5, self_aggregate_share=1.0)
 
 
 @pytest.mark.slow

@@ -218,6 +218,7 @@ class SftPhases:
     batch_size: int
     seed: int
     build_self_agg: Callable[[int], list[Example]] | None = None
+    self_agg_share: float | None = None  # the own examples' share of a round's pool; None: all others too
     search_only: list[Example] = field(init=False)
     _self_agg_pool: tuple[int, list[Example]] | None = field(default=None, init=False)  # (round, pool)
     _schedule: tuple[tuple[int, int], list[list[int]]] = field(default=((-1, -1), []), init=False)
@@ -237,6 +238,7 @@ class SftPhases:
             aggregate_from=int(cfg.steps * cfg.aggregate_after) if has_both else 0,
             self_agg_starts=sorted({int(cfg.steps * f) for f in rounds}),
             batch_size=cfg.batch_size, seed=seed, build_self_agg=build_self_agg,
+            self_agg_share=cfg.self_aggregate_share,
         )
 
     def at(self, step: int) -> tuple[int, list[Example]]:
@@ -245,11 +247,30 @@ class SftPhases:
         if r >= 0:
             if self._self_agg_pool is None or self._self_agg_pool[0] != r:
                 extra = self.build_self_agg(r) if self.build_self_agg else []
-                self._self_agg_pool = (r, self.examples + extra)
+                self._self_agg_pool = (r, self._others_for_round(r, len(extra)) + extra)
             return self.self_agg_starts[r], self._self_agg_pool[1]
         if step < self.aggregate_from:
             return 0, self.search_only
         return self.aggregate_from, self.examples
+
+    def _others_for_round(self, round_index: int, n_own: int) -> list[Example]:
+        """The other examples beside round `round_index`'s `n_own` own ones: all of them, or with
+        `self_agg_share` a draw of the size that gives the own ones that share, fixed by (seed,
+        round) so a resumed run draws the same, in their original order."""
+        if self.self_agg_share is None or not n_own:
+            return self.examples
+        k = min(len(self.examples), round(n_own * (1 - self.self_agg_share) / self.self_agg_share))
+        keep = sorted(random.Random(f"self-aggregate-share/{self.seed}/{round_index}").sample(range(len(self.examples)), k))
+        return [self.examples[i] for i in keep]
+
+    def lr_cycle(self, step: int, total: int, restart_each_round: bool) -> tuple[int, int]:
+        """(first step, length) of the learning-rate cycle `step` is in: the whole run, or with
+        restarts the stretch from the last round begun (or step 0) to the next one (or the end)."""
+        if not restart_each_round:
+            return 0, total
+        bounds = [0, *self.self_agg_starts, total]
+        i = bisect.bisect_right(bounds, step) - 1
+        return bounds[i], bounds[i + 1] - bounds[i]
 
     def batch(self, step: int) -> list[Example]:
         """The examples of `step`'s batch."""
@@ -458,8 +479,9 @@ def _train(run: SftRun, recipe: Recipe, console: Console) -> SftOutcome:
     while step < cfg.steps:
         batch_examples = phases.batch(step)
         mine = _split(batch_examples, run.world)[run.rank] if run.world > 1 else batch_examples
+        cycle_start, cycle_steps = phases.lr_cycle(step, cfg.steps, cfg.restart_lr_each_round)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
+            group["lr"] = lr_at(step - cycle_start, cycle_steps, cfg.warmup_steps, cfg.lr)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         micros = _split(mine, cfg.grad_accum)
