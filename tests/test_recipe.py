@@ -55,10 +55,32 @@ def test_trl_loss_type_names_map_to_loss_aggregation(tmp_path, trl, aggregation)
     assert r.train_set.loss_aggregation == aggregation
 
 
-@pytest.mark.parametrize("name", ["countdown.yaml", "countdown-qwen.yaml", "math.yaml"])
+@pytest.mark.parametrize("name", ["countdown.yaml", "countdown-rounds.yaml", "countdown-qwen.yaml", "math.yaml"])
 def test_shipped_recipes_load(name):
     r = load_recipe(REPO / "recipes" / name)
     assert r.name == Path(name).stem
+
+
+def test_rounds_recipe_is_the_measured_continuation_path():
+    """countdown-rounds.yaml in one run is the default's SFT (steps view), then two 2,000-step
+    continuations over the model's own candidates (docs/results.md, sessions 17-18): the same
+    phase boundaries, learning-rate cycles and pool shares."""
+    from spiral_cli.sft import Example, SftPhases
+
+    rounds, default = load_recipe(REPO / "recipes/countdown-rounds.yaml"), load_recipe(REPO / "recipes/countdown.yaml")
+    assert (rounds.task.agg_view, rounds.task.agg_answer, rounds.generation.agg_temperature) == ("steps", "select", 0.0)
+    examples = [Example([i], [i], "search" if i % 8 < 5 else "aggregate") for i in range(128)]
+    own = [Example([1000 + i], [i], "self_aggregate") for i in range(8)]
+    phases = SftPhases.for_recipe(rounds.sft, examples, seed=0, build_self_agg=lambda r: own)
+    d = default.sft
+    assert phases.aggregate_from == int(d.steps * d.aggregate_after) == 3180
+    assert phases.self_agg_starts == [d.steps, d.steps + 2000] and rounds.sft.steps == d.steps + 4000
+    assert [phases.lr_cycle(s, rounds.sft.steps, rounds.sft.restart_lr_each_round) for s in (0, 5300, 9299)] == [
+        (0, 5300), (5300, 2000), (7300, 2000)]
+    pool = phases.at(5300)[1]
+    assert len(pool) == 40 and pool[-8:] == own  # 6,000 own over 24,000 others: a fifth
+    for key in ("num_search_examples", "num_aggregate_examples", "batch_size", "lr", "warmup_steps", "set_size"):
+        assert getattr(rounds.sft, key) == getattr(d, key), key
 
 
 def test_name_defaults_to_file_stem(tmp_path):
