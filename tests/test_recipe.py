@@ -62,8 +62,8 @@ def test_shipped_recipes_load(name):
 
 
 def test_rounds_recipe_is_the_measured_continuation_path():
-    """countdown-rounds.yaml in one run is the default's SFT (steps view), then two 2,000-step
-    continuations over the model's own candidates (docs/results.md, sessions 17-18): the same
+    """countdown-rounds.yaml in one run is the default's SFT (steps view), then three 2,000-step
+    continuations over the model's own candidates (docs/results.md, sessions 17-19): the same
     phase boundaries, learning-rate cycles and pool shares."""
     from spiral_cli.sft import Example, SftPhases
 
@@ -74,9 +74,9 @@ def test_rounds_recipe_is_the_measured_continuation_path():
     phases = SftPhases.for_recipe(rounds.sft, examples, seed=0, build_self_agg=lambda r: own)
     d = default.sft
     assert phases.aggregate_from == int(d.steps * d.aggregate_after) == 3180
-    assert phases.self_agg_starts == [d.steps, d.steps + 2000] and rounds.sft.steps == d.steps + 4000
-    assert [phases.lr_cycle(s, rounds.sft.steps, rounds.sft.restart_lr_each_round) for s in (0, 5300, 9299)] == [
-        (0, 5300), (5300, 2000), (7300, 2000)]
+    assert phases.self_agg_starts == [d.steps, d.steps + 2000, d.steps + 4000] and rounds.sft.steps == d.steps + 6000
+    assert [phases.lr_cycle(s, rounds.sft.steps, rounds.sft.restart_lr_each_round) for s in (0, 5300, 9299, 11299)] == [
+        (0, 5300), (5300, 2000), (7300, 2000), (9300, 2000)]
     pool = phases.at(5300)[1]
     assert len(pool) == 40 and pool[-8:] == own  # 6,000 own over 24,000 others: a fifth
     for key in ("num_search_examples", "num_aggregate_examples", "batch_size", "lr", "warmup_steps", "set_size"):
