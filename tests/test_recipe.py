@@ -75,7 +75,7 @@ def test_rounds_recipe_is_the_measured_continuation_path():
     d = default.sft
     assert phases.aggregate_from == int(d.steps * d.aggregate_after) == 3180
     assert phases.self_agg_starts == [d.steps, d.steps + 2000, d.steps + 4000] and rounds.sft.steps == d.steps + 6000
-    assert [phases.lr_cycle(s, rounds.sft.steps, rounds.sft.restart_lr_each_round) for s in (0, 5300, 9299, 11299)] == [
+    assert [phases.lr_cycle(s) for s in (0, 5300, 9299, 11299)] == [
         (0, 5300), (5300, 2000), (7300, 2000), (9300, 2000)]
     pool = phases.at(5300)[1]
     assert len(pool) == 40 and pool[-8:] == own  # 6,000 own over 24,000 others: a fifth
@@ -132,6 +132,9 @@ def test_override_applies_and_validates(tmp_path):
         ("", ["sft.full_determinism=sometimes"], "sft.full_determinism: Input should be 'auto', True or False"),
         ("", ["generation.vllm.tensor_parallel_size=0"],
          "generation.vllm.tensor_parallel_size: Input should be greater than or equal to 1"),
+        ("", ["sft.restart_lr_each_round=true"],
+         "sft: sft.restart_lr_each_round acts on self-aggregation rounds: set sft.self_aggregate_examples too"),
+        ("", ["sft.data=x.jsonl", "sft.self_aggregate_examples=10"], "sft: sft.self_aggregate_examples samples the task's"),
     ],
 )
 def test_errors_are_one_line_and_name_the_field(tmp_path, text, overrides, expected):
@@ -139,7 +142,7 @@ def test_errors_are_one_line_and_name_the_field(tmp_path, text, overrides, expec
         load_recipe(write(tmp_path, text), overrides)
     msg = str(exc.value)
     assert expected in msg
-    assert "\n" not in msg
+    assert "\n" not in msg and "Value error" not in msg  # pydantic's prefix stripped
 
 
 def test_missing_file():

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -306,10 +307,12 @@ def test_sft_phases_follow_the_steps_and_build_self_aggregation_once():
     assert all(e.kind == "search" for s in range(5) for e in phases.batch(s))
     again = SftPhases.for_recipe(cfg, examples, seed=3, build_self_agg=lambda r: own)
     assert [phases.batch(s) for s in range(20)] == [again.batch(s) for s in range(20)]
-    # a pool of one kind has one phase; sft.data has no self-aggregation phase
+    # a pool of one kind has one phase; sft.data (the file's examples) with the task's own-candidate
+    # rounds is refused rather than silently dropping the rounds
     one_kind = SftPhases.for_recipe(cfg, examples[:8], seed=3)
     assert one_kind.aggregate_from == 0
-    assert SftPhases.for_recipe(cfg.model_copy(update={"data": "x.jsonl"}), examples, seed=3).self_agg_starts == []
+    with pytest.raises(ValueError, match="sft.data"):
+        SftSection(data="x.jsonl", self_aggregate_examples=4)
 
 
 def test_self_aggregation_rounds_replace_each_other_and_resume_in_place():
@@ -364,11 +367,27 @@ def test_rounds_as_continuations_draw_a_share_and_restart_the_learning_rate():
     second = [e for e in phases.at(80)[1] if e.kind == "search"]
     assert len(second) == 20 and second != others  # each round its own draw
     # the learning-rate cycles: [0, 50), [50, 80), [80, 100), each warm-up then cosine to 10% of the peak
-    assert [phases.lr_cycle(s, 100, True) for s in (0, 49, 50, 79, 80, 99)] == [(0, 50), (0, 50), (50, 30), (50, 30),
-                                                                             (80, 20), (80, 20)]
-    assert phases.lr_cycle(80, 100, False) == (0, 100)
+    assert [phases.lr_cycle(s) for s in (0, 49, 50, 79, 80, 99)] == [(0, 50), (0, 50), (50, 30), (50, 30),
+                                                                   (80, 20), (80, 20)]
+    no_restart = SftPhases.for_recipe(cfg.model_copy(update={"restart_lr_each_round": False}), examples, seed=5)
+    assert no_restart.lr_cycle(80) == (0, 100)
     assert lr_at(0, 30, 10, 1.0) == pytest.approx(0.1)  # step 50: the warm-up's first step again
     assert lr_at(20, 30, 10, 1.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 10 / 20)))  # step 70: 0.55
+    # a pool that cannot be what the recipe asks is said, not silently changed: no own examples
+    # (all others), or too few others for the share (the own share rises)
+    warned = []
+    empty = SftPhases.for_recipe(cfg, examples, seed=5, build_self_agg=lambda r: [], warn=warned.append)
+    assert empty.at(50)[1] == examples and "no examples of the model's own" in warned[-1]
+    few = SftPhases.for_recipe(cfg, examples[:12], seed=5, build_self_agg=lambda r: own[r], warn=warned.append)
+    assert len(few.at(50)[1]) == 17 and "asks for 20 other examples" in warned[-1] and "is 0.29" in warned[-1]
+    assert len(warned) == 2
+    short = cfg.model_copy(update={"warmup_steps": 25})  # cycles of 50, 30, 20 steps
+    SftPhases.for_recipe(short, examples, seed=5, warn=warned.append)
+    assert warned[2:] == ["the learning-rate cycle from step 80 is 20 steps, shorter than sft.warmup_steps=25: "
+                          "it never reaches sft.lr"]
+    # the time spent building a round is kept apart, so the ETA and tok/s count training alone
+    slow = SftPhases.for_recipe(cfg, examples, seed=5, build_self_agg=lambda r: time.sleep(0.05) or own[r])
+    assert slow.build_seconds == 0 and slow.at(50) and slow.build_seconds >= 0.05
     # without rounds the two options mean nothing: refused
     for bad in ({"self_aggregate_share": 0.2}, {"restart_lr_each_round": True}):
         with pytest.raises(ValueError, match="self_aggregate_examples"):

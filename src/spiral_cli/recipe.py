@@ -231,6 +231,9 @@ class SftSection(_Section):
 
     @model_validator(mode="after")
     def _round_options_need_rounds(self) -> SftSection:
+        if self.self_aggregate_examples and self.data:
+            raise ValueError("sft.self_aggregate_examples samples the task's problems beside its own examples; "
+                             "with sft.data the examples are the file's: drop one of the two")
         if not self.self_aggregate_examples:
             for name, on in (("self_aggregate_share", self.self_aggregate_share is not None),
                              ("restart_lr_each_round", self.restart_lr_each_round)):
@@ -520,7 +523,7 @@ def recipe_hash(snapshot: dict[str, Any] | None) -> str | None:
 def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "recipe"
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")  # our validators' messages are whole sentences
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
         allowed = _allowed_fields(first["loc"][:-1])

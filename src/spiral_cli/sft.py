@@ -219,6 +219,10 @@ class SftPhases:
     seed: int
     build_self_agg: Callable[[int], list[Example]] | None = None
     self_agg_share: float | None = None  # the own examples' share of a round's pool; None: all others too
+    total_steps: int = 0  # the run's length: the last learning-rate cycle ends there
+    restart_lr_each_round: bool = False
+    warn: Callable[[str], None] = lambda message: None  # a round whose pool is not what the recipe asked
+    build_seconds: float = field(default=0.0, init=False)  # spent building rounds: not training time
     search_only: list[Example] = field(init=False)
     _self_agg_pool: tuple[int, list[Example]] | None = field(default=None, init=False)  # (round, pool)
     _schedule: tuple[tuple[int, int], list[list[int]]] = field(default=((-1, -1), []), init=False)
@@ -228,25 +232,34 @@ class SftPhases:
 
     @classmethod
     def for_recipe(cls, cfg, examples: list[Example], seed: int,
-                   build_self_agg: Callable[[int], list[Example]] | None = None) -> SftPhases:
+                   build_self_agg: Callable[[int], list[Example]] | None = None,
+                   warn: Callable[[str], None] = lambda message: None) -> SftPhases:
         """The phases of an SftSection: `aggregate_after` and `self_aggregate_after` are fractions
         of `steps`; a pool with no aggregation examples (or only those) has one phase."""
         has_both = any(e.kind == "aggregate" for e in examples) and any(e.kind != "aggregate" for e in examples)
-        rounds = cfg.self_aggregate_rounds() if cfg.self_aggregate_examples and not cfg.data else []
-        return cls(
+        rounds = cfg.self_aggregate_rounds() if cfg.self_aggregate_examples else []  # never with sft.data (refused)
+        phases = cls(
             examples=examples,
             aggregate_from=int(cfg.steps * cfg.aggregate_after) if has_both else 0,
             self_agg_starts=sorted({int(cfg.steps * f) for f in rounds}),
             batch_size=cfg.batch_size, seed=seed, build_self_agg=build_self_agg,
-            self_agg_share=cfg.self_aggregate_share,
+            self_agg_share=cfg.self_aggregate_share, total_steps=cfg.steps,
+            restart_lr_each_round=cfg.restart_lr_each_round, warn=warn,
         )
+        for start, length in sorted({phases.lr_cycle(s) for s in [0, *phases.self_agg_starts]}):
+            if cfg.restart_lr_each_round and length < cfg.warmup_steps:
+                warn(f"the learning-rate cycle from step {start} is {length} steps, shorter than "
+                     f"sft.warmup_steps={cfg.warmup_steps}: it never reaches sft.lr")
+        return phases
 
     def at(self, step: int) -> tuple[int, list[Example]]:
         """(the step the phase began, its example pool) for `step`."""
         r = bisect.bisect_right(self.self_agg_starts, step) - 1  # the last round begun by `step`
         if r >= 0:
             if self._self_agg_pool is None or self._self_agg_pool[0] != r:
+                t0 = time.time()
                 extra = self.build_self_agg(r) if self.build_self_agg else []
+                self.build_seconds += time.time() - t0
                 self._self_agg_pool = (r, self._others_for_round(r, len(extra)) + extra)
             return self.self_agg_starts[r], self._self_agg_pool[1]
         if step < self.aggregate_from:
@@ -257,18 +270,27 @@ class SftPhases:
         """The other examples beside round `round_index`'s `n_own` own ones: all of them, or with
         `self_agg_share` a draw of the size that gives the own ones that share, fixed by (seed,
         round) so a resumed run draws the same, in their original order."""
-        if self.self_agg_share is None or not n_own:
+        if self.self_agg_share is None:
             return self.examples
-        k = min(len(self.examples), round(n_own * (1 - self.self_agg_share) / self.self_agg_share))
+        if not n_own:
+            self.warn(f"self-aggregation round {round_index + 1} has no examples of the model's own "
+                      f"(none fit sft.max_len): it trains on all {len(self.examples)} others")
+            return self.examples
+        wanted = round(n_own * (1 - self.self_agg_share) / self.self_agg_share)
+        if wanted > len(self.examples):
+            self.warn(f"sft.self_aggregate_share={self.self_agg_share} asks for {wanted} other examples beside "
+                      f"round {round_index + 1}'s {n_own} own ones, and there are {len(self.examples)}: their share "
+                      f"is {n_own / (n_own + len(self.examples)):.2f}")
+        k = min(len(self.examples), wanted)
         keep = sorted(random.Random(f"self-aggregate-share/{self.seed}/{round_index}").sample(range(len(self.examples)), k))
         return [self.examples[i] for i in keep]
 
-    def lr_cycle(self, step: int, total: int, restart_each_round: bool) -> tuple[int, int]:
+    def lr_cycle(self, step: int) -> tuple[int, int]:
         """(first step, length) of the learning-rate cycle `step` is in: the whole run, or with
         restarts the stretch from the last round begun (or step 0) to the next one (or the end)."""
-        if not restart_each_round:
-            return 0, total
-        bounds = [0, *self.self_agg_starts, total]
+        if not self.restart_lr_each_round:
+            return 0, self.total_steps
+        bounds = [0, *self.self_agg_starts, self.total_steps]
         i = bisect.bisect_right(bounds, step) - 1
         return bounds[i], bounds[i + 1] - bounds[i]
 
@@ -426,7 +448,8 @@ def _setup_sft(recipe: Recipe, *, home: Path, name: str, resume: bool, console: 
             old.unlink()
     phases = SftPhases.for_recipe(
         cfg, examples, recipe.seed,
-        build_self_agg=lambda r: _self_aggregate_examples(task, loaded, recipe, run_dir, r, console))
+        build_self_agg=lambda r: _self_aggregate_examples(task, loaded, recipe, run_dir, r, console),
+        warn=lambda message: console.print(f"[bold yellow]WARNING:[/] {message}"))
     return SftRun(name=name, cfg=cfg, loaded=loaded, base=base, task=task, registry=registry, optimizer=optimizer,
                   params=params, phases=phases, state_dir=state_dir, log_path=run_dir / "metrics.jsonl",
                   resuming=resuming, step=step, tokens_seen=tokens_seen, model=model, accelerator=accelerator,
@@ -438,7 +461,7 @@ def _check_data_parallel(cfg, world: int) -> None:
     if cfg.batch_size % (world * cfg.grad_accum):
         raise RecipeError(f"sft.batch_size={cfg.batch_size} must be a multiple of processes x sft.grad_accum "
                           f"({world} x {cfg.grad_accum}): each rank trains an equal share of every batch")
-    if cfg.self_aggregate_examples and not cfg.data:
+    if cfg.self_aggregate_examples:
         raise RecipeError("sft.self_aggregate_examples is not supported over several processes yet "
                           "(the model's own candidates are sampled in one process): run this SFT in one process")
 
@@ -467,7 +490,7 @@ def _train(run: SftRun, recipe: Recipe, console: Console) -> SftOutcome:
     loaded.model.train()
     start_time, last_loss = time.time(), _last_logged_loss(run.log_path)  # a finished run resumed trains no step
     first_step = step  # of this process (a resumed run): the ETA counts the steps it has timed
-    window = (start_time, tokens_seen)  # (time, tokens) at the last log line
+    window = (start_time, tokens_seen, 0.0)  # (time, tokens, build seconds) at the last log line
     deadline = start_time + cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
     stopped_early = False
     main, device = is_main(run.accelerator), (run.accelerator.device if run.accelerator else loaded.device)
@@ -479,7 +502,7 @@ def _train(run: SftRun, recipe: Recipe, console: Console) -> SftOutcome:
     while step < cfg.steps:
         batch_examples = phases.batch(step)
         mine = _split(batch_examples, run.world)[run.rank] if run.world > 1 else batch_examples
-        cycle_start, cycle_steps = phases.lr_cycle(step, cfg.steps, cfg.restart_lr_each_round)
+        cycle_start, cycle_steps = phases.lr_cycle(step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - cycle_start, cycle_steps, cfg.warmup_steps, cfg.lr)
         optimizer.zero_grad(set_to_none=True)
@@ -505,9 +528,10 @@ def _train(run: SftRun, recipe: Recipe, console: Console) -> SftOutcome:
             if run.world > 1:  # the batch's loss: the mean of the ranks' shares
                 last_loss = all_sum([loss_sum], run.accelerator)[0] / run.world
             now = time.time()
-            tps = (tokens_seen - window[1]) / max(now - window[0], 1e-9)  # since the last log line
-            window = (now, tokens_seen)
-            eta = (cfg.steps - step) * (now - start_time) / max(1, step - first_step)
+            # training time only: a round's examples are sampled between two log lines
+            tps = (tokens_seen - window[1]) / max(now - window[0] - (phases.build_seconds - window[2]), 1e-9)
+            window = (now, tokens_seen, phases.build_seconds)
+            eta = (cfg.steps - step) * (now - start_time - phases.build_seconds) / max(1, step - first_step)
             if main:
                 console.print(f"  step {step}/{cfg.steps} loss {last_loss:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
                               f"{tps:,.0f} tok/s, ETA {fmt_duration(eta)}")
