@@ -81,6 +81,46 @@ def test_rounds_recipe_is_the_measured_continuation_path():
     assert len(pool) == 40 and pool[-8:] == own  # 6,000 own over 24,000 others: a fifth
     for key in ("num_search_examples", "num_aggregate_examples", "batch_size", "lr", "warmup_steps", "set_size"):
         assert getattr(rounds.sft, key) == getattr(d, key), key
+    # it extends countdown.yaml: the RL, infer, sweep and compare sections are the default's
+    for section in ("train_set", "train_agg", "infer", "sweep", "compare"):
+        assert getattr(rounds, section) == getattr(default, section), section
+
+
+def test_a_recipe_extends_another_section_by_section(tmp_path):
+    """`extends: base.yaml` (relative to the file): the base's fields, then the file's over them,
+    mappings merged key by key and lists replaced; the name is the file's own; a task section
+    naming another task replaces the base's (its options are the other task's)."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text(
+        "name: base\nseed: 3\ntask: {name: countdown, max_value: 25, sft_max_nodes: [2, 4]}\n"
+        "sft: {steps: 100, lr: 1.0e-3, self_aggregate_after: [0.2, 0.4]}\ntrain_set: {steps: 7}\n")
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("extends: ../base.yaml\ntask: {sft_max_nodes: [8]}\nsft: {steps: 200, self_aggregate_after: [0.5]}\n")
+    r = load_recipe(child)
+    assert (r.name, r.seed, r.train_set.steps) == ("child", 3, 7)
+    assert (r.task.max_value, r.task.sft_max_nodes) == (25, [8])
+    assert (r.sft.steps, r.sft.lr, r.sft.self_aggregate_after) == (200, 1.0e-3, [0.5])
+    assert load_recipe(child, ["sft.lr=5e-4"]).sft.lr == 5e-4  # overrides act on the merged recipe
+    grandchild = tmp_path / "g.yaml"
+    grandchild.write_text("extends: sub/child.yaml\nname: g2\ntask: {name: math, data: x.jsonl}\n")
+    g = load_recipe(grandchild)
+    assert (g.name, g.task.name, g.sft.steps, g.seed) == ("g2", "math", 200, 3)
+    assert "max_value" not in g.task.options()  # countdown's options did not leak into math
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("extends: nope.yaml\n", "recipe file not found: "),
+    ("extends: 3\n", "extends: expected the path of another recipe file, got 3"),
+    ("extends: r.yaml\n", "extends: r.yaml extends this recipe again (a cycle)"),
+    ("extends: loop.yaml\n", "extends this recipe again (a cycle)"),
+    ("extends: sub\n", "is a directory, not a YAML file"),
+])
+def test_a_bad_extends_is_one_line(tmp_path, text, expected):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "loop.yaml").write_text("extends: r.yaml\n")
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(write(tmp_path, text))
+    assert expected in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_name_defaults_to_file_stem(tmp_path):

@@ -697,28 +697,58 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read, override and validate a recipe; RecipeError (one line) on any user mistake."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if p.is_dir():
-            raise RecipeError(f"recipe {p} is a directory, not a YAML file")
-        if not p.is_file():
-            raise RecipeError(f"recipe file not found: {p}")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            line = p.read_bytes()[: e.start].count(b"\n") + 1
-            raise RecipeError(f"{p}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save it as UTF-8") from None
-        except OSError as e:
-            raise RecipeError(f"recipe {p} cannot be read ({e.strerror or e})") from None
-        try:
-            data = yaml_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise RecipeError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{p}: a recipe must be a mapping of sections, got {type(data).__name__}")
-        data.setdefault("name", p.stem)
+        data = _read_recipe_file(Path(path), chain=())
+        data.setdefault("name", Path(path).stem)
     return recipe_from_dict(apply_overrides(data, overrides or []), where=path)
+
+
+def _read_recipe_file(p: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """A recipe file's mapping, with `extends: other.yaml` (relative to the file) resolved: the
+    other recipe's sections, then this file's fields over them, section by section."""
+    if p.is_dir():
+        raise RecipeError(f"recipe {p} is a directory, not a YAML file")
+    if not p.is_file():
+        raise RecipeError(f"recipe file not found: {p}" + (f" (extended by {chain[-1]})" if chain else ""))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{p}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save it as UTF-8") from None
+    except OSError as e:
+        raise RecipeError(f"recipe {p} cannot be read ({e.strerror or e})") from None
+    try:
+        data = yaml_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    if "extends" not in data:
+        return data
+    base_name = data.pop("extends")
+    if not isinstance(base_name, str) or not base_name.strip():
+        raise RecipeError(f"{p}: extends: expected the path of another recipe file, got {base_name!r}")
+    base_path = (p.parent / base_name).resolve()
+    if base_path in chain or base_path == p.resolve():
+        raise RecipeError(f"{p}: extends: {base_name} extends this recipe again (a cycle)")
+    base = _read_recipe_file(base_path, (*chain, p.resolve()))
+    base.pop("name", None)  # a recipe is named by its own file (or its own `name:`)
+    return _merge_sections(base, data)
+
+
+def _merge_sections(base: dict[str, Any], over: dict[str, Any], top: bool = True) -> dict[str, Any]:
+    """`over`'s fields over `base`'s, mappings merged key by key, lists and values replaced. A task
+    section naming another task replaces the base's whole: its options belong to the other task."""
+    out = dict(base)
+    for key, value in over.items():
+        other_task = top and key == "task" and isinstance(value, dict) and isinstance(base.get(key), dict) \
+            and value.get("name", base[key].get("name")) != base[key].get("name")
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and not other_task:
+            out[key] = _merge_sections(base[key], value, top=False)
+        else:
+            out[key] = value
+    return out
 
 
 def recipe_from_dict(data: dict[str, Any], where: str | Path | None = None) -> Recipe:
