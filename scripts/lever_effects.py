@@ -6,7 +6,8 @@ continuation -> train-agg, and prints two markdown tables:
 
 - per stage: pass@1, pass@N, majority@N, the RSA population and the final answer, means over the
   seeds with 95% bootstrap intervals over problems (`metrics.bootstrap_accuracy`: the same problems
-  drawn for every seed), and final answer - majority@N with its paired interval;
+  drawn for every seed), and final answer - majority@N, population - majority@N and final answer -
+  pass@N (issue 13's three bars) with their paired intervals;
 - per stage against its base stage: the change in majority@N, final answer and final answer -
   majority@N (`metrics.paired_bootstrap_diff`), with each seed's change beside it.
 
@@ -117,6 +118,9 @@ def summarise(stages: dict[str, dict]) -> dict[str, dict]:
             b = bootstrap_accuracy(v[col])
             row[col] = {"estimate": b["estimate"], "interval": list(b["interval"]), "per_seed": b["per_seed"]}
         row["final - majority@N"] = _difference(v["final"], v["majority@N"])
+        # issue 13's other two bars: the RSA population against the vote, the final answer against the oracle
+        row["population - majority@N"] = _difference(v["population"], v["majority@N"])
+        row["final - pass@N"] = _difference(v["final"], v["pass@N"])
         if st["base"] is not None:
             base = {col: np.asarray(x) for col, x in stages[st["base"]]["values"].items()}
             k = min(len(st["files"]), len(stages[st["base"]]["files"]))
@@ -143,12 +147,14 @@ def _cell(fig: dict, signed: bool = False) -> str:
 
 def markdown(summary: dict[str, dict], n_problems: int) -> str:
     lines = [f"Held-out, {n_problems} problems; means over seeds, 95% bootstrap intervals over problems (points).", "",
-             "| stage | seeds | " + " | ".join(COLUMNS) + " | final − majority@N | per seed |",
-             "|---|---|" + "---|" * len(COLUMNS) + "---|---|"]
+             "| stage | seeds | " + " | ".join(COLUMNS) + " | final − majority@N | per seed "
+             "| population − majority@N | final − pass@N |",
+             "|---|---|" + "---|" * len(COLUMNS) + "---|---|---|---|"]
     for name, row in summary.items():
         gap = row["final - majority@N"]
         lines.append(f"| {name} | {row['seeds']} | " + " | ".join(_cell(row[c]) for c in COLUMNS)
-                     + f" | {_cell(gap, True)} | {', '.join(_pct(x, True) for x in gap['per_seed'])} |")
+                     + f" | {_cell(gap, True)} | {', '.join(_pct(x, True) for x in gap['per_seed'])} "
+                     f"| {_cell(row['population - majority@N'], True)} | {_cell(row['final - pass@N'], True)} |")
     changed = {n: r for n, r in summary.items() if "change" in r}
     if changed:
         lines += ["", "| stage − its base | seeds | Δ majority@N | Δ final | Δ (final − majority@N) | per seed |",

@@ -45,6 +45,10 @@ def test_stage_figures_and_changes_match_hand_computation(tmp_path, capsys):
     assert sft["final - majority@N"]["estimate"] == pytest.approx(-0.125)
     assert sft["final - majority@N"]["per_seed"] == [0.0, -0.25]
     assert sft["pass@1"]["estimate"] == pytest.approx(0.25) and sft["population"]["estimate"] == pytest.approx(0.5)
+    # population 0.5 on every problem against majority 0.5 (seed 0) and 0.75 (seed 1); pass@N is 1
+    assert sft["population - majority@N"]["per_seed"] == [0.0, -0.25]
+    assert sft["population - majority@N"]["estimate"] == pytest.approx(-0.125)
+    assert sft["final - pass@N"]["per_seed"] == [-0.5, -0.5] and sft["final - pass@N"]["estimate"] == pytest.approx(-0.5)
     assert cont["base"] == "sft" and "change" not in sft
     change = cont["change"]
     assert change["seeds"] == 2
@@ -61,6 +65,7 @@ def test_stage_figures_and_changes_match_hand_computation(tmp_path, capsys):
     # the markdown says the same, in points
     assert "| sft | 2 | 25.0 [25.0, 25.0] | 100.0 [100.0, 100.0] | 62.5" in out
     assert "| cont − sft | 2 | +0.0" in out and "| +25.0, +25.0 |" in out
+    assert "| +0.0, -25.0 | -12.5 [" in out and "] | -50.0 [" in out
 
 
 def test_a_branch_names_its_base_and_fewer_seeds_compare_on_the_first(tmp_path, capsys):
