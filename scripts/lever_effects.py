@@ -147,7 +147,7 @@ def _cell(fig: dict, signed: bool = False) -> str:
 
 def markdown(summary: dict[str, dict], n_problems: int) -> str:
     lines = [f"Held-out, {n_problems} problems; means over seeds, 95% bootstrap intervals over problems (points).", "",
-             "| stage | seeds | " + " | ".join(COLUMNS) + " | final − majority@N | per seed "
+             "| stage | seeds | " + " | ".join(COLUMNS) + " | final − majority@N | (per seed) "
              "| population − majority@N | final − pass@N |",
              "|---|---|" + "---|" * len(COLUMNS) + "---|---|---|---|"]
     for name, row in summary.items():

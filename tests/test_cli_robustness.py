@@ -261,6 +261,10 @@ def test_sft_data_checked_before_the_model(tmp_path, home, tiny):
     model = ["--model", "no-such-org/never-loaded"]
     only_error(run(["sft", str(tiny), *model, "--data", str(tmp_path / "nope.jsonl")], home=home), "--data not found")
     only_error(run(["sft", str(tiny), *model, "--data", str(tmp_path)], home=home), "is a directory, not a file")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "1 2 -> 3", "completion": "1+2"}\n')
+    only_error(run(["sft", str(tiny), *model, "--data", str(data), "--set", "sft.self_aggregate_examples=4"], home=home),
+               "with sft.data the examples are the file's: drop one of the two")
 
 
 # ---------------------------------------------------------------- 7. bounded work, progress, streaming

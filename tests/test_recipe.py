@@ -79,11 +79,15 @@ def test_rounds_recipe_is_the_measured_continuation_path():
         (0, 5300), (5300, 2000), (7300, 2000), (9300, 2000)]
     pool = phases.at(5300)[1]
     assert len(pool) == 40 and pool[-8:] == own  # 6,000 own over 24,000 others: a fifth
-    for key in ("num_search_examples", "num_aggregate_examples", "batch_size", "lr", "warmup_steps", "set_size"):
-        assert getattr(rounds.sft, key) == getattr(d, key), key
-    # it extends countdown.yaml: the RL, infer, sweep and compare sections are the default's
-    for section in ("train_set", "train_agg", "infer", "sweep", "compare"):
-        assert getattr(rounds, section) == getattr(default, section), section
+    # it extends countdown.yaml: an edit there changes this recipe too, so the values the measured
+    # runs of docs/results.md trained with are pinned here, not read from the default
+    measured = {"num_search_examples": 80000, "num_aggregate_examples": 48000, "batch_size": 16, "lr": 1.0e-3,
+                "warmup_steps": 100, "set_size": 4, "max_len": 512, "compile": True}
+    assert {k: getattr(rounds.sft, k) for k in measured} == measured
+    assert (rounds.model.name, rounds.model.autocast, rounds.task.number_rule, rounds.task.sft_max_nodes) == (
+        "scratch:tiny", "off", "at_most_once", [2, 4, 8, 16])
+    assert (rounds.generation.temperature, rounds.generation.max_new_tokens, rounds.generation.agg_max_new_tokens) == (
+        1.0, 256, 256)
 
 
 def test_a_recipe_extends_another_section_by_section(tmp_path):
@@ -101,10 +105,22 @@ def test_a_recipe_extends_another_section_by_section(tmp_path):
     assert (r.task.max_value, r.task.sft_max_nodes) == (25, [8])
     assert (r.sft.steps, r.sft.lr, r.sft.self_aggregate_after) == (200, 1.0e-3, [0.5])
     assert load_recipe(child, ["sft.lr=5e-4"]).sft.lr == 5e-4  # overrides act on the merged recipe
+    # a base that leaves the task's name out means the default task: the same task, merged
+    (tmp_path / "plain.yaml").write_text("task: {max_value: 25}\n")
+    (tmp_path / "same.yaml").write_text("extends: plain.yaml\ntask: {name: countdown, min_value: 2}\n")
+    same = load_recipe(tmp_path / "same.yaml")
+    assert (same.task.max_value, same.task.min_value) == (25, 2)
+    # an error in an inherited field names the chain it came through
+    (tmp_path / "bad.yaml").write_text("sft: {lr: -1}\n")
+    (tmp_path / "uses_bad.yaml").write_text("extends: bad.yaml\nseed: 1\n")
+    with pytest.raises(RecipeError, match=r"uses_bad.yaml \(extends bad.yaml\): sft.lr: Input should be greater than 0"):
+        load_recipe(tmp_path / "uses_bad.yaml")
     grandchild = tmp_path / "g.yaml"
     grandchild.write_text("extends: sub/child.yaml\nname: g2\ntask: {name: math, data: x.jsonl}\n")
     g = load_recipe(grandchild)
     assert (g.name, g.task.name, g.sft.steps, g.seed) == ("g2", "math", 200, 3)
+    with pytest.raises(RecipeError, match=r"g.yaml \(extends sub/child.yaml -> ../base.yaml\)"):
+        load_recipe(grandchild, ["sft.lr=0"])
     assert "max_value" not in g.task.options()  # countdown's options did not leak into math
 
 
@@ -155,6 +171,7 @@ def test_override_applies_and_validates(tmp_path):
         ("generation: {backend: tgi}\n", [], "generation.backend: Input should be 'hf', 'vllm' or 'vllm_server'"),
         ("", ["infer.aggregate=best"], "infer.aggregate: Input should be 'learned', 'majority' or 'none'"),
         ("bogus: 1\n", [], "bogus: unknown field"),
+        ("extend: countdown.yaml\n", [], "extend: unknown field (allowed: compare, extends, "),
         ("task: {name: countdown, max_valu: 3}\n", [], "task.max_valu"),
         ("task: {name: no_such_task}\n", [], "no_such_task"),
         ("train_set: {set_size: 9}\n", [], "set_size"),
@@ -174,7 +191,6 @@ def test_override_applies_and_validates(tmp_path):
          "generation.vllm.tensor_parallel_size: Input should be greater than or equal to 1"),
         ("", ["sft.restart_lr_each_round=true"],
          "sft: sft.restart_lr_each_round acts on self-aggregation rounds: set sft.self_aggregate_examples too"),
-        ("", ["sft.data=x.jsonl", "sft.self_aggregate_examples=10"], "sft: sft.self_aggregate_examples samples the task's"),
     ],
 )
 def test_errors_are_one_line_and_name_the_field(tmp_path, text, overrides, expected):

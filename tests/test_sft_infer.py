@@ -307,12 +307,9 @@ def test_sft_phases_follow_the_steps_and_build_self_aggregation_once():
     assert all(e.kind == "search" for s in range(5) for e in phases.batch(s))
     again = SftPhases.for_recipe(cfg, examples, seed=3, build_self_agg=lambda r: own)
     assert [phases.batch(s) for s in range(20)] == [again.batch(s) for s in range(20)]
-    # a pool of one kind has one phase; sft.data (the file's examples) with the task's own-candidate
-    # rounds is refused rather than silently dropping the rounds
+    # a pool of one kind has one phase (sft.data with rounds is refused by `spiral sft`: test_cli_robustness)
     one_kind = SftPhases.for_recipe(cfg, examples[:8], seed=3)
     assert one_kind.aggregate_from == 0
-    with pytest.raises(ValueError, match="sft.data"):
-        SftSection(data="x.jsonl", self_aggregate_examples=4)
 
 
 def test_self_aggregation_rounds_replace_each_other_and_resume_in_place():
@@ -380,6 +377,10 @@ def test_rounds_as_continuations_draw_a_share_and_restart_the_learning_rate():
     assert empty.at(50)[1] == examples and "no examples of the model's own" in warned[-1]
     few = SftPhases.for_recipe(cfg, examples[:12], seed=5, build_self_agg=lambda r: own[r], warn=warned.append)
     assert len(few.at(50)[1]) == 17 and "asks for 20 other examples" in warned[-1] and "is 0.29" in warned[-1]
+    unshared = SftPhases.for_recipe(cfg.model_copy(update={"self_aggregate_share": None}), examples, seed=5,
+                                    build_self_agg=lambda r: [], warn=warned.append)
+    assert unshared.at(50)[1] == examples and "round 1 has no examples of the model's own" in warned[-1]
+    del warned[-1]
     assert len(warned) == 2
     short = cfg.model_copy(update={"warmup_steps": 25})  # cycles of 50, 30, 20 steps
     SftPhases.for_recipe(short, examples, seed=5, warn=warned.append)
@@ -387,7 +388,17 @@ def test_rounds_as_continuations_draw_a_share_and_restart_the_learning_rate():
                           "it never reaches sft.lr"]
     # the time spent building a round is kept apart, so the ETA and tok/s count training alone
     slow = SftPhases.for_recipe(cfg, examples, seed=5, build_self_agg=lambda r: time.sleep(0.05) or own[r])
-    assert slow.build_seconds == 0 and slow.at(50) and slow.build_seconds >= 0.05
+    assert slow.build_seconds == 0 and slow.at(50) and slow.build_seconds >= 0.05 and slow.rounds_built == 1
+    # the ETA: steps left at the training pace, plus the rounds ahead at the mean build time so far.
+    # 60 steps done (10 of them before a resume) in 40 s, of which 10 s built round 1 (at step 50):
+    # 0.6 s per step x 40 steps left + 1 round ahead (step 80) x 10 s = 34 s
+    slow.build_seconds = 10.0
+    assert slow.eta_seconds(60, 10, 40.0) == pytest.approx(40 * 0.6 + 10.0)
+    assert slow.eta_seconds(85, 10, 75.0) == pytest.approx(15 * (65 / 75))  # no round ahead
+    fresh = SftPhases.for_recipe(cfg, examples, seed=5)
+    assert fresh.eta_seconds(20, 0, 10.0) == pytest.approx(80 * 0.5)  # none built yet: rounds not counted
+    with pytest.raises(ValueError, match="total_steps"):
+        SftPhases(examples, aggregate_from=0, self_agg_starts=[], batch_size=4, seed=0)
     # without rounds the two options mean nothing: refused
     for bad in ({"self_aggregate_share": 0.2}, {"restart_lr_each_round": True}):
         with pytest.raises(ValueError, match="self_aggregate_examples"):

@@ -37,11 +37,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+DEFAULT_TASK = "countdown"
+
+
 class TaskSection(BaseModel):
     """`name` picks the task; every other key is validated by that task's own Config."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "countdown"
+    name: str = DEFAULT_TASK
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -231,9 +234,6 @@ class SftSection(_Section):
 
     @model_validator(mode="after")
     def _round_options_need_rounds(self) -> SftSection:
-        if self.self_aggregate_examples and self.data:
-            raise ValueError("sft.self_aggregate_examples samples the task's problems beside its own examples; "
-                             "with sft.data the examples are the file's: drop one of the two")
         if not self.self_aggregate_examples:
             for name, on in (("self_aggregate_share", self.self_aggregate_share is not None),
                              ("restart_lr_each_round", self.restart_lr_each_round)):
@@ -547,7 +547,8 @@ def _allowed_fields(loc: tuple) -> list[str]:
         if args:
             ann = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), ann)
         model = ann
-    return sorted(getattr(model, "model_fields", {}).keys())
+    fields = set(getattr(model, "model_fields", {}))
+    return sorted(fields | {"extends"} if not loc else fields)  # `extends` is read before validation
 
 
 class _CoreLoader(yaml.SafeLoader):
@@ -667,7 +668,7 @@ def _task_config(data: dict[str, Any]) -> Any:
     try:
         from spiral_cli.tasks import resolve_task_class
 
-        return resolve_task_class(task.get("name", "countdown")).Config
+        return resolve_task_class(task.get("name", DEFAULT_TASK)).Config
     except Exception:  # noqa: BLE001 - an unknown task is reported by the validation
         return None
 
@@ -696,13 +697,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; RecipeError (one line) on any user mistake."""
     data: dict[str, Any] = {}
+    where: str | Path | None = path
     if path is not None:
-        data = _read_recipe_file(Path(path), chain=())
+        bases: list[str] = []
+        data = _read_recipe_file(Path(path), chain=(), bases=bases)
         data.setdefault("name", Path(path).stem)
-    return recipe_from_dict(apply_overrides(data, overrides or []), where=path)
+        if bases:  # a field's value may come from a base file: name them
+            where = f"{path} (extends {' -> '.join(bases)})"
+    return recipe_from_dict(apply_overrides(data, overrides or []), where=where)
 
 
-def _read_recipe_file(p: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+def _read_recipe_file(p: Path, chain: tuple[Path, ...], bases: list[str]) -> dict[str, Any]:
     """A recipe file's mapping, with `extends: other.yaml` (relative to the file) resolved: the
     other recipe's sections, then this file's fields over them, section by section."""
     if p.is_dir():
@@ -732,7 +737,8 @@ def _read_recipe_file(p: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     base_path = (p.parent / base_name).resolve()
     if base_path in chain or base_path == p.resolve():
         raise RecipeError(f"{p}: extends: {base_name} extends this recipe again (a cycle)")
-    base = _read_recipe_file(base_path, (*chain, p.resolve()))
+    bases.append(base_name)
+    base = _read_recipe_file(base_path, (*chain, p.resolve()), bases)
     base.pop("name", None)  # a recipe is named by its own file (or its own `name:`)
     return _merge_sections(base, data)
 
@@ -743,7 +749,7 @@ def _merge_sections(base: dict[str, Any], over: dict[str, Any], top: bool = True
     out = dict(base)
     for key, value in over.items():
         other_task = top and key == "task" and isinstance(value, dict) and isinstance(base.get(key), dict) \
-            and value.get("name", base[key].get("name")) != base[key].get("name")
+            and value.get("name", DEFAULT_TASK) != base[key].get("name", DEFAULT_TASK)
         if isinstance(value, dict) and isinstance(base.get(key), dict) and not other_task:
             out[key] = _merge_sections(base[key], value, top=False)
         else:

@@ -223,11 +223,14 @@ class SftPhases:
     restart_lr_each_round: bool = False
     warn: Callable[[str], None] = lambda message: None  # a round whose pool is not what the recipe asked
     build_seconds: float = field(default=0.0, init=False)  # spent building rounds: not training time
+    rounds_built: int = field(default=0, init=False)
     search_only: list[Example] = field(init=False)
     _self_agg_pool: tuple[int, list[Example]] | None = field(default=None, init=False)  # (round, pool)
     _schedule: tuple[tuple[int, int], list[list[int]]] = field(default=((-1, -1), []), init=False)
 
     def __post_init__(self) -> None:
+        if self.total_steps <= 0:
+            raise ValueError(f"SftPhases.total_steps must be the run's steps (> 0), got {self.total_steps}")
         self.search_only = [e for e in self.examples if e.kind != "aggregate"]
 
     @classmethod
@@ -260,6 +263,7 @@ class SftPhases:
                 t0 = time.time()
                 extra = self.build_self_agg(r) if self.build_self_agg else []
                 self.build_seconds += time.time() - t0
+                self.rounds_built += 1
                 self._self_agg_pool = (r, self._others_for_round(r, len(extra)) + extra)
             return self.self_agg_starts[r], self._self_agg_pool[1]
         if step < self.aggregate_from:
@@ -270,11 +274,11 @@ class SftPhases:
         """The other examples beside round `round_index`'s `n_own` own ones: all of them, or with
         `self_agg_share` a draw of the size that gives the own ones that share, fixed by (seed,
         round) so a resumed run draws the same, in their original order."""
-        if self.self_agg_share is None:
-            return self.examples
         if not n_own:
             self.warn(f"self-aggregation round {round_index + 1} has no examples of the model's own "
-                      f"(none fit sft.max_len): it trains on all {len(self.examples)} others")
+                      f"(none fit sft.max_len): it trains on the {len(self.examples)} others alone")
+            return self.examples
+        if self.self_agg_share is None:
             return self.examples
         wanted = round(n_own * (1 - self.self_agg_share) / self.self_agg_share)
         if wanted > len(self.examples):
@@ -293,6 +297,15 @@ class SftPhases:
         bounds = [0, *self.self_agg_starts, self.total_steps]
         i = bisect.bisect_right(bounds, step) - 1
         return bounds[i], bounds[i + 1] - bounds[i]
+
+    def eta_seconds(self, step: int, first_step: int, elapsed: float) -> float:
+        """Time left after `step` steps done (`first_step` of them before this process): the steps
+        left at this process's training pace, plus the rounds not built yet at the mean time of
+        those built (none built yet: not counted)."""
+        per_step = (elapsed - self.build_seconds) / max(1, step - first_step)
+        rounds_left = sum(1 for s in self.self_agg_starts if s >= step)
+        per_round = self.build_seconds / self.rounds_built if self.rounds_built else 0.0
+        return (self.total_steps - step) * per_step + rounds_left * per_round
 
     def batch(self, step: int) -> list[Example]:
         """The examples of `step`'s batch."""
@@ -392,6 +405,9 @@ def _setup_sft(recipe: Recipe, *, home: Path, name: str, resume: bool, console: 
     from spiral_cli.models import count_parameters, load_model
 
     cfg = recipe.sft
+    if cfg.self_aggregate_examples and cfg.data:  # here, not in the schema: old snapshots still load
+        raise RecipeError("sft.self_aggregate_examples samples the task's problems beside its own examples; "
+                          "with sft.data the examples are the file's: drop one of the two")
     prepare_run(recipe, home=home, name=name, stage="sft", model_ref=recipe.model.name, resume=resume)
     registry = Registry(home)
     task = load_task(recipe.task.name, recipe.task.options())
@@ -531,7 +547,7 @@ def _train(run: SftRun, recipe: Recipe, console: Console) -> SftOutcome:
             # training time only: a round's examples are sampled between two log lines
             tps = (tokens_seen - window[1]) / max(now - window[0] - (phases.build_seconds - window[2]), 1e-9)
             window = (now, tokens_seen, phases.build_seconds)
-            eta = (cfg.steps - step) * (now - start_time - phases.build_seconds) / max(1, step - first_step)
+            eta = phases.eta_seconds(step, first_step, now - start_time)
             if main:
                 console.print(f"  step {step}/{cfg.steps} loss {last_loss:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
                               f"{tps:,.0f} tok/s, ETA {fmt_duration(eta)}")
