@@ -186,7 +186,10 @@ def _self_aggregate_examples(task: Task, loaded, recipe: Recipe, run_dir: Path, 
         rounds = len(cfg.self_aggregate_rounds())
         console.print(f"  built {len(pairs)} aggregation examples over the model's own candidates"
                       + (f" (round {round_index + 1} of {rounds})" if rounds > 1 else "") + f" ({time.time() - t0:.0f}s)")
-    out, _ = tokenize_examples(pairs, loaded.tokenizer, cfg.max_len)
+    out, dropped = tokenize_examples(pairs, loaded.tokenizer, cfg.max_len)
+    if dropped:
+        console.print(f"  {dropped} of round {round_index + 1}'s {len(pairs)} aggregation examples are longer than "
+                      f"sft.max_len={cfg.max_len}: the round trains on {len(out)}")
     return out
 
 
