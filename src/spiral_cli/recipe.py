@@ -734,11 +734,11 @@ def _read_recipe_file(p: Path, chain: tuple[Path, ...], bases: list[str]) -> dic
     base_name = data.pop("extends")
     if not isinstance(base_name, str) or not base_name.strip():
         raise RecipeError(f"{p}: extends: expected the path of another recipe file, got {base_name!r}")
-    base_path = (p.parent / base_name).resolve()
-    if base_path in chain or base_path == p.resolve():
+    base_path, chain = (p.parent / base_name).resolve(), (*chain, p.resolve())
+    if base_path in chain:
         raise RecipeError(f"{p}: extends: {base_name} extends this recipe again (a cycle)")
     bases.append(base_name)
-    base = _read_recipe_file(base_path, (*chain, p.resolve()), bases)
+    base = _read_recipe_file(base_path, chain, bases)
     base.pop("name", None)  # a recipe is named by its own file (or its own `name:`)
     return _merge_sections(base, data)
 

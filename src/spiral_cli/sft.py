@@ -203,6 +203,10 @@ def _save_state(loaded, optimizer, step: int, state_dir: Path, extra: dict[str, 
     })
 
 
+def _ignore(message: str) -> None:
+    """SftPhases' default `warn`: tests and callers that do not print."""
+
+
 @dataclass
 class SftPhases:
     """Which examples step `s` trains on: the phases along the steps (docs/method.md).
@@ -224,7 +228,7 @@ class SftPhases:
     self_agg_share: float | None = None  # the own examples' share of a round's pool; None: all others too
     total_steps: int = 0  # the run's length: the last learning-rate cycle ends there
     restart_lr_each_round: bool = False
-    warn: Callable[[str], None] = lambda message: None  # a round whose pool is not what the recipe asked
+    warn: Callable[[str], None] = _ignore  # a round whose pool is not what the recipe asked
     build_seconds: float = field(default=0.0, init=False)  # spent building rounds: not training time
     rounds_built: int = field(default=0, init=False)
     search_only: list[Example] = field(init=False)
@@ -239,7 +243,7 @@ class SftPhases:
     @classmethod
     def for_recipe(cls, cfg, examples: list[Example], seed: int,
                    build_self_agg: Callable[[int], list[Example]] | None = None,
-                   warn: Callable[[str], None] = lambda message: None) -> SftPhases:
+                   warn: Callable[[str], None] = _ignore) -> SftPhases:
         """The phases of an SftSection: `aggregate_after` and `self_aggregate_after` are fractions
         of `steps`; a pool with no aggregation examples (or only those) has one phase."""
         has_both = any(e.kind == "aggregate" for e in examples) and any(e.kind != "aggregate" for e in examples)
@@ -252,10 +256,11 @@ class SftPhases:
             self_agg_share=cfg.self_aggregate_share, total_steps=cfg.steps,
             restart_lr_each_round=cfg.restart_lr_each_round, warn=warn,
         )
-        for start, length in sorted({phases.lr_cycle(s) for s in [0, *phases.self_agg_starts]}):
-            if cfg.restart_lr_each_round and length < cfg.warmup_steps:
-                warn(f"the learning-rate cycle from step {start} is {length} steps, shorter than "
-                     f"sft.warmup_steps={cfg.warmup_steps}: it never reaches sft.lr")
+        if cfg.restart_lr_each_round:
+            for start, length in sorted({phases.lr_cycle(s) for s in [0, *phases.self_agg_starts]}):
+                if length < cfg.warmup_steps:
+                    warn(f"the learning-rate cycle from step {start} is {length} steps, shorter than "
+                         f"sft.warmup_steps={cfg.warmup_steps}: it never reaches sft.lr")
         return phases
 
     def at(self, step: int) -> tuple[int, list[Example]]:
