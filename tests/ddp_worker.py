@@ -1,6 +1,7 @@
 """Run by tests/test_trainer.py under `torchrun --nproc_per_node 2` (and tests/test_multinode.py
 under two single-process torchrun "nodes"): a short SPIRAL run, then each
-rank writes a checksum of its weights (they must be identical after DDP's gradient reduction)."""
+rank writes a checksum of its weights (they must be identical after DDP's gradient reduction) and
+whether the process group outlived the run (it must not: see processes.end_processes)."""
 import hashlib
 import json
 import os
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 
 from spiral_cli.models import load_model
@@ -37,4 +39,5 @@ if __name__ == "__main__":
     changed = any(k in state and not torch.equal(state[k].float(), v.float()) for k, v in init.state_dict().items())
     rank = int(os.environ.get("RANK", "0"))
     (out_dir / f"rank{rank}.json").write_text(json.dumps(
-        {"checksum": h.hexdigest(), "world": int(os.environ.get("WORLD_SIZE", "1")), "changed": changed}))
+        {"checksum": h.hexdigest(), "world": int(os.environ.get("WORLD_SIZE", "1")), "changed": changed,
+         "group_left": dist.is_initialized()}))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
 
 RECIPE = """
 name: dp
@@ -38,7 +39,7 @@ def _sft(tmp: Path, home: Path, overrides: list[str], processes: int) -> subproc
     recipe.write_text(RECIPE)
     sets = [a for o in overrides for a in ("--set", o)]
     launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-               str(_port()), "-m", "spiral_cli"] if processes > 1 else [sys.executable, "-m", "spiral_cli"])
+               str(_port()), str(TESTS / "cli_then_group_state.py")] if processes > 1 else [sys.executable, "-m", "spiral_cli"])
     env = {**os.environ, "SPIRAL_HOME": str(home), "OMP_NUM_THREADS": "1"}
     return subprocess.run(launch + ["sft", str(recipe), *sets], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=600)
@@ -71,7 +72,7 @@ def test_two_processes_train_what_one_trains_with_grad_accum_2(ddp):
     worst = _worst(_weights(tmp / "ddp", 6), _weights(tmp / "one", 6))
     assert worst < 1e-5, worst
     # rank 0 alone registers, logs and speaks; every rank prints its JSON line
-    results = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    results = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{") and "group_left" not in line]
     assert sorted(r.get("rank", 0) for r in results) == [0, 1] and {r["step"] for r in results} == {6}
     rows = [json.loads(line) for line in (tmp / "ddp" / "runs" / "dp-sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -79,6 +80,8 @@ def test_two_processes_train_what_one_trains_with_grad_accum_2(ddp):
     assert [r["tokens"] for r in rows] == [r["tokens"] for r in ones]  # both ranks' tokens counted
     assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(rows, ones))  # the batch's loss, not rank 0's half
     assert p.stderr.count("data parallel over 2 processes") == 1
+    # every rank destroyed the process group before the interpreter's teardown
+    assert [json.loads(line) for line in p.stdout.splitlines() if "group_left" in line] == [{"group_left": False}] * 2
 
 
 @pytest.mark.slow

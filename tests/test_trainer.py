@@ -170,6 +170,7 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path):
     assert sums[0]["world"] == sums[1]["world"] == 2
     assert sums[0]["checksum"] == sums[1]["checksum"]
     assert sums[0]["changed"]  # the weights did move
+    assert not sums[0]["group_left"] and not sums[1]["group_left"]  # destroyed before the interpreter's teardown
     assert [e.step for e in Registry(home).ls("toy-set")] == [2, 4]  # written once, by rank 0
 
 

@@ -4,6 +4,7 @@ these (`spiral sft` and `spiral train-set` / `train-agg` run data parallel the s
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -23,6 +24,22 @@ def make_accelerator(device: torch.device):
     from accelerate import Accelerator
 
     return Accelerator(cpu=device.type == "cpu")
+
+
+def end_processes(accelerator) -> None:
+    """After a run that every rank finished: destroy the process group (`Accelerator.end_training`).
+    Left to the interpreter's teardown, its destructor now and then aborted a finished run (SIGABRT,
+    'terminate called without an active exception'). Destroyed while one of gloo's worker threads
+    still frees the last collective's tensors, it deadlocks instead: the destructor joins that
+    thread holding the GIL, which the thread needs to free them (both seen in CI-like runs on CPU,
+    torch 2.13). So the ranks meet first, and a short sleep hands the GIL to those threads."""
+    import torch.distributed as dist
+
+    if accelerator is None or not dist.is_initialized():  # a colocated vLLM engine's shutdown destroys it
+        return
+    accelerator.wait_for_everyone()
+    time.sleep(0.05)
+    accelerator.end_training()
 
 
 def rank_world(accelerator) -> tuple[int, int]:

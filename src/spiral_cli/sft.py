@@ -45,6 +45,7 @@ from spiral_cli.paths import atomic_write_text, runs_dir
 from spiral_cli.processes import (
     all_sum,
     check_shared_home,
+    end_processes,
     is_main,
     make_accelerator,
     rank_world,
@@ -364,6 +365,12 @@ def run_sft(recipe: Recipe, *, home: Path, name: str | None = None, resume: bool
     if int(os.environ.get("RANK", "0")) > 0:  # one voice for a multi-process run: rank 0's
         console = Console(stderr=True, quiet=True)
     run = _setup_sft(recipe, home=home, name=name or f"{recipe.name}-sft", resume=resume, console=console)
+    result = _train_and_register(run, recipe, home, console)
+    end_processes(run.accelerator)  # on success only: a failed rank may have left the others in a collective
+    return result
+
+
+def _train_and_register(run: SftRun, recipe: Recipe, home: Path, console: Console) -> dict[str, Any]:
     deterministic = resolve_full_determinism(run.cfg.full_determinism, run.loaded.device.type)
     if deterministic:
         console.print("  deterministic algorithms on (sft.full_determinism): a rerun on this machine repeats bit for bit")

@@ -56,6 +56,7 @@ from spiral_cli.paths import runs_dir
 from spiral_cli.processes import (
     all_sum,
     check_shared_home,
+    end_processes,
     is_main,
     make_accelerator,
     rank_world,
@@ -235,6 +236,13 @@ def _run(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, console: C
          frozen_search_ref: str | None = None) -> dict[str, Any]:
     run = _setup_rl(recipe, spec, home=home, model_ref=model_ref, console=console or Console(stderr=True),
                     frozen_search_ref=frozen_search_ref)
+    result = _train(run, recipe, spec)
+    end_processes(run.accelerator)  # on success only: a failed rank may have left the others in a collective
+    return result
+
+
+def _train(run: RLRun, recipe: Recipe, spec: RLSpec) -> dict[str, Any]:
+    """The loop: rollouts, update, sync, log, evaluate and save, until the steps or the token budget."""
     state, sec = run.state, spec.section
     if not run.resumed and run.eval_problems:
         _evaluate_on_main(run)
