@@ -190,7 +190,7 @@ def test_override_applies_and_validates(tmp_path):
         ("", ["generation.vllm.tensor_parallel_size=0"],
          "generation.vllm.tensor_parallel_size: Input should be greater than or equal to 1"),
         ("", ["sft.restart_lr_each_round=true"],
-         "sft: sft.restart_lr_each_round acts on self-aggregation rounds: set sft.self_aggregate_examples too"),
+         "r.yaml: sft.restart_lr_each_round acts on self-aggregation rounds: set sft.self_aggregate_examples too"),
     ],
 )
 def test_errors_are_one_line_and_name_the_field(tmp_path, text, overrides, expected):

@@ -532,6 +532,8 @@ def _format_validation_error(err: ValidationError) -> str:
     elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], (dict, list)):
         msg += f" (got {first['input']!r})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    if msg.startswith(f"{loc}."):  # a section's validator that names the field itself
+        return f"{msg}{more}"
     return f"{loc}: {msg}{more}"
 
 
