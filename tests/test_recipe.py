@@ -62,9 +62,9 @@ def test_shipped_recipes_load(name):
 
 
 def test_rounds_recipe_is_the_measured_continuation_path():
-    """countdown-rounds.yaml in one run is the default's SFT (steps view), then three 2,000-step
-    continuations over the model's own candidates (docs/results.md, sessions 17-19): the same
-    phase boundaries, learning-rate cycles and pool shares."""
+    """countdown-rounds.yaml in one run is the default's SFT (steps view), then four 1,500-step
+    rounds over the model's own candidates (docs/results.md, sessions 17-21): the phase boundaries,
+    learning-rate cycles and pool shares of the measured run."""
     from spiral_cli.sft import Example, SftPhases
 
     rounds, default = load_recipe(REPO / "recipes/countdown-rounds.yaml"), load_recipe(REPO / "recipes/countdown.yaml")
@@ -74,9 +74,10 @@ def test_rounds_recipe_is_the_measured_continuation_path():
     phases = SftPhases.for_recipe(rounds.sft, examples, seed=0, build_self_agg=lambda r: own)
     d = default.sft
     assert phases.aggregate_from == int(d.steps * d.aggregate_after) == 3180
-    assert phases.self_agg_starts == [d.steps, d.steps + 2000, d.steps + 4000] and rounds.sft.steps == d.steps + 6000
-    assert [phases.lr_cycle(s) for s in (0, 5300, 9299, 11299)] == [
-        (0, 5300), (5300, 2000), (7300, 2000), (9300, 2000)]
+    assert phases.self_agg_starts == [d.steps, d.steps + 1500, d.steps + 3000, d.steps + 4500]
+    assert rounds.sft.steps == d.steps + 6000
+    assert [phases.lr_cycle(s) for s in (0, 5300, 6799, 8300, 11299)] == [
+        (0, 5300), (5300, 1500), (5300, 1500), (8300, 1500), (9800, 1500)]
     pool = phases.at(5300)[1]
     assert len(pool) == 40 and pool[-8:] == own  # 6,000 own over 24,000 others: a fifth
     # it extends countdown.yaml: an edit there changes this recipe too, so the values the measured
