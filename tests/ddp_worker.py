@@ -1,8 +1,7 @@
 """Run by tests/test_trainer.py under `torchrun --nproc_per_node 2` (and tests/test_multinode.py
 under two single-process torchrun "nodes"): a short SPIRAL run, then each
 rank writes a checksum of its weights (they must be identical after DDP's gradient reduction) and
-whether the process group outlived the run (it must not: see processes.end_processes). A fourth
-argument `again` trains a second run in the same processes; the checksum is then the second's."""
+whether the process group outlived the run (it must not: see processes.end_processes)."""
 import hashlib
 import json
 import os
@@ -32,9 +31,6 @@ if __name__ == "__main__":
     trainer._update = spy
     trainer.run_train_set(recipe, home=Path(os.environ["SPIRAL_HOME"]), model="scratch:nano",
                           console=Console(stderr=True, quiet=True))
-    if sys.argv[4:] == ["again"]:  # a second run in the same processes: the group must start anew
-        trainer.run_train_set(recipe, home=Path(os.environ["SPIRAL_HOME"]), model="scratch:nano", name="toy-set-again",
-                              console=Console(stderr=True, quiet=True))
     state = captured["model"].state_dict()
     h = hashlib.sha256()
     for k in sorted(state):

@@ -175,25 +175,6 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_runs_in_one_torchrun_process_each_start_their_process_group(tmp_path):
-    """The first run destroys the process group when it ends (processes.end_processes); a script
-    that trains again in the same processes gets a new group, and DDP still syncs the ranks."""
-    pytest.importorskip("accelerate")
-    home = tmp_path / "home"
-    env = {**os.environ, "SPIRAL_HOME": str(home), "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
-         str(TESTS / "ddp_worker.py"), str(recipe_file(tmp_path)), str(tmp_path), "1", "again"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    sums = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert sums[0]["checksum"] == sums[1]["checksum"] and sums[0]["changed"]
-    assert not sums[0]["group_left"] and not sums[1]["group_left"]
-    assert [e.step for e in Registry(home).ls("toy-set")] == [1] and [e.step for e in Registry(home).ls("toy-set-again")] == [1]
-
-
-@pytest.mark.slow
 def test_two_process_ddp_trains_the_aggregator_adapter_mode(tmp_path):
     """aggregator.mode=adapter under DDP: each micro-batch trains one role's adapter, so the synced
     one gives the other adapter a zero gradient; both adapters end identical on both ranks."""

@@ -37,14 +37,9 @@ def end_processes(accelerator) -> None:
 
     if accelerator is None or not dist.is_initialized():  # a colocated vLLM engine's shutdown destroys it
         return
-    from accelerate.state import AcceleratorState
-
     accelerator.wait_for_everyone()
     time.sleep(0.05)
     accelerator.end_training()
-    # accelerate keeps its state per process: forget it, so a next run in this process (a script
-    # that trains twice) starts the group again instead of finding it destroyed
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def rank_world(accelerator) -> tuple[int, int]:
