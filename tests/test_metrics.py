@@ -66,6 +66,14 @@ def test_majority_vote_tie_first_occurrence():
     assert majority_vote([None, "c", "a", "a", "c"]) == "c"
 
 
+def test_final_answer_index_is_the_first_member_with_the_vote():
+    from spiral_cli.metrics import final_answer_index
+
+    assert final_answer_index(["b", "a", "a"]) == 1
+    assert final_answer_index([None, "c", "a", "a", "c"]) == 1  # tie: the first tied answer
+    assert final_answer_index([None, None]) == 0  # no answer: the first member (wrong)
+
+
 def test_majority_vote_tie_random():
     answers = ["b", "a", "a", "b", "z"]
     picks = {majority_vote(answers, rng=random.Random(s), tie_break="random") for s in range(50)}

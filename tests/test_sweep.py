@@ -99,7 +99,7 @@ CALLS_PER_MODEL = len(TS) * 3 + len(TS) * len(NS) * max(RS) * 2  # 3 search chun
 def test_outputs_of_a_two_model_sweep(tmp_path, fake):
     summary, text = run(tmp_path, "a")
     out = tmp_path / "a"
-    for name in ("cells.csv", "cells.jsonl", "efficiency.json", "accuracy_vs_tokens.png", "pass_at_k.png",
+    for name in ("cells.csv", "cells.jsonl", "efficiency.json", "best.json", "accuracy_vs_tokens.png", "pass_at_k.png",
                  "accuracy_vs_rounds.png", "sweep.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "accuracy_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
@@ -116,7 +116,12 @@ def test_outputs_of_a_two_model_sweep(tmp_path, fake):
     for c in cells:
         assert c["ci_lo"] <= c["accuracy"] <= c["ci_hi"] and c["n_problems"] == 3
         assert c["ci_method"] in ("wilson", "bootstrap")
-    assert "sweep cells" in text and "scaling efficiency" in text
+    assert "sweep cells" in text and "scaling efficiency" in text and "best learned cell" in text
+    for c in cells:  # learned cells: the final answer's accuracy, with the RSA population's beside it
+        assert (c["population_accuracy"] is None) == (c["method"] != "learned")
+        assert ("per_problem_population" in c) == (c["method"] == "learned")
+    best = json.loads((out / "best.json").read_text())
+    assert summary["best"] == best["learned_vs_rest"] and len(best["best"]) == 2 * 3
     eff = json.loads((out / "efficiency.json").read_text())
     assert eff["baseline"] == "scratch:base" and eff["compute"] == "generated_tokens_per_problem"
     heads = [c for c in eff["comparisons"] if c["headline"]]
@@ -185,6 +190,53 @@ def _touching_cells():
 def _grid(**kw):
     return sweep_mod.Grid(parallel=[1, 2, 4], seq_budget=[8], agg_rounds=[0], methods=["pass"], max_problems=2,
                           seed=0, population=2, agg_set_size=2, **kw)
+
+
+def _work(label, pool, learned_pop):
+    """A ModelWork at T=8 whose pool holds `pool` (answers per problem, target "7") and whose
+    learned round 1 at N=2 left `learned_pop` (answers per problem); 1 token per trace."""
+    tr = lambda a: {"answer": a, "correct": a == "7"}  # noqa: E731
+    work = sweep_cells.ModelWork(label=label, ref=None)
+    work.pools[8] = [{"id": f"p{i}", "labelled": True, "traces": [tr(a) for a in answers],
+                      "search_generated_tokens": len(answers), "search_prompt_tokens": len(answers)}
+                     for i, answers in enumerate(pool)]
+    work.learned[(8, 2)] = {1: [{"id": f"p{i}", "labelled": True, "population": [tr(a) for a in pop],
+                                 "agg_generated_tokens": 10, "agg_prompt_tokens": 0}
+                                for i, pop in enumerate(learned_pop)]}
+    return work
+
+
+def test_learned_cells_score_the_final_answer_and_keep_the_population():
+    grid = sweep_cells.Grid(parallel=[2], seq_budget=[8], agg_rounds=[0, 1], methods=["pass", "majority", "learned"],
+                            max_problems=4, seed=0, population=3, agg_set_size=2)
+    # final answers (vote over the population, ties to the first member): 7, 7 (a three-way tie),
+    # 3, none -> 2/4 right; the population's own accuracy: 2/3, 1/3, 1/3, 0
+    pops = [["7", "7", "3"], ["7", "3", "1"], ["3", "3", "7"], [None, None, None]]
+    pool = [["7", "3"], ["3", "1"], ["3", "3"], ["1", "2"]]  # pass@2 1/4, majority@2 1/8 (p0: tie)
+    cells = sweep_cells.build_cells(grid, [_work("m", pool, pops)])
+    learned = _cell(cells, "m", "learned", 2, 8, 1)
+    assert learned["accuracy"] == pytest.approx(0.5) and learned["per_problem"] == [1, 1, 0, 0]
+    assert learned["ci_method"] == "wilson"
+    assert learned["population_accuracy"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 3 + 0) / 4)
+    assert learned["per_problem_population"] == pytest.approx([2 / 3, 1 / 3, 1 / 3, 0])
+    assert learned["population_ci_lo"] <= learned["population_accuracy"] <= learned["population_ci_hi"]
+    assert learned["generated_tokens_per_problem"] == pytest.approx(2 * 1 + 10)
+    assert _cell(cells, "m", "majority", 2, 8)["population_accuracy"] is None
+    # the best learned cell (0.5) is above every other method's best (pass@2 = 0.25): +25 points
+    best = sweep_cells.best_accuracy(cells)
+    e = best["learned_vs_rest"]
+    assert e["learned_is_top"] and e["difference"] == pytest.approx(0.25)
+    assert e["other"]["method"] == "pass" and e["learned"]["accuracy"] == pytest.approx(0.5)
+    lo, hi = e["interval"]
+    assert lo <= 0.25 <= hi
+    assert {(b["model"], b["method"]) for b in best["best"]} == {("m", "pass"), ("m", "majority"), ("m", "learned")}
+    assert "is above every other method's best" in sweep_cells.describe_best(best)
+    assert "+25.0 points" in sweep_cells.describe_best(best)
+    # a second model whose vote reaches 1.0 beats it: the verdict turns
+    cells += sweep_cells.build_cells(grid, [_work("n", [["7", "7"]] * 4, [["3", "3", "3"]] * 4)])
+    e = sweep_cells.best_accuracy(cells)["learned_vs_rest"]
+    assert not e["learned_is_top"] and e["other"]["model"] == "n" and e["difference"] == pytest.approx(-0.5)
+    assert "is not above" in sweep_cells.describe_best(sweep_cells.best_accuracy(cells))
 
 
 def test_touching_curves_are_not_measurable_everywhere(tmp_path, monkeypatch):

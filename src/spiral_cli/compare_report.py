@@ -496,7 +496,8 @@ def _report_md(plan: Plan, summary: dict[str, Any]) -> str:
     lines.append(f"- Held-out problems: {summary['problems_scored']} scored of {plan.problems} requested from the "
                  f"task's eval split (`{r.task.name}`, sweep seed {g['seed']}).")
     lines.append(f"- Inference grid: N ∈ {g['parallel']}, T ∈ {g['seq_budget']}, R ∈ {g['agg_rounds']}; "
-                 f"RSA population P = {g['population']}, subset size k = {g['agg_set_size']}.")
+                 f"RSA population P = {g['population']}, subset size k = {g['agg_set_size']}; learned aggregation is "
+                 "scored on its final answer, the vote over the final population (`spiral infer`'s answer).")
     lines.append(f"- Machines: {machines_line(summary['machines'])}.")
     lines.append(f"- Recipe: `recipe.yaml` (hash {summary['recipe_hash']})" + (
         "; **--quick preset**: " + "; ".join(plan.quick_changes) if plan.quick else "") + ".")

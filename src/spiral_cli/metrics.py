@@ -118,6 +118,14 @@ def majority_vote(
     return tied[_rand_index(rng, len(tied))]
 
 
+def final_answer_index(keys: Sequence[str | None]) -> int:
+    """Index of the member whose answer a population's final vote returns: the first one that
+    carries the majority answer (``majority_vote``, ties to the first); 0 when no member has an
+    answer. `spiral infer` scores that member, and `spiral sweep` scores learned cells so too."""
+    winner = majority_vote(keys)
+    return 0 if winner is None else keys.index(winner)
+
+
 def _answer_correctness(
     answers: Sequence[str | None],
     correct: Sequence[bool] | Callable[[str], bool],

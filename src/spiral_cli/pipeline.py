@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from spiral_cli.generation.base import Completion, Generator
 from spiral_cli.generation.roles import for_aggregation
-from spiral_cli.metrics import majority_vote
+from spiral_cli.metrics import final_answer_index, majority_vote
 from spiral_cli.prompt_fit import AggregationFit
 from spiral_cli.tasks._answers import vote_key
 from spiral_cli.tasks.base import Task, resolve_aggregation
@@ -234,9 +234,9 @@ def run_pipeline(
             final_traces = [chosen] if chosen else []
         else:
             # majority over the final population (the search traces when R = 0); ties -> first
-            winner = majority_vote([vote_key(t.answer) for t in pop])
-            final_traces = [t for t in pop if vote_key(t.answer) == winner] or pop[:1]
-            r.answer = final_traces[0].answer if winner is not None else None
+            chosen = pop[final_answer_index([vote_key(t.answer) for t in pop])] if pop else None
+            r.answer = chosen.answer if chosen else None
+            final_traces = [chosen] if chosen else []
         if lab and final_traces:
             best = final_traces[0]
             r.reward, r.correct = best.reward, best.correct

@@ -7,8 +7,9 @@
   accuracy level where its maximum is reached, its 95% bootstrap interval in the corner note (or
   a note with the bound when the curves do not overlap, "not measurable" when they only touch).
 - ``plot_pass_at_k``: pass@k against k (log2 x axis), one line per model x T.
-- ``plot_accuracy_vs_rounds``: learned (RSA) accuracy against the number of aggregation rounds
-  R, one line per model x N, at the largest T.
+- ``plot_accuracy_vs_rounds``: learned aggregation against the number of aggregation rounds R,
+  one line per model x N, at the largest T: the final answer's accuracy (solid, with intervals)
+  and the RSA population accuracy (thin dotted, same colour) where the cells carry it.
 
 Inputs are the plain cell dicts written to ``cells.jsonl`` and the comparison dicts of
 ``efficiency.json``, so the plots can be redrawn from those files alone.
@@ -21,7 +22,7 @@ from typing import Any
 
 METHOD_STYLE = {"pass": "-", "majority": "--", "learned": "-."}
 METHOD_MARKER = {"pass": "o", "majority": "s", "learned": "^"}
-METHOD_LABEL = {"pass": "pass@N", "majority": "majority@N", "learned": "learned (RSA)"}
+METHOD_LABEL = {"pass": "pass@N", "majority": "majority@N", "learned": "learned (final answer)"}
 
 
 def _pyplot():
@@ -212,8 +213,12 @@ def plot_accuracy_vs_rounds(cells: list[dict[str, Any]], path: str | Path, title
                 linestyle=styles[i % len(styles)], marker="^", markersize=4, capsize=3,
                 label=f"{model} N={n} T={t_max}",
             )
+            pop = [r for r in rows if r.get("population_accuracy") is not None]
+            if pop:
+                ax.plot([r["R"] for r in pop], [r["population_accuracy"] for r in pop], color=colors[model],
+                        linestyle=":", linewidth=1, marker=".", label=f"{model} N={n} population")
     ax.set_xlabel("aggregation rounds R")
-    ax.set_ylabel("RSA accuracy (pass@1 of the final population)")
+    ax.set_ylabel("final answer accuracy (dotted: RSA population)")
     ax.set_title(title or "learned aggregation per round")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")

@@ -23,9 +23,10 @@ other outputs can share a cache (``spiral compare`` keeps one per home: ``<home>
 cache at the end of every run and are identical to those of an uninterrupted run.
 
 Output directory (default ``<home>/sweeps/<recipe name>-<hash of models + grid>``):
-``cells.csv``, ``cells.jsonl``, ``efficiency.json``, ``accuracy_vs_tokens.png``,
-``pass_at_k.png``, ``accuracy_vs_rounds.png`` (when there are learned cells), ``sweep.json``
-(what was run) and ``cache/``.
+``cells.csv``, ``cells.jsonl``, ``efficiency.json``, ``best.json`` (the most accurate cell of
+each model x method, and the best learned cell against the best of the other methods),
+``accuracy_vs_tokens.png``, ``pass_at_k.png``, ``accuracy_vs_rounds.png`` (when there are
+learned cells), ``sweep.json`` (what was run) and ``cache/``.
 """
 from __future__ import annotations
 
@@ -58,12 +59,15 @@ from spiral_cli.sweep_cells import (  # noqa: F401
     EFFICIENCY_N_BOOT,
     METHOD_ORDER,
     PER_PROBLEM,
+    PER_PROBLEM_POPULATION,
     Grid,
     ModelWork,
     _hash,
     _seed,
+    best_accuracy,
     build_cells,
     describe,
+    describe_best,
     efficiency,
     efficiency_interval,
     trace_token_means,
@@ -356,14 +360,16 @@ def _print_table(console: Console, cells: list[dict[str, Any]]) -> None:
             models.append(c["model"])
     for model in models:
         table = Table(title=f"sweep cells: {model}", title_justify="left", caption_justify="left",
-                      caption="CI: w = Wilson, b = bootstrap over problems; tokens per problem")
-        for col in ("method", "T", "N", "R", "accuracy", "95% CI", "gen tok", "total tok"):
+                      caption="CI: w = Wilson, b = bootstrap over problems; tokens per problem; "
+                              "learned: accuracy of the final answer, pop. = RSA population accuracy")
+        for col in ("method", "T", "N", "R", "accuracy", "95% CI", "pop.", "gen tok", "total tok"):
             table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
         for c in (c for c in cells if c["model"] == model):
             acc = "-" if c["accuracy"] is None else f"{c['accuracy']:.3f}"
             ci = "" if c["ci_lo"] is None else f"{c['ci_lo']:.3f}..{c['ci_hi']:.3f} {c['ci_method'][0]}"
+            pop = "" if c.get("population_accuracy") is None else f"{c['population_accuracy']:.3f}"
             table.add_row(
-                c["method"], str(c["T"]), str(c["N"]), str(c["R"]), acc, ci,
+                c["method"], str(c["T"]), str(c["N"]), str(c["R"]), acc, ci, pop,
                 f"{c['generated_tokens_per_problem']:.0f}", f"{c['total_tokens_per_problem']:.0f}",
             )
         console.print(table)
@@ -379,13 +385,16 @@ def default_out(home: Path, recipe: Recipe, sources: list[str], grid: Grid) -> P
     return Path(home) / "sweeps" / f"{recipe.name}-{_hash(ident, 8)}"
 
 
-def _write_outputs(out: Path, recipe: Recipe, cells: list[dict[str, Any]], eff: dict[str, Any]) -> list[str]:
+def _write_outputs(out: Path, recipe: Recipe, cells: list[dict[str, Any]], eff: dict[str, Any],
+                   best: dict[str, Any]) -> list[str]:
     from spiral_cli import plots
 
-    _write_jsonl(out / "cells.jsonl", [{k: c[k] for k in CELL_FIELDS + [PER_PROBLEM] if k in c} for c in cells])
+    keep = CELL_FIELDS + [PER_PROBLEM, PER_PROBLEM_POPULATION]
+    _write_jsonl(out / "cells.jsonl", [{k: c[k] for k in keep if k in c} for c in cells])
     atomic_write_text(out / "cells.csv", _csv_text(cells))
     atomic_write_text(out / "efficiency.json", json.dumps(eff, indent=2, sort_keys=True) + "\n")
-    files = ["cells.jsonl", "cells.csv", "efficiency.json"]
+    atomic_write_text(out / "best.json", json.dumps(best, indent=2, sort_keys=True) + "\n")
+    files = ["cells.jsonl", "cells.csv", "efficiency.json", "best.json"]
     title = f"{recipe.name}: {recipe.task.name}"
     for name, draw in (
         ("accuracy_vs_tokens.png", lambda p: plots.plot_accuracy_vs_tokens(cells, eff["comparisons"], p, title=title)),
@@ -489,8 +498,11 @@ def run_sweep(
 
     cells = build_cells(grid, works)
     eff = efficiency(cells, grid, labels)
-    files = _write_outputs(out, recipe, cells, eff)
+    best = best_accuracy(cells, seed=grid.seed)
+    files = _write_outputs(out, recipe, cells, eff, best)
     _print_table(console, cells)
+    if (line := describe_best(best)) is not None:
+        console.print(line, highlight=False, markup=False)
     headline = [c for c in eff["comparisons"] if c["headline"]]
     if headline:
         console.print(f"[bold]scaling efficiency[/] (compute = {COMPUTE}; baseline {eff['baseline']}):")
@@ -506,6 +518,7 @@ def run_sweep(
         "generate_calls": ctx.calls,
         "cached_units": ctx.cached_units,
         "files": files,
+        "best": best.get("learned_vs_rest"),
         "efficiency": [
             {k: c.get(k) for k in ("candidate", "method", "T", "R", "status", "max", "max_level",
                                    "at_baseline_best", "lower_bound", "upper_bound", "censored_ratio",

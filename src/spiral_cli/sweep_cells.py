@@ -16,8 +16,12 @@ pool, so the cells of one (model, T) share their samples:
   after white space is removed (``tasks._answers.vote_key``).
 - ``learned`` (R >= 1): recursive self-aggregation on the *first N* traces of the pool:
   population P = ``infer.population``, subsets of size min(``infer.agg_set_size``, N), R rounds.
-  Rounds are run one at a time, so R = 2 reuses the population of R = 1. Accuracy is the mean
-  over problems of the fraction of the final population that is correct (RSA pass@1).
+  Rounds are run one at a time, so R = 2 reuses the population of R = 1. Accuracy is that of
+  the final answer, the one `spiral infer` returns: the majority over the final population
+  (ties to the first member, ``metrics.final_answer_index``), right or wrong per problem. The
+  cell also keeps the RSA population accuracy (the mean over problems of the fraction of the
+  final population that is correct, RSA pass@1) under ``population_accuracy`` with its interval
+  (``population_ci_lo``/``_hi``) and per-problem values (``per_problem_population``).
   R = 0 is not a learned cell: with no aggregator the answer is the majority vote (``majority``).
 
 Compute of a cell, per problem (mean over problems):
@@ -68,6 +72,7 @@ from spiral_cli.checkpoints import ModelRef
 from spiral_cli.metrics import (
     bootstrap_ci,
     compute_to_reach,
+    final_answer_index,
     majority_at_k_expected,
     mean,
     pass_at_k,
@@ -81,10 +86,12 @@ from spiral_cli.recipe import Recipe, RecipeError
 CELL_FIELDS = [
     "model", "method", "N", "T", "R", "accuracy", "ci_lo", "ci_hi", "ci_method", "n_problems",
     "generated_tokens_per_problem", "total_tokens_per_problem",
+    "population_accuracy", "population_ci_lo", "population_ci_hi",  # learned cells only (else empty)
 ]
 METHOD_ORDER = ("pass", "majority", "learned")
 COMPUTE = "generated_tokens_per_problem"
 PER_PROBLEM = "per_problem"  # cells.jsonl only: the per-problem values behind `accuracy`
+PER_PROBLEM_POPULATION = "per_problem_population"  # cells.jsonl only, learned: behind `population_accuracy`
 EFFICIENCY_N_BOOT = 2000  # resamples of the scaling-efficiency interval
 EFFICIENCY_ALPHA = 0.05
 EFFICIENCY_MAX_NOT_MEASURABLE = 0.05  # above this share of unmeasurable resamples: no interval
@@ -172,20 +179,41 @@ class ModelWork:
 # ---------------------------------------------------------------- cells
 
 
+def _accuracy(values: list[float], seed: int) -> tuple[float | None, float | None, float | None, str | None]:
+    if not values:  # no labelled problems: nothing to score
+        return None, None, None, None
+    return (mean(values), *_ci(values, seed))
+
+
+def _compact(values: list[float]) -> list[float]:
+    """Exact values (so intervals recomputed from cells.jsonl match), 0/1 as ints to stay short."""
+    return [int(v) if v in (0.0, 1.0) else v for v in values]
+
+
 def _cell(model: str, method: str, n: int, t: int, r: int, values: list[float], n_problems: int,
-          gen_tokens: float, total_tokens: float, seed: int) -> dict[str, Any]:
-    if values:
-        acc = mean(values)
-        lo, hi, how = _ci(values, seed)
-    else:  # no labelled problems: nothing to score
-        acc, lo, hi, how = None, None, None, None
-    return {
+          gen_tokens: float, total_tokens: float, seed: int,
+          population_values: list[float] | None = None) -> dict[str, Any]:
+    acc, lo, hi, how = _accuracy(values, seed)
+    cell = {
         "model": model, "method": method, "N": n, "T": t, "R": r,
         "accuracy": acc, "ci_lo": lo, "ci_hi": hi, "ci_method": how, "n_problems": n_problems,
         "generated_tokens_per_problem": gen_tokens, "total_tokens_per_problem": total_tokens,
-        # Exact values (so intervals recomputed from cells.jsonl match), 0/1 written as ints to stay short.
-        PER_PROBLEM: [int(v) if v in (0.0, 1.0) else v for v in values],
+        "population_accuracy": None, "population_ci_lo": None, "population_ci_hi": None,
+        PER_PROBLEM: _compact(values),
     }
+    if population_values is not None:
+        pop, pop_lo, pop_hi, _ = _accuracy(population_values, seed + 1)
+        cell.update(population_accuracy=pop, population_ci_lo=pop_lo, population_ci_hi=pop_hi)
+        cell[PER_PROBLEM_POPULATION] = _compact(population_values)
+    return cell
+
+
+def final_answer_correct(population: list[dict[str, Any]]) -> float:
+    """1.0 when the final answer of a population (its vote, as `spiral infer` answers) is right."""
+    if not population:
+        return 0.0
+    chosen = population[final_answer_index([vote_key(tr.get("answer")) for tr in population])]
+    return float(bool(chosen.get("correct")))
 
 
 def trace_token_means(pool_rows: list[dict[str, Any]]) -> tuple[float, float]:
@@ -230,7 +258,8 @@ def build_cells(ctx_grid: Grid, works: list[ModelWork]) -> list[dict[str, Any]]:
                         for n in grid.parallel:
                             by_round = w.learned[(t, n)]
                             final = [row for row in by_round[r] if row["labelled"]]
-                            values = [mean([float(bool(tr["correct"])) for tr in row["population"]]) for row in final]
+                            values = [final_answer_correct(row["population"]) for row in final]
+                            pop_values = [mean([float(bool(tr["correct"])) for tr in row["population"]]) for row in final]
                             n_all = len(by_round[r])
                             agg_gen = sum(row["agg_generated_tokens"] for q in range(1, r + 1) for row in by_round[q]) / n_all
                             agg_total = agg_gen + sum(
@@ -239,8 +268,69 @@ def build_cells(ctx_grid: Grid, works: list[ModelWork]) -> list[dict[str, Any]]:
                             cells.append(_cell(
                                 w.label, method, n, t, r, values, len(final), n * mean_gen + agg_gen,
                                 n * (mean_gen + mean_prompt) + agg_total, cell_seed + 1000 * r + n,
+                                population_values=pop_values,
                             ))
     return cells
+
+
+# ---------------------------------------------------------------- best cells
+
+
+def best_accuracy(cells: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """The most accurate cell of every model x method anywhere in the grid, and whether the best
+    learned cell beats every cell of the other methods (any model, any budget).
+
+    ``best``: one entry per (model, method) with its cell's N, T, R, accuracy, interval and
+    generated tokens. ``learned_vs_rest`` (when the grid has learned and other cells): the best
+    learned cell against the best cell of any other method, ``difference`` = learned - other with
+    a paired bootstrap interval over problems (``metrics.paired_bootstrap_diff``, 2000 resamples)
+    when both cells carry per-problem values for the same problems, and ``learned_is_top`` (point
+    estimates). Both cells are maxima picked from the grid, so the difference leans optimistic
+    for whichever side has more cells to pick from.
+    """
+    from spiral_cli.metrics import paired_bootstrap_diff
+
+    scored = [c for c in cells if c["accuracy"] is not None]
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for c in scored:  # ties keep the cheaper cell (cells come in order of N within a curve)
+        key = (c["model"], c["method"])
+        if key not in best or c["accuracy"] > best[key]["accuracy"] or (
+                c["accuracy"] == best[key]["accuracy"] and c[COMPUTE] < best[key][COMPUTE]):
+            best[key] = c
+    fields = ("model", "method", "N", "T", "R", "accuracy", "ci_lo", "ci_hi", COMPUTE)
+    out: dict[str, Any] = {"best": [{k: c[k] for k in fields} for c in best.values()]}
+    learned = [c for c in best.values() if c["method"] == "learned"]
+    rest = [c for c in best.values() if c["method"] != "learned"]
+    if learned and rest:
+        top_l = max(learned, key=lambda c: c["accuracy"])
+        top_r = max(rest, key=lambda c: c["accuracy"])
+        entry: dict[str, Any] = {
+            "learned": {k: top_l[k] for k in fields}, "other": {k: top_r[k] for k in fields},
+            "learned_is_top": top_l["accuracy"] > top_r["accuracy"],
+            "difference": top_l["accuracy"] - top_r["accuracy"], "interval": None,
+        }
+        a, b = top_l.get(PER_PROBLEM), top_r.get(PER_PROBLEM)
+        if a and b and len(a) == len(b):
+            diff = paired_bootstrap_diff(a, b, seed=seed)
+            entry["interval"] = [float(diff["interval"][0]), float(diff["interval"][1])]
+        out["learned_vs_rest"] = entry
+    return out
+
+
+def describe_best(best: dict[str, Any]) -> str | None:
+    """One line on the best learned cell against the best of the rest; None without both."""
+    e = best.get("learned_vs_rest")
+    if e is None:
+        return None
+
+    def where(c: dict[str, Any]) -> str:
+        r = f" R={c['R']}" if c["method"] == "learned" else ""
+        return f"{c['model']} {c['method']} N={c['N']} T={c['T']}{r} {100 * c['accuracy']:.1f}%"
+
+    iv = "" if e["interval"] is None else f" [{100 * e['interval'][0]:+.1f}, {100 * e['interval'][1]:+.1f}]"
+    verdict = "above" if e["learned_is_top"] else "not above"
+    return (f"best learned cell {where(e['learned'])} is {verdict} every other method's best, "
+            f"{where(e['other'])}: {100 * e['difference']:+.1f} points{iv}")
 
 
 # ---------------------------------------------------------------- scaling efficiency
