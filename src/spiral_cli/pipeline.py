@@ -230,16 +230,10 @@ def run_pipeline(
     for r, lab, pop in zip(results, labelled, populations):
         if cfg.aggregate == "none":
             chosen = r.search[0] if r.search else None  # a single trace: no aggregation at all
-            r.answer = chosen.answer if chosen else None
-            final_traces = [chosen] if chosen else []
         else:
             # majority over the final population (the search traces when R = 0); ties -> first
             chosen = pop[final_answer_index([vote_key(t.answer) for t in pop])] if pop else None
-            r.answer = chosen.answer if chosen else None
-            final_traces = [chosen] if chosen else []
-        if lab and final_traces:
-            best = final_traces[0]
-            r.reward, r.correct = best.reward, best.correct
-        elif lab:
-            r.reward, r.correct = 0.0, False
+        r.answer = chosen.answer if chosen else None
+        if lab:
+            r.reward, r.correct = (chosen.reward, chosen.correct) if chosen else (0.0, False)
     return results

@@ -75,6 +75,7 @@ from spiral_cli.metrics import (
     final_answer_index,
     majority_at_k_expected,
     mean,
+    paired_bootstrap_diff,
     pass_at_k,
     scaling_efficiency,
     scaling_efficiency_interval,
@@ -288,8 +289,6 @@ def best_accuracy(cells: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
     estimates). Both cells are maxima picked from the grid, so the difference leans optimistic
     for whichever side has more cells to pick from.
     """
-    from spiral_cli.metrics import paired_bootstrap_diff
-
     scored = [c for c in cells if c["accuracy"] is not None]
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for c in scored:  # ties keep the cheaper cell (cells come in order of N within a curve)
