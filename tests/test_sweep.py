@@ -436,3 +436,30 @@ def test_real_scratch_model_end_to_end(tmp_path):
     assert s["cells"] == 2 + 2 + 2 and (tmp_path / "o" / "pass_at_k.png").is_file()
     cells = [json.loads(l) for l in (tmp_path / "o" / "cells.jsonl").read_text().splitlines()]
     assert all(0.0 <= c["accuracy"] <= 1.0 for c in cells)
+
+
+def test_sweep_table_keeps_every_column_at_80_columns():
+    """The table with its pop. column is wider than 80 columns boxed; rich then squeezed N to
+    nothing in a log file. At 80 columns it is printed compact, every N and R in its row."""
+    import io
+
+    from rich.console import Console
+
+    from spiral_cli.sweep import _print_table
+
+    cells = [{"model": "r4-s1", "method": m, "T": 256, "N": n, "R": r, "accuracy": 0.794, "ci_lo": 0.756,
+              "ci_hi": 0.827, "ci_method": "wilson", "population_accuracy": 0.78 if m == "learned" else None,
+              "generated_tokens_per_problem": 2534.7, "total_tokens_per_problem": 4272.0}
+             for m, r in (("pass", 0), ("learned", 2)) for n in (1, 8)]
+    for width, boxed in ((80, False), (200, True)):
+        buf = io.StringIO()
+        _print_table(Console(file=buf, width=width, force_terminal=False), cells)
+        lines = buf.getvalue().splitlines()
+        assert max(len(line) for line in lines) <= width
+        assert any("┃" in line or "│" in line for line in lines) == boxed
+        rows = [line.replace("│", " ").split() for line in lines]
+        rows = [r for r in rows if r and r[0] in ("pass", "learned")]
+        assert [r[:4] for r in rows] == [["pass", "256", "1", "0"], ["pass", "256", "8", "0"],
+                                         ["learned", "256", "1", "2"], ["learned", "256", "8", "2"]]
+        assert all(r[-2:] == ["2535", "4272"] for r in rows)
+        assert [("0.780" in r) for r in rows] == [False, False, True, True]

@@ -351,19 +351,26 @@ def _csv_text(cells: list[dict[str, Any]]) -> str:
 
 
 def _print_table(console: Console, cells: list[dict[str, Any]]) -> None:
-    """One table per model (keeps it readable on an 80-column terminal)."""
+    """One table per model, boxed where it fits the console and compact (no borders) where it does
+    not: rich squeezes an over-wide table's narrowest columns to nothing (N vanished at 80 columns in
+    a log file), so every column keeps at least its header's width."""
+    from rich import box
+    from rich.measure import Measurement
     from rich.table import Table
 
     models: list[str] = []
     for c in cells:
         if c["model"] not in models:
             models.append(c["model"])
-    for model in models:
+
+    def table(model: str, compact: bool) -> Table:
         table = Table(title=f"sweep cells: {model}", title_justify="left", caption_justify="left",
                       caption="CI: w = Wilson, b = bootstrap over problems; tokens per problem; "
-                              "learned: accuracy of the final answer, pop. = RSA population accuracy")
+                              "learned: accuracy of the final answer, pop. = RSA population accuracy",
+                      **({"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False} if compact else {}))
         for col in ("method", "T", "N", "R", "accuracy", "95% CI", "pop.", "gen tok", "total tok"):
-            table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+            table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True,
+                             min_width=len(col))
         for c in (c for c in cells if c["model"] == model):
             acc = "-" if c["accuracy"] is None else f"{c['accuracy']:.3f}"
             ci = "" if c["ci_lo"] is None else f"{c['ci_lo']:.3f}..{c['ci_hi']:.3f} {c['ci_method'][0]}"
@@ -372,7 +379,12 @@ def _print_table(console: Console, cells: list[dict[str, Any]]) -> None:
                 c["method"], str(c["T"]), str(c["N"]), str(c["R"]), acc, ci, pop,
                 f"{c['generated_tokens_per_problem']:.0f}", f"{c['total_tokens_per_problem']:.0f}",
             )
-        console.print(table)
+        return table
+
+    for model in models:
+        boxed = table(model, compact=False)
+        natural = Measurement.get(console, console.options.update(width=10_000), boxed).maximum
+        console.print(boxed if natural <= console.width else table(model, compact=True))
 
 
 def default_out(home: Path, recipe: Recipe, sources: list[str], grid: Grid) -> Path:
