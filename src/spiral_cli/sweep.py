@@ -364,22 +364,21 @@ def _print_table(console: Console, cells: list[dict[str, Any]]) -> None:
             models.append(c["model"])
 
     def table(model: str, compact: bool) -> Table:
-        table = Table(title=f"sweep cells: {model}", title_justify="left", caption_justify="left",
-                      caption="CI: w = Wilson, b = bootstrap over problems; tokens per problem; "
-                              "learned: accuracy of the final answer, pop. = RSA population accuracy",
-                      **({"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False} if compact else {}))
+        t = Table(title=f"sweep cells: {model}", title_justify="left", caption_justify="left",
+                  caption="CI: w = Wilson, b = bootstrap over problems; tokens per problem; "
+                          "learned: accuracy of the final answer, pop. = RSA population accuracy",
+                  **({"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False} if compact else {}))
         for col in ("method", "T", "N", "R", "accuracy", "95% CI", "pop.", "gen tok", "total tok"):
-            table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True,
-                             min_width=len(col))
+            t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True, min_width=len(col))
         for c in (c for c in cells if c["model"] == model):
             acc = "-" if c["accuracy"] is None else f"{c['accuracy']:.3f}"
             ci = "" if c["ci_lo"] is None else f"{c['ci_lo']:.3f}..{c['ci_hi']:.3f} {c['ci_method'][0]}"
             pop = "" if c.get("population_accuracy") is None else f"{c['population_accuracy']:.3f}"
-            table.add_row(
+            t.add_row(
                 c["method"], str(c["T"]), str(c["N"]), str(c["R"]), acc, ci, pop,
                 f"{c['generated_tokens_per_problem']:.0f}", f"{c['total_tokens_per_problem']:.0f}",
             )
-        return table
+        return t
 
     for model in models:
         boxed = table(model, compact=False)
