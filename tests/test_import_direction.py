@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "spiral_cli"
 #   and every stage that writes or reads checkpoints imports it, so it sits low.
 LAYERS: list[tuple[str, list[str], bool]] = [
     ("utilities", ["spiral_cli", "spiral_cli.machine", "spiral_cli.paths", "spiral_cli.jsonl", "spiral_cli.progress",
+                   "spiral_cli.tables",
                    "spiral_cli.metrics", "spiral_cli.optim", "spiral_cli.plots", "spiral_cli.adapters"], True),
     ("task protocol", ["spiral_cli.tasks.base", "spiral_cli.tasks._answers"], False),
     ("scoring sandbox", ["spiral_cli.tasks._sandbox"], False),

@@ -421,9 +421,9 @@ def _print_entries(entries, as_json: bool) -> None:
         for e in entries:
             typer.echo(json.dumps(e.to_dict()))
         return
-    from rich import box
-    from rich.measure import Measurement
     from rich.table import Table
+
+    from spiral_cli.tables import COMPACT, natural_width
 
     console = Console()
     rows = []
@@ -434,7 +434,7 @@ def _print_entries(entries, as_json: bool) -> None:
                      "path": str(e.path)})
 
     def table(columns: list[str], compact: bool) -> Table:
-        t = Table(*columns, **({"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False} if compact else {}))
+        t = Table(*columns, **(COMPACT if compact else {}))
         for c in t.columns:
             c.no_wrap = True
             c.overflow = "ellipsis" if c.header in ("metrics", "path") else "fold"
@@ -442,14 +442,11 @@ def _print_entries(entries, as_json: bool) -> None:
             t.add_row(*(r[c] for c in columns))
         return t
 
-    def width(t: Table) -> int:
-        return Measurement.get(console, console.options.update(width=10_000), t).maximum
-
     required = ["name", "step", "stage", "parent", "tags"]
-    compact = width(table(required, False)) > console.width
+    compact = natural_width(console, table(required, False)) > console.width
     columns, hidden = list(required), []
     for c in ("metrics", "created", "path"):
-        if width(table(columns + [c], compact)) <= console.width:
+        if natural_width(console, table(columns + [c], compact)) <= console.width:
             columns.append(c)
         else:
             hidden.append(c)

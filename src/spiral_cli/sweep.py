@@ -354,9 +354,9 @@ def _print_table(console: Console, cells: list[dict[str, Any]]) -> None:
     """One table per model, boxed where it fits the console and compact (no borders) where it does
     not: rich squeezes an over-wide table's narrowest columns to nothing (N vanished at 80 columns in
     a log file), so every column keeps at least its header's width."""
-    from rich import box
-    from rich.measure import Measurement
     from rich.table import Table
+
+    from spiral_cli.tables import COMPACT, natural_width
 
     models: list[str] = []
     for c in cells:
@@ -367,7 +367,7 @@ def _print_table(console: Console, cells: list[dict[str, Any]]) -> None:
         t = Table(title=f"sweep cells: {model}", title_justify="left", caption_justify="left",
                   caption="CI: w = Wilson, b = bootstrap over problems; tokens per problem; "
                           "learned: accuracy of the final answer, pop. = RSA population accuracy",
-                  **({"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False} if compact else {}))
+                  **(COMPACT if compact else {}))
         for col in ("method", "T", "N", "R", "accuracy", "95% CI", "pop.", "gen tok", "total tok"):
             t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True, min_width=len(col))
         for c in (c for c in cells if c["model"] == model):
@@ -382,8 +382,7 @@ def _print_table(console: Console, cells: list[dict[str, Any]]) -> None:
 
     for model in models:
         boxed = table(model, compact=False)
-        natural = Measurement.get(console, console.options.update(width=10_000), boxed).maximum
-        console.print(boxed if natural <= console.width else table(model, compact=True))
+        console.print(boxed if natural_width(console, boxed) <= console.width else table(model, compact=True))
 
 
 def default_out(home: Path, recipe: Recipe, sources: list[str], grid: Grid) -> Path:
