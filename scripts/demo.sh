@@ -15,20 +15,20 @@ RECIPE=${RECIPE:-recipes/countdown.yaml}
 EVAL=${EVAL:-500}
 mkdir -p out
 start=$(date +%s)
-# the checkpoints are registered as <recipe name>-sft and <recipe name>-set
-NAME=$(.venv/bin/python -c 'import sys; from spiral_cli.recipe import load_recipe; print(load_recipe(sys.argv[1]).name)' "$RECIPE")
 $SPIRAL sft "$RECIPE" "$@" > out/sft.json
 $SPIRAL train-set "$RECIPE" "$@" > out/train-set.json
-for model in "$NAME-sft" "$NAME-set"; do
+# the names the two stages registered their checkpoints under (<recipe name>-sft, <recipe name>-set)
+MODELS=$(.venv/bin/python -c 'import json; print(*(json.load(open(f"out/{s}.json"))["name"] for s in ("sft", "train-set")))')
+for model in $MODELS; do
     $SPIRAL infer "$RECIPE" "$@" --model "$model" --eval "$EVAL" \
         > "out/answers-$model.jsonl" 2> >(tee "out/infer-$model.log" >&2)
 done
 wait
-DEMO_SECONDS=$(( $(date +%s) - start )) DEMO_MODELS="$NAME-sft $NAME-set" .venv/bin/python - <<'PY'
+DEMO_SECONDS=$(( $(date +%s) - start )) .venv/bin/python - <<'PY'
 import json, os, re
-models = os.environ["DEMO_MODELS"].split()
 sft = json.load(open("out/sft.json"))
 rl = json.load(open("out/train-set.json"))
+models = [sft["name"], rl["name"]]
 print(f"\nsft: {sft['step']} steps in {sft['train_seconds']:.0f}s" + (" (STOPPED BY THE TIME BUDGET)" if sft.get("stopped_early") else ""))
 print(f"train-set: {rl['steps']} steps, {rl['generated_tokens']:,} generated tokens (stopped on {rl.get('stopped_on', 'steps')})")
 figures = {}
