@@ -180,3 +180,23 @@ def test_compiled_step_under_full_determinism_repeats_bit_for_bit():
     assert all(torch.equal(grads[0], g) for g in grads[1:])
     model(**batch).loss.backward()
     torch.testing.assert_close(grads[0], embedding.grad, atol=1e-5, rtol=1e-4)
+
+
+
+def test_matmul_attention_keeps_float32_scores_under_bf16_autocast():
+    """Under bf16 autocast the scores stay float32 (as in flash attention). With attention logits
+    around ±20, scores rounded to bf16 (the kernel before) move the output several times more than
+    the bf16 value product that remains."""
+    q, k, v = _qkv(h=2, hkv=2, lq=64, lk=64, d=16, seed=3)
+    q = q * 5.0  # sharp attention, as a copy from a long prompt needs
+    ref = _sdpa(q, k, v, is_causal=True)
+    causal = torch.ones(64, 64, dtype=torch.bool).tril()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _matmul_attention(q, k, v, None, None, causal=True)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * 16**-0.5  # bf16, as before
+        probs = torch.softmax(scores.masked_fill(~causal, torch.finfo(scores.dtype).min), dim=-1, dtype=torch.float32)
+        before = torch.matmul(probs.to(torch.bfloat16), v.to(torch.bfloat16)).transpose(1, 2)
+    assert ours.dtype == torch.bfloat16 and scores.dtype == torch.bfloat16
+    err, err_before = (ours.float() - ref).abs().max().item(), (before.float() - ref).abs().max().item()
+    assert err < 0.03, err
+    assert err_before > 2 * err, (err_before, err)

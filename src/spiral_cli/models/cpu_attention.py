@@ -44,7 +44,7 @@ MATMUL_ATTENTION_MAX_LEN = 192
 
 
 def _matmul_attention(query, key, value, attention_mask, scaling, causal: bool) -> torch.Tensor:
-    """Attention as two matmuls and a float32 softmax, for training on the CPU: torch's CPU
+    """Attention as two matmuls and a float32 softmax over float32 scores, for training on the CPU: torch's CPU
     flash-attention backward took ~7 ms per layer per step (profiled, scratch:tiny, 16x84 tokens);
     with this form a training step went 117 -> 96 ms (bench/sft_step.py). Grouped heads are folded into the query rows (no K/V copies).
     query (B, H, Lq, d); key, value (B, Hkv, Lk, d); a boolean mask (B, 1, Lq, Lk), True = attend.
@@ -53,7 +53,11 @@ def _matmul_attention(query, key, value, attention_mask, scaling, causal: bool) 
     hkv, lk = key.shape[1], key.shape[2]
     groups = h // hkv
     q = query.reshape(b, hkv, groups * lq, d)  # head i uses K/V head i // groups, as repeat_kv
-    scores = torch.matmul(q, key.transpose(-1, -2)) * (scaling if scaling is not None else d**-0.5)
+    # The scores in float32, as flash attention keeps them: under bf16 autocast a bf16 score matrix
+    # rounds every attention logit (to ~0.06 at 10), which long aggregation prompts, where one
+    # candidate's line must be picked out of ~500 tokens, did not survive (docs/results.md, session 25).
+    with torch.autocast(query.device.type, enabled=False):
+        scores = torch.matmul(q.float(), key.float().transpose(-1, -2)) * (scaling if scaling is not None else d**-0.5)
     keep = None
     if attention_mask is not None:
         keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
