@@ -86,7 +86,7 @@ def test_rounds_recipe_is_the_measured_continuation_path():
                 "warmup_steps": 100, "set_size": 4, "max_len": 512, "compile": True}
     assert {k: getattr(rounds.sft, k) for k in measured} == measured
     assert (rounds.model.name, rounds.model.autocast, rounds.task.number_rule, rounds.task.sft_max_nodes) == (
-        "scratch:tiny", "off", "at_most_once", [2, 4, 8, 16])
+        "scratch:tiny", "auto", "at_most_once", [2, 4, 8, 16])
     assert (rounds.generation.temperature, rounds.generation.max_new_tokens, rounds.generation.agg_max_new_tokens) == (
         1.0, 256, 256)
 
