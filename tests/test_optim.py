@@ -182,7 +182,6 @@ def test_compiled_step_under_full_determinism_repeats_bit_for_bit():
     torch.testing.assert_close(grads[0], embedding.grad, atol=1e-5, rtol=1e-4)
 
 
-
 def test_matmul_attention_keeps_float32_scores_under_bf16_autocast():
     """Under bf16 autocast the scores stay float32 (as in flash attention). With attention logits
     around ±20, scores rounded to bf16 (the kernel before) move the output several times more than
