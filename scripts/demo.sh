@@ -53,6 +53,9 @@ for k in rows:
         sign = "+" if "difference" in v else ""
         cells.append(f"{x:{sign}6.1%} [{v['interval'][0]:{sign}.1%}, {v['interval'][1]:{sign}.1%}]".rjust(24))
     print(f"  {k:40s} " + " ".join(cells))
-print(f"\nmake demo: {int(os.environ['DEMO_SECONDS']) // 60} min {int(os.environ['DEMO_SECONDS']) % 60} s end to end")
+from spiral_cli.machine import describe, summary_line
+# our 2-core machines differ up to 3x in speed: a time says which machine it is from
+print(f"\nmake demo: {int(os.environ['DEMO_SECONDS']) // 60} min {int(os.environ['DEMO_SECONDS']) % 60} s end to end "
+      f"on a {summary_line(describe())}")
 print("answers in out/; checkpoints: .venv/bin/spiral registry ls")
 PY
