@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from spiral_cli.machine import cpu_model
+from spiral_cli.machine import cpu_isa, cpu_model
 from spiral_cli.models import load_model, measure_cpu_autocast
 from spiral_cli.optim import adamw
 from spiral_cli.recipe import ModelSection
@@ -45,7 +45,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     a = ap.parse_args()
     caps = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends.cpu, "get_cpu_capability") else "?"
-    print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, ISA {caps}")
+    print(f"{cpu_model()} ({cpu_isa() or 'ISA unknown'}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"torch dispatch {caps}")
     rows = {"on": [], "off": []}
     for _ in range(2):
         for ac in ("off", "on"):

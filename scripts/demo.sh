@@ -26,6 +26,9 @@ done
 wait
 DEMO_SECONDS=$(( $(date +%s) - start )) .venv/bin/python - <<'PY'
 import json, os, re
+
+from spiral_cli.machine import describe, summary_line
+
 sft = json.load(open("out/sft.json"))
 rl = json.load(open("out/train-set.json"))
 models = [sft["name"], rl["name"]]
@@ -53,7 +56,6 @@ for k in rows:
         sign = "+" if "difference" in v else ""
         cells.append(f"{x:{sign}6.1%} [{v['interval'][0]:{sign}.1%}, {v['interval'][1]:{sign}.1%}]".rjust(24))
     print(f"  {k:40s} " + " ".join(cells))
-from spiral_cli.machine import describe, summary_line
 # our 2-core machines differ up to 3x in speed: a time says which machine it is from
 print(f"\nmake demo: {int(os.environ['DEMO_SECONDS']) // 60} min {int(os.environ['DEMO_SECONDS']) % 60} s end to end "
       f"on a {summary_line(describe())}")
