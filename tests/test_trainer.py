@@ -584,15 +584,19 @@ def test_update_gradient_does_not_depend_on_the_length_split(monkeypatch):
 @pytest.mark.slow
 def test_compiled_update_trains_like_the_plain_one(tmp_path):
     """train_set.compile: the policy's forward is compiled at the first update (a one-line
-    fallback where it cannot be); two SPIRAL steps give the plain run's weights."""
+    fallback where it cannot be); two SPIRAL steps give the plain run's weights, and a second
+    compiled run gives the first one's bit for bit (the compiled CPU update runs under
+    deterministic algorithms, and the mode is left as it was found)."""
     runs = {}
-    for flag in ("false", "true"):
+    for flag in ("false", "true", "true-again"):
         home = tmp_path / f"home-{flag}"
-        result = train(tmp_path, home, ["train_set.steps=2", f"train_set.compile={flag}"])
+        result = train(tmp_path, home, ["train_set.steps=2", f"train_set.compile={flag.split('-')[0]}"])
         assert result["steps"] == 2
         runs[flag] = weights(Path(result["path"]))
+        assert not torch.are_deterministic_algorithms_enabled()
     for k, v in runs["false"].items():
         torch.testing.assert_close(runs["true"][k], v, atol=2e-4, rtol=1e-3)
+        assert torch.equal(runs["true-again"][k], runs["true"][k]), k
 
 
 def test_eta_counts_steps_or_the_token_budget():
