@@ -254,46 +254,46 @@ def _train(run: RLRun, recipe: Recipe, spec: RLSpec) -> dict[str, Any]:
     # a compiled update on the CPU runs under deterministic algorithms, as sft.full_determinism's
     # "auto" (optim.py): else the compiled embedding gradient's atomic adds make reruns drift apart
     deterministic = run.compiled is not None and resolve_full_determinism("auto", run.loaded.device.type)
-    with full_determinism(deterministic):  # the compile (at the first update) and every step after it
-        while state.step < sec.steps and not _budget_met(state, run.budget):
-            step_seed = derive_seed(recipe.seed, state.step, run.rank)
-            rng = random.Random(step_seed)
-            tokens_before = state.generated_tokens
-            t_step = time.perf_counter()
-            # 1-2. rollouts with dynamic sampling
-            with run.sampling_weights():
-                kept, drawn, gen_seconds, rollout_seconds = _collect(run, rng, step_seed)
-            # 3. update
-            t_upd = time.perf_counter()
-            samples = [s for r in kept for s in r.samples]
+    while state.step < sec.steps and not _budget_met(state, run.budget):
+        step_seed = derive_seed(recipe.seed, state.step, run.rank)
+        rng = random.Random(step_seed)
+        tokens_before = state.generated_tokens
+        t_step = time.perf_counter()
+        # 1-2. rollouts with dynamic sampling
+        with run.sampling_weights():
+            kept, drawn, gen_seconds, rollout_seconds = _collect(run, rng, step_seed)
+        # 3. update
+        t_upd = time.perf_counter()
+        samples = [s for r in kept for s in r.samples]
+        with full_determinism(deterministic):  # the compile (in the first update) and every update it serves
             loss_stats = _update(run.model, run.ref_model, run.optimizer, run.scheduler, samples, sec, run.loaded,
                                  run.prompt_cache, run.accelerator, run.adapter_roles, run.compiled,
                                  passes=spec.updates_per_batch, correction=correction, fsdp=run.fsdp)
-            update_seconds = time.perf_counter() - t_upd
-            # 4. the generator samples from the new weights
-            t_sync = time.perf_counter()
-            with run.sampling_weights():
-                run.policy_gen.update_weights(run.loaded.model)
-            sync_seconds = time.perf_counter() - t_sync
-            state.step += 1
-            last = state.step == sec.steps or _budget_met(state, run.budget)
+        update_seconds = time.perf_counter() - t_upd
+        # 4. the generator samples from the new weights
+        t_sync = time.perf_counter()
+        with run.sampling_weights():
+            run.policy_gen.update_weights(run.loaded.model)
+        sync_seconds = time.perf_counter() - t_sync
+        state.step += 1
+        last = state.step == sec.steps or _budget_met(state, run.budget)
 
-            state.steps_without_signal += not kept
-            row = _step_metrics(state, kept, drawn, loss_stats, {
-                "generation": gen_seconds, "scoring": rollout_seconds - gen_seconds,
-                "update": update_seconds, "sync": sync_seconds, "total": time.perf_counter() - t_step,
-            })
-            if (_eval_due(sec, state, tokens_before) or last) and run.eval_problems:
-                if (point := _evaluate_on_main(run)) is not None:
-                    row["eval"] = point
-            else:
-                _join_generation(run)
-            if run.main:
-                _log(run.run_dir / "metrics.jsonl", row, run.tb)
-                _print_step(run, row, kept, drawn, loop_start)
-            if state.step % sec.save_every == 0 or last:
-                _checkpoint(recipe, spec, run.loaded, run.optimizer, run.scheduler, state, run.registry, run.home,
-                            run.state_dir, run.start_ref, run.accelerator, fsdp=run.fsdp)
+        state.steps_without_signal += not kept
+        row = _step_metrics(state, kept, drawn, loss_stats, {
+            "generation": gen_seconds, "scoring": rollout_seconds - gen_seconds,
+            "update": update_seconds, "sync": sync_seconds, "total": time.perf_counter() - t_step,
+        })
+        if (_eval_due(sec, state, tokens_before) or last) and run.eval_problems:
+            if (point := _evaluate_on_main(run)) is not None:
+                row["eval"] = point
+        else:
+            _join_generation(run)
+        if run.main:
+            _log(run.run_dir / "metrics.jsonl", row, run.tb)
+            _print_step(run, row, kept, drawn, loop_start)
+        if state.step % sec.save_every == 0 or last:
+            _checkpoint(recipe, spec, run.loaded, run.optimizer, run.scheduler, state, run.registry, run.home,
+                        run.state_dir, run.start_ref, run.accelerator, fsdp=run.fsdp)
 
     close_generator(run.generator)
     final = run.registry.latest(spec.name)
