@@ -407,6 +407,43 @@ def test_rounds_as_continuations_draw_a_share_and_restart_the_learning_rate():
         SftSection(self_aggregate_examples=5, self_aggregate_share=1.0)
 
 
+def test_rounds_can_draw_their_other_examples_from_the_search_examples_alone():
+    """sft.self_aggregate_others=search: a round's others are a draw of the search examples only,
+    so its aggregation examples are its own candidates' (and its steps shorter); "all" (the
+    default) draws from every example, as before. Before the rounds nothing changes."""
+    from spiral_cli.recipe import SftSection
+    from spiral_cli.sft import Example, SftPhases
+
+    cfg = SftSection(steps=100, aggregate_after=0.2, self_aggregate_examples=5, self_aggregate_after=[0.5, 0.8],
+                     self_aggregate_share=0.2, self_aggregate_others="search", batch_size=4)
+    search = [Example([i], [i], "search") for i in range(40)]
+    synthetic = [Example([1000 + i], [i], "aggregate") for i in range(40)]
+    examples = search + synthetic
+    own = {r: [Example([100 * (r + 1) + i], [i], "self_aggregate") for i in range(5)] for r in range(2)}
+    phases = SftPhases.for_recipe(cfg, examples, seed=5, build_self_agg=lambda r: own[r])
+    assert phases.at(10) == (0, search) and phases.at(20) == (20, examples)  # the phases before the rounds
+    start, pool = phases.at(50)
+    assert start == 50 and len(pool) == 25 and pool[-5:] == own[0]
+    assert [e.kind for e in pool[:20]] == ["search"] * 20  # 20 of the 40 search examples, no task aggregation
+    assert pool[:20] == sorted(pool[:20], key=lambda e: e.input_ids[0])
+    again = SftPhases.for_recipe(cfg, examples, seed=5, build_self_agg=lambda r: own[r])
+    assert again.at(79)[1] == pool  # a resumed run draws the same
+    assert [e.kind for e in phases.at(80)[1][:20]] == ["search"] * 20 and phases.at(80)[1][:20] != pool[:20]
+    # without a share: every search example beside the own ones
+    unshared = SftPhases.for_recipe(cfg.model_copy(update={"self_aggregate_share": None}), examples, seed=5,
+                                    build_self_agg=lambda r: own[r])
+    assert unshared.at(50)[1] == search + own[0]
+    # the default draws from every example: about half of the 20 are task aggregation examples here
+    mixed = SftPhases.for_recipe(cfg.model_copy(update={"self_aggregate_others": "all"}), examples, seed=5,
+                                 build_self_agg=lambda r: own[r])
+    kinds = [e.kind for e in mixed.at(50)[1][:20]]
+    assert len(kinds) == 20 and 0 < kinds.count("aggregate") < 20
+    with pytest.raises(ValueError, match="self_aggregate_examples"):
+        SftSection(self_aggregate_others="search")
+    with pytest.raises(ValueError):
+        SftSection(self_aggregate_examples=5, self_aggregate_others="aggregate")
+
+
 @pytest.mark.slow
 def test_infer_aggregates_with_a_separate_aggregator_checkpoint(trained, tmp_path):
     """`--aggregator` (the two-model form): the search traces come from --model, every aggregation

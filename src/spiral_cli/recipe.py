@@ -218,6 +218,10 @@ class SftSection(_Section):
     # other examples (None: all of them). 0.2 is what a 2000-step continuation run with 6,000 such
     # examples over 24,000 others trained on, the path measured in docs/results.md (session 18)
     self_aggregate_share: float | None = Field(None, gt=0.0, lt=1.0)
+    # what a round's other examples are drawn from: all the examples (search and the task's
+    # aggregation examples), or the search examples alone, so the aggregation a round trains is
+    # its own candidates' and its steps are shorter (a task aggregation example is ~3x a search one)
+    self_aggregate_others: Literal["all", "search"] = "all"
     # start the learning-rate schedule (warm-up, cosine) again at each self-aggregation round, as
     # a continuation run from the round's model would (warm restarts); the optimizer state is kept
     restart_lr_each_round: bool = False
@@ -236,6 +240,7 @@ class SftSection(_Section):
     def _round_options_need_rounds(self) -> SftSection:
         if not self.self_aggregate_examples:
             for name, on in (("self_aggregate_share", self.self_aggregate_share is not None),
+                             ("self_aggregate_others", self.self_aggregate_others != "all"),
                              ("restart_lr_each_round", self.restart_lr_each_round)):
                 if on:
                     raise ValueError(f"sft.{name} acts on self-aggregation rounds: set sft.self_aggregate_examples too")

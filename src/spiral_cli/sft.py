@@ -227,6 +227,7 @@ class SftPhases:
     seed: int
     build_self_agg: Callable[[int], list[Example]] | None = None
     self_agg_share: float | None = None  # the own examples' share of a round's pool; None: all others too
+    self_agg_others: str = "all"  # what the others are drawn from: "all" examples or "search" ones alone
     total_steps: int = 0  # the run's length: the last learning-rate cycle ends there
     restart_lr_each_round: bool = False
     warn: Callable[[str], None] = _ignore  # a round whose pool is not what the recipe asked
@@ -254,7 +255,7 @@ class SftPhases:
             aggregate_from=int(cfg.steps * cfg.aggregate_after) if has_both else 0,
             self_agg_starts=sorted({int(cfg.steps * f) for f in rounds}),
             batch_size=cfg.batch_size, seed=seed, build_self_agg=build_self_agg,
-            self_agg_share=cfg.self_aggregate_share, total_steps=cfg.steps,
+            self_agg_share=cfg.self_aggregate_share, self_agg_others=cfg.self_aggregate_others, total_steps=cfg.steps,
             restart_lr_each_round=cfg.restart_lr_each_round, warn=warn,
         )
         if cfg.restart_lr_each_round:
@@ -280,23 +281,25 @@ class SftPhases:
         return self.aggregate_from, self.examples
 
     def _others_for_round(self, round_index: int, n_own: int) -> list[Example]:
-        """The other examples beside round `round_index`'s `n_own` own ones: all of them, or with
-        `self_agg_share` a draw of the size that gives the own ones that share, fixed by (seed,
-        round) so a resumed run draws the same, in their original order."""
+        """The other examples beside round `round_index`'s `n_own` own ones, from every example or
+        (`self_agg_others` "search") the search ones alone: all of them, or with `self_agg_share` a
+        draw of the size that gives the own ones that share, fixed by (seed, round) so a resumed
+        run draws the same, in their original order."""
+        source = self.search_only if self.self_agg_others == "search" else self.examples
         if not n_own:
             self.warn(f"self-aggregation round {round_index + 1} has no examples of the model's own "
-                      f"(none fit sft.max_len): it trains on the {len(self.examples)} others alone")
-            return self.examples
+                      f"(none fit sft.max_len): it trains on the {len(source)} others alone")
+            return source
         if self.self_agg_share is None:
-            return self.examples
+            return source
         wanted = round(n_own * (1 - self.self_agg_share) / self.self_agg_share)
-        if wanted > len(self.examples):
+        if wanted > len(source):
             self.warn(f"sft.self_aggregate_share={self.self_agg_share} asks for {wanted} other examples beside "
-                      f"round {round_index + 1}'s {n_own} own ones, and there are {len(self.examples)}: their share "
-                      f"is {n_own / (n_own + len(self.examples)):.2f}")
-        k = min(len(self.examples), wanted)
-        keep = sorted(random.Random(f"self-aggregate-share/{self.seed}/{round_index}").sample(range(len(self.examples)), k))
-        return [self.examples[i] for i in keep]
+                      f"round {round_index + 1}'s {n_own} own ones, and there are {len(source)}: their share "
+                      f"is {n_own / (n_own + len(source)):.2f}")
+        k = min(len(source), wanted)
+        keep = sorted(random.Random(f"self-aggregate-share/{self.seed}/{round_index}").sample(range(len(source)), k))
+        return [source[i] for i in keep]
 
     def lr_cycle(self, step: int) -> tuple[int, int]:
         """(first step, length) of the learning-rate cycle `step` is in: the whole run, or with
