@@ -192,6 +192,10 @@ def test_override_applies_and_validates(tmp_path):
          "generation.vllm.tensor_parallel_size: Input should be greater than or equal to 1"),
         ("", ["sft.restart_lr_each_round=true"],
          "r.yaml: sft.restart_lr_each_round acts on self-aggregation rounds: set sft.self_aggregate_examples too"),
+        ("", ["sft.self_aggregate_others=search"],
+         "r.yaml: sft.self_aggregate_others acts on self-aggregation rounds: set sft.self_aggregate_examples too"),
+        ("", ["sft.self_aggregate_examples=10", "sft.self_aggregate_others=everything"],
+         "sft.self_aggregate_others: Input should be 'all' or 'search'"),
     ],
 )
 def test_errors_are_one_line_and_name_the_field(tmp_path, text, overrides, expected):

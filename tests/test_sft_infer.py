@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -438,8 +439,17 @@ def test_rounds_can_draw_their_other_examples_from_the_search_examples_alone():
                                  build_self_agg=lambda r: own[r])
     kinds = [e.kind for e in mixed.at(50)[1][:20]]
     assert len(kinds) == 20 and 0 < kinds.count("aggregate") < 20
+    # ... exactly the draw it made before the option existed (existing recipes train the same model)
+    drawn = sorted(random.Random("self-aggregate-share/5/0").sample(range(len(examples)), 20))
+    assert mixed.at(50)[1][:20] == [examples[i] for i in drawn]
+    # no search example left (all longer than sft.max_len): said, and drawn from every example
+    warned = []
+    only_agg = SftPhases.for_recipe(cfg, synthetic, seed=5, build_self_agg=lambda r: own[r], warn=warned.append)
+    assert [e.kind for e in only_agg.at(50)[1][:20]] == ["aggregate"] * 20 and "no search example fits" in warned[-1]
     with pytest.raises(ValueError, match="self_aggregate_examples"):
         SftSection(self_aggregate_others="search")
+    with pytest.raises(ValueError, match="num_search_examples is 0"):
+        SftSection(self_aggregate_examples=5, self_aggregate_others="search", num_search_examples=0)
     with pytest.raises(ValueError):
         SftSection(self_aggregate_examples=5, self_aggregate_others="aggregate")
 

@@ -244,6 +244,8 @@ class SftSection(_Section):
                              ("restart_lr_each_round", self.restart_lr_each_round)):
                 if on:
                     raise ValueError(f"sft.{name} acts on self-aggregation rounds: set sft.self_aggregate_examples too")
+        if self.self_aggregate_others == "search" and not self.num_search_examples and not self.data:
+            raise ValueError("sft.self_aggregate_others=search draws from the search examples: sft.num_search_examples is 0")
         return self
 
     def self_aggregate_rounds(self) -> list[float]:

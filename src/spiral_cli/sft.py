@@ -286,6 +286,10 @@ class SftPhases:
         draw of the size that gives the own ones that share, fixed by (seed, round) so a resumed
         run draws the same, in their original order."""
         source = self.search_only if self.self_agg_others == "search" else self.examples
+        if not source:  # every search example longer than sft.max_len
+            self.warn(f"sft.self_aggregate_others=search: no search example fits sft.max_len; round {round_index + 1} "
+                      f"draws from all {len(self.examples)} examples")
+            source = self.examples
         if not n_own:
             self.warn(f"self-aggregation round {round_index + 1} has no examples of the model's own "
                       f"(none fit sft.max_len): it trains on the {len(source)} others alone")
