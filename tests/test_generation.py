@@ -276,6 +276,36 @@ def test_lean_float32_cache_decodes_like_sdpa(monkeypatch, autocast):
                 assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < (1e-4 if autocast == "off" else 0.05)
 
 
+def test_lean_prepacked_weights_sample_as_the_plain_weights(monkeypatch):
+    """Under bf16 autocast on a CPU with native bf16 products the lean engine holds its matrix
+    weights pre-packed for oneDNN. Its samples score as the transformers forward scores them (to
+    bf16 rounding), and the greedy tokens are the plain weights' (a product may differ in its
+    last bf16 bit: another accumulation order). A float32 engine, or a build without the ops,
+    keeps plain tensors."""
+    from spiral_cli.generation import lean_qwen2
+
+    lm = load_model(ModelSection(name="scratch:nano", autocast="on"), for_training=False, seed=3)
+    gen = HFGenerator(lm)
+    native = lean_qwen2._prepacked_linear_works()  # True on a CPU with native bf16 products (AVX512-BF16, AMX)
+    matrices = [w for layer in gen.lean.layers for k, w in layer.items() if k.endswith("_w")] + [gen.lean.lm_head]
+    assert all(w.is_mkldnn == native for w in matrices)
+    sampled = gen.generate(PROMPTS, n=2, max_new_tokens=16, seed=3)
+    greedy = gen.generate(PROMPTS, max_new_tokens=16, temperature=0)
+    with torch.no_grad(), lm.autocast_ctx():
+        for prompt, s in zip(PROMPTS, sampled):
+            for c in s:
+                ref = teacher_forced_logprobs(lm, prompt, c.token_ids, 1.0)
+                assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 0.05
+    monkeypatch.setattr(lean_qwen2, "_prepacked_linear_works", lambda: False)
+    gen.update_weights()
+    assert not any(w.is_mkldnn for layer in gen.lean.layers for w in layer.values() if w is not None)
+    plain = gen.generate(PROMPTS, max_new_tokens=16, temperature=0)
+    same = sum(a[0].token_ids == b[0].token_ids for a, b in zip(greedy, plain))
+    assert same >= len(PROMPTS) - 1  # an argmax may flip on a bf16 near-tie
+    fp32 = HFGenerator(load_model(ModelSection(name="scratch:nano", autocast="off"), for_training=False, seed=3))
+    assert fp32.lean.compute_dtype == torch.float32 and not fp32.lean.lm_head.is_mkldnn
+
+
 def test_lean_kv_cache_float32_unless_too_large(monkeypatch):
     from spiral_cli.generation import lean_qwen2
 

@@ -48,6 +48,34 @@ def test_matmul_attention_equals_sdpa_with_a_padding_mask_and_a_kv_cache_offset(
     torch.testing.assert_close(_matmul_attention(q, k, v, additive, 0.3, causal=False), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_scale_folded_into_the_queries_changes_no_bit_at_a_power_of_two_scale():
+    """The scale multiplies the queries before the product (a tensor L / d times smaller than the
+    scores, one pass over the scores fewer each way); at a power-of-two scale (head_dim 64 or 16:
+    1/8, 1/4) that is exact, so the scratch models train on the same numbers as the scores-scaled
+    form: forward and every gradient, bit for bit."""
+    def scores_scaled(q, k, v, scale):  # the form before the fold
+        b, h, lq, d = q.shape
+        hkv, lk = k.shape[1], k.shape[2]
+        qg = q.reshape(b, hkv, h // hkv * lq, d)
+        s = torch.matmul(qg, k.transpose(-1, -2)) * scale
+        keep = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq).repeat(h // hkv, 1)
+        p = torch.softmax(s.masked_fill(~keep, torch.finfo(s.dtype).min), dim=-1)
+        return torch.matmul(p, v).view(b, h, lq, d).transpose(1, 2).contiguous()
+
+    q, k, v = _qkv(d=16)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    ours = _matmul_attention(q, k, v, None, 0.25, causal=True)
+    ref = scores_scaled(q, k, v, 0.25)
+    assert torch.equal(ours, ref)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+    # any other scale: the same up to float32 rounding
+    torch.testing.assert_close(_matmul_attention(q, k, v, None, 0.3, causal=True), scores_scaled(q, k, v, 0.3),
+                               atol=1e-6, rtol=1e-5)
+
+
 def test_a_fully_masked_row_stays_finite():
     q, k, v = _qkv(b=1)
     keep = torch.zeros(1, 1, 7, 7, dtype=torch.bool)
