@@ -277,16 +277,23 @@ def test_lean_float32_cache_decodes_like_sdpa(monkeypatch, autocast):
 
 
 def test_lean_prepacked_weights_sample_as_the_plain_weights(monkeypatch):
-    """Under bf16 autocast on a CPU with native bf16 products the lean engine holds its matrix
-    weights pre-packed for oneDNN. Its samples score as the transformers forward scores them (to
-    bf16 rounding), and the greedy tokens are the plain weights' (a product may differ in its
-    last bf16 bit: another accumulation order). A float32 engine, or a build without the ops,
-    keeps plain tensors."""
+    """Under bf16 autocast on a CPU with AMX the lean engine holds its matrix weights pre-packed
+    for oneDNN. Its samples score as the transformers forward scores them (to bf16 rounding), and
+    the greedy tokens are the plain weights' (a product may differ in its last bf16 bit: another
+    accumulation order). A float32 engine, another CPU or a build without the ops keeps plain tensors."""
     from spiral_cli.generation import lean_qwen2
 
+    fp32 = HFGenerator(load_model(ModelSection(name="scratch:nano", autocast="off"), for_training=False, seed=3))
+    assert fp32.lean.compute_dtype == torch.float32 and not fp32.lean.lm_head.is_mkldnn
     lm = load_model(ModelSection(name="scratch:nano", autocast="on"), for_training=False, seed=3)
+    with torch.no_grad():  # non-zero q/k/v biases, so a bias the packed product dropped would show
+        for layer in lm.model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
     gen = HFGenerator(lm)
-    native = lean_qwen2._prepacked_linear_works()  # True on a CPU with native bf16 products (AVX512-BF16, AMX)
+    native = lean_qwen2._prepacked_linear_works()
+    if torch.cpu._is_amx_tile_supported():
+        assert native  # the check must not switch the packing off where it was measured to pay
     matrices = [w for layer in gen.lean.layers for k, w in layer.items() if k.endswith("_w")] + [gen.lean.lm_head]
     assert all(w.is_mkldnn == native for w in matrices)
     sampled = gen.generate(PROMPTS, n=2, max_new_tokens=16, seed=3)
@@ -302,8 +309,6 @@ def test_lean_prepacked_weights_sample_as_the_plain_weights(monkeypatch):
     plain = gen.generate(PROMPTS, max_new_tokens=16, temperature=0)
     same = sum(a[0].token_ids == b[0].token_ids for a, b in zip(greedy, plain))
     assert same >= len(PROMPTS) - 1  # an argmax may flip on a bf16 near-tie
-    fp32 = HFGenerator(load_model(ModelSection(name="scratch:nano", autocast="off"), for_training=False, seed=3))
-    assert fp32.lean.compute_dtype == torch.float32 and not fp32.lean.lm_head.is_mkldnn
 
 
 def test_lean_kv_cache_float32_unless_too_large(monkeypatch):

@@ -51,8 +51,8 @@ def test_matmul_attention_equals_sdpa_with_a_padding_mask_and_a_kv_cache_offset(
 def test_scale_folded_into_the_queries_changes_no_bit_at_a_power_of_two_scale():
     """The scale multiplies the queries before the product (a tensor L / d times smaller than the
     scores, one pass over the scores fewer each way); at a power-of-two scale (head_dim 64 or 16:
-    1/8, 1/4) that is exact, so the scratch models train on the same numbers as the scores-scaled
-    form: forward and every gradient, bit for bit."""
+    1/8, 1/4) that is exact, so the head_dim-64 scratch presets train on the same numbers as the
+    scores-scaled form: forward and every gradient, bit for bit."""
     def scores_scaled(q, k, v, scale):  # the form before the fold
         b, h, lq, d = q.shape
         hkv, lk = k.shape[1], k.shape[2]

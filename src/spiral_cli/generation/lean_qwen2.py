@@ -24,12 +24,13 @@ float32 matmuls with a float32 softmax: the same math as SDPA's bf16 kernel, whi
 accumulates the scores in float32, 3-5x faster at these shapes (bench/README.md). A cache that
 would exceed `FP32_CACHE_MAX_BYTES` stays in the compute dtype and decodes through SDPA.
 
-On a CPU with native bf16 matrix products the bf16 weights are held pre-packed in oneDNN's
-layout (`torch.ops.mkldnn._linear_pointwise`, what inductor's CPU fusions call) instead of being
-re-laid out at every call: 15-33% faster per decoding-step linear on an AMX Xeon, generation ~5%
-(bench/README.md, session 30). The products are F.linear's with float32 accumulation; on some
-shapes oneDNN picks another accumulation order, so a result may differ in its last bf16 bit.
-Checked once per process against `F.linear`; a build without the ops keeps plain tensors.
+On a CPU with AMX the bf16 weights are held pre-packed in oneDNN's layout
+(`torch.ops.mkldnn._linear_pointwise`, what inductor's CPU fusions call) instead of being re-laid
+out at every call: 16-32% less time per decoding-step linear on an AMX Xeon, generation ~5%
+(bench/README.md, session 30); other CPUs were not measured and keep plain tensors. The products
+are F.linear's with float32 accumulation; on some shapes oneDNN picks another accumulation order,
+so a result may differ in its last bf16 bit. Checked once per process against `F.linear`; a build
+without the ops keeps plain tensors.
 
 Only plain `Qwen2ForCausalLM` models with default RoPE and full attention are supported
 (`supports`); everything else (peft adapters, quantized weights, sliding windows, other
@@ -49,10 +50,11 @@ FP32_CACHE_MAX_BYTES = 1 << 30
 
 @functools.cache
 def _prepacked_linear_works() -> bool:
-    """Whether this torch build packs bf16 linear weights for oneDNN, natively (AVX512-BF16 or
-    AMX), and the packed product is `F.linear`'s up to bf16 rounding (checked on one product)."""
+    """Whether this CPU has AMX (where packing was measured to pay), this torch build packs bf16
+    linear weights for oneDNN, and the packed product is `F.linear`'s up to bf16 rounding (checked
+    on one product)."""
     try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if not (torch.cpu._is_amx_tile_supported() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
             return False
         g = torch.Generator().manual_seed(0)
         x = torch.randn(3, 5, 64, generator=g).bfloat16()
@@ -121,7 +123,7 @@ class LeanQwen2:
         pack = self.device.type == "cpu" and cd == torch.bfloat16 and _prepacked_linear_works()
 
         def mat(t: torch.Tensor) -> torch.Tensor:  # a matrix product's weight, [out, in]
-            t = t.detach().to(cd, copy=True)
+            t = t.detach().to(cd, copy=not pack)  # packing copies it anyway
             return torch.ops.mkldnn._reorder_linear_weight(t, None) if pack else t
 
         inner = model.model

@@ -56,8 +56,8 @@ def _matmul_attention(query, key, value, attention_mask, scaling, causal: bool) 
     # The scores in float32, as flash attention keeps them: under bf16 autocast a bf16 score matrix
     # rounds every attention logit (to ~0.06 at 10), which long aggregation prompts, where one
     # candidate's line must be picked out of ~500 tokens, did not survive (docs/results.md, session 25).
-    # The scale on the queries, the mask in place: two passes over the L x L scores fewer each way
-    # (the same bits at a power-of-two scale, e.g. head_dim 64; bench/README.md, session 30).
+    # The scale on the queries, the mask in place: two passes over the L x L scores fewer forward,
+    # one backward (the same bits at a power-of-two scale, e.g. head_dim 64; bench/README.md, session 30).
     scale = scaling if scaling is not None else d**-0.5
     with torch.autocast(query.device.type, enabled=False):
         scores = torch.matmul(q.float() * scale, key.float().transpose(-1, -2))
@@ -68,7 +68,7 @@ def _matmul_attention(query, key, value, attention_mask, scaling, causal: bool) 
     elif causal:
         keep = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq).repeat(groups, 1)
     if keep is not None:  # the dtype's minimum, not -inf: a fully masked (padding) row stays finite
-        scores = scores.masked_fill_(~keep, torch.finfo(scores.dtype).min)
+        scores.masked_fill_(~keep, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     return torch.matmul(probs, value).view(b, h, lq, d).transpose(1, 2).contiguous()
 
