@@ -50,7 +50,7 @@ def test_matmul_attention_equals_sdpa_with_a_padding_mask_and_a_kv_cache_offset(
 
 def test_scale_folded_into_the_queries_changes_no_bit_at_a_power_of_two_scale():
     """The scale multiplies the queries before the product (a tensor L / d times smaller than the
-    scores, one pass over the scores fewer each way); at a power-of-two scale (head_dim 64 or 16:
+    scores: one pass over the scores fewer forward and backward); at a power-of-two scale (head_dim 64 or 16:
     1/8, 1/4) that is exact, so the head_dim-64 scratch presets train on the same numbers as the
     scores-scaled form: forward and every gradient, bit for bit."""
     def scores_scaled(q, k, v, scale):  # the form before the fold

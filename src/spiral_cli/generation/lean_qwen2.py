@@ -43,6 +43,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from spiral_cli.models.device import cpu_bf16_matmul_is_native
+
 # Largest KV cache (bytes, keys + values of all layers) held in float32 for matmul decoding
 # attention; a larger one (long contexts x big batches x many layers) keeps the compute dtype.
 FP32_CACHE_MAX_BYTES = 1 << 30
@@ -54,7 +56,7 @@ def _prepacked_linear_works() -> bool:
     linear weights for oneDNN, and the packed product is `F.linear`'s up to bf16 rounding (checked
     on one product)."""
     try:
-        if not (torch.cpu._is_amx_tile_supported() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        if not (torch.cpu._is_amx_tile_supported() and cpu_bf16_matmul_is_native()):
             return False
         g = torch.Generator().manual_seed(0)
         x = torch.randn(3, 5, 64, generator=g).bfloat16()
