@@ -55,7 +55,8 @@ def _run(name: str, fused: bool, use_sdpa: bool, compiled: bool, args) -> None:
     forward, compile_s = model, None
     if compiled:
         t0 = time.time()
-        forward = compile_for_training(loaded, batch(args.batch, lengths[0]), Console(stderr=True))
+        sample = batch(args.batch, lengths[0])
+        forward = compile_for_training(loaded, Console(stderr=True), lambda f: f(**sample).loss)
         compile_s = time.time() - t0
     # the SDPA path is what the model used for training before the matmul attention
     grad_ctx = (lambda: contextlib.nullcontext()) if not use_sdpa else (lambda: _sdpa_for_training(models))

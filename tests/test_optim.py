@@ -145,7 +145,7 @@ def test_compile_failure_falls_back_to_the_plain_model(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     console = Console(record=True, width=200)
-    forward = compile_for_training(loaded, _nano_batch(loaded), console)
+    forward = compile_for_training(loaded, console, lambda f: f(**_nano_batch(loaded)).loss)
     assert forward is loaded.model
     out = console.export_text()
     assert "torch.compile failed (RuntimeError: InductorError: no C compiler found); training uncompiled" in out
@@ -157,7 +157,7 @@ def test_compiled_forward_gives_the_plain_loss_and_gradients():
     loaded = load_model(ModelSection(name="scratch:nano", autocast="off"), source="scratch:nano", for_training=True, seed=0)
     model = loaded.model
     batch = _nano_batch(loaded)
-    forward = compile_for_training(loaded, batch, Console(quiet=True))
+    forward = compile_for_training(loaded, Console(quiet=True), lambda f: f(**batch).loss)
     assert forward is not model
     assert all(p.grad is None for p in model.parameters())  # the warm-up's gradients are discarded
     wider = {k: torch.cat([v, v[:, :3]], dim=1) for k, v in batch.items()}  # another width: no failure
@@ -198,7 +198,7 @@ def test_compiled_step_under_full_determinism_repeats_bit_for_bit():
     batch = {"input_ids": ids, "labels": ids.clone()}
     embedding = model.get_input_embeddings().weight
     with full_determinism(True):
-        forward = compile_for_training(loaded, batch, Console(quiet=True))
+        forward = compile_for_training(loaded, Console(quiet=True), lambda f: f(**batch).loss)
         assert forward is not model
         grads = []
         for _ in range(8):  # without the mode, 2 of 7 repeats differed here (4.8e-7)

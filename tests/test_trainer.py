@@ -581,6 +581,132 @@ def test_update_gradient_does_not_depend_on_the_length_split(monkeypatch):
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g_whole, g_split))
 
 
+def test_prefix_chunks_share_prompts_where_it_computes_fewer_tokens():
+    from spiral_cli.rl.rollout import Sample
+    from spiral_cli.rl.update import prefix_chunks
+
+    def sample(prompt, n):
+        return Sample(prompt, [7] * n, [0.0] * n, 1.0, 1.0, "search", 64)
+
+    # prompt p (20 tokens) x 4 with short completions, prompt q (3 tokens) once with 30; overhead 10:
+    #   all five shared: 2 prompts x 20 + 5 x 30 + 2 x 10 = 210; all five plain: 5 x 33 + 10 = 175;
+    #   p's four shared (1 x 20 + 4 x 6 + 20 = 64) + q plain (33 + 10 = 43) = 107, the least
+    samples = [sample("p", 6), sample("q", 30), sample("p", 5), sample("p", 6), sample("p", 5)]
+    got = prefix_chunks(samples, [20, 3, 20, 20, 20], micro=64, overhead=10)
+    assert [([len(s.completion_ids) for s in c], shared) for c, shared in got] == [([5, 5, 6, 6], True), ([30], False)]
+    # distinct prompts only: nothing to share
+    assert [shared for _, shared in prefix_chunks([sample("a", 3), sample("b", 4)], [9, 9], micro=8)] == [False]
+    assert prefix_chunks([], [], micro=4) == []
+    # every sample once, no batch over the cap, the least cost over every split and layout
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(40):
+        n, micro, overhead = rng.randint(1, 8), rng.randint(1, 5), rng.choice([0, 5, 40])
+        plen = {p: rng.randint(1, 30) for p in "abc"}
+        samples = [sample(rng.choice("abc"), rng.randint(0, 20)) for _ in range(n)]
+        got = prefix_chunks(samples, [plen[s.prompt] for s in samples], micro, overhead)
+        flat = [s for c, _ in got for s in c]
+        assert sorted(map(id, flat)) == sorted(map(id, samples)) and all(0 < len(c) <= micro for c, _ in got)
+
+        def cost(chunk, shared, overhead=overhead, plen=plen):
+            if shared:
+                return len({s.prompt for s in chunk}) * max(plen[s.prompt] for s in chunk) + \
+                    len(chunk) * max(len(s.completion_ids) for s in chunk) + 2 * overhead
+            return len(chunk) * max(plen[s.prompt] + len(s.completion_ids) for s in chunk) + overhead
+
+        def best_layout(chunk):
+            repeats = len({s.prompt for s in chunk}) < len(chunk) and max(len(s.completion_ids) for s in chunk) > 0
+            return min(cost(chunk, False), cost(chunk, True) if repeats else float("inf"))
+        for c, shared in got:
+            assert cost(c, shared) == best_layout(c)
+        best = min(sum(best_layout(flat[s:e]) for s, e in zip([0, *cuts], [*cuts, n]))
+                   for k in range(n) for cuts in itertools.combinations(range(1, n), k)
+                   if all(e - s <= micro for s, e in zip([0, *cuts], [*cuts, n])))
+        assert sum(cost(c, shared) for c, shared in got) == best
+
+
+def test_update_with_shared_prefixes_gives_the_plain_loss_and_gradient(monkeypatch):
+    """train_set.shared_prefix: micro-batches that repeat prompts run each prompt once, and the
+    update's loss, statistics and gradient are the one-pass layout's (float32, to rounding)."""
+    from spiral_cli.models import load_model
+    from spiral_cli.recipe import ModelSection, TrainSetSection
+    from spiral_cli.rl import update
+    from spiral_cli.rl.rollout import Sample
+
+    loaded = load_model(ModelSection(name="scratch:nano", autocast="off", max_seq_len=64), seed=0)
+    samples = [Sample(f"problem {i % 3} of the batch:", list(range(40, 40 + n)), [0.0] * n, a, 0.0, "search", 30)
+               for i, (n, a) in enumerate([(2, 1.0), (12, -0.5), (3, 0.5), (9, 1.0), (1, -1.0), (11, 0.25),
+                                           (4, 0.0), (7, -0.75), (5, 1.5)])]
+
+    class _Sched:
+        def step(self):
+            pass
+
+    monkeypatch.setattr(update, "MICRO_BATCH_OVERHEAD_TOKENS", 0)  # tiny rows: else a second pass never pays
+    layouts = []
+    real = update.build_batch
+    monkeypatch.setattr(update, "build_batch", lambda *a, **k: layouts.append(a[-1]) or real(*a, **k))
+
+    def run(shared):
+        layouts.clear()
+        opt = _RecordingOptimizer([p for p in loaded.model.parameters() if p.requires_grad])
+        sec = TrainSetSection(micro_batch_size=4, max_grad_norm=1e9, beta=0.0)
+        stats = update._update(loaded.model, None, opt, _Sched(), samples, sec, loaded, {}, None,
+                               shared_prefix=shared)
+        return stats, opt.grads[0], list(layouts)
+
+    plain, g_plain, l_plain = run(False)
+    shared, g_shared, l_shared = run(True)
+    assert not any(l_plain) and any(l_shared)  # the shared layout ran
+    for k in ("loss", "clip_frac", "entropy_search", "grad_norm"):
+        assert shared[k] == pytest.approx(plain[k], rel=1e-5, abs=1e-7), k
+    for a, b in zip(g_plain, g_shared):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prefix_applies_where_the_model_can_take_it():
+    """On where asked for and possible; elsewhere off with one line naming why, and off silently
+    when not asked for."""
+    from rich.console import Console
+
+    from spiral_cli.models import load_model
+    from spiral_cli.recipe import ModelSection, TrainSetSection
+    from spiral_cli.rl.update import shared_prefix_applies
+
+    loaded = load_model(ModelSection(name="scratch:nano", autocast="off", max_seq_len=64), for_training=True, seed=0)
+
+    def check(sec=None, accelerator=None, fsdp=False):
+        console = Console(record=True, width=300)
+        on = shared_prefix_applies(sec or TrainSetSection(), loaded, accelerator, fsdp, console)
+        return on, console.export_text().strip()
+
+    assert check() == (True, "")
+    assert check(TrainSetSection(shared_prefix=False)) == (False, "")
+    on, note = check(accelerator=object())
+    assert not on and note.startswith("note: shared_prefix is off: a single process only")
+    assert check(fsdp=True)[0] is False
+    impl = loaded.model.config._attn_implementation
+    loaded.model.config._attn_implementation = "flash_attention_2"
+    try:
+        assert check() == (False, "note: shared_prefix is off: attention 'flash_attention_2' takes no boolean 4-D mask (sdpa does)")
+    finally:
+        loaded.model.config._attn_implementation = impl
+    types = loaded.model.config.layer_types
+    loaded.model.config.layer_types = ["sliding_attention"] + list(types[1:])
+    try:
+        assert check() == (False, "note: shared_prefix is off: the model has sliding-window layers")
+    finally:
+        loaded.model.config.layer_types = types
+    loaded.model.gradient_checkpointing_enable()
+    try:
+        assert check() == (False, "note: shared_prefix is off: gradient checkpointing keeps no key/value cache")
+    finally:
+        loaded.model.gradient_checkpointing_disable()
+    assert check() == (True, "")
+
+
 @pytest.mark.slow
 def test_compiled_update_trains_like_the_plain_one(tmp_path):
     """train_set.compile: the policy's forward is compiled at the first update (a one-line

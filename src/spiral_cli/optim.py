@@ -25,21 +25,20 @@ def adamw(params: list[torch.nn.Parameter], *, lr: float, betas: tuple[float, fl
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fusable or None)
 
 
-def compile_for_training(loaded, sample: dict[str, torch.Tensor], console: Console,
-                         loss_of: Callable[[Any], torch.Tensor] = lambda out: out.loss) -> Callable[..., Any]:
+def compile_for_training(loaded, console: Console, loss_of: Callable[[Callable[..., Any]], torch.Tensor]) -> Callable[..., Any]:
     """`torch.compile(model)` for the training forward, compiled now on a real batch (forward and
     backward) so that a machine where it cannot run (no C compiler, an unsupported model) falls
-    back to the plain model with a one-line warning instead of failing mid-run. `sample` holds the
-    keyword arguments the loop will call the model with (the same call compiles the same graph),
-    `loss_of` turns the output into a scalar to backpropagate. The sample's gradients are
-    discarded. Returns the callable to use in place of `loaded.model`."""
+    back to the plain model with a one-line warning instead of failing mid-run. `loss_of(forward)`
+    runs a real batch through `forward` as the loop will call it (the same calls compile the same
+    graphs) and returns a scalar to backpropagate. The warm-up's gradients are discarded. Returns
+    the callable to use in place of `loaded.model`."""
     model = loaded.model
     t0 = time.time()
     try:
         # dynamic: batches come in many widths; one graph serves them all without recompiling
         compiled = torch.compile(model, dynamic=True)
         with loaded.autocast_ctx():
-            loss = loss_of(compiled(**sample))
+            loss = loss_of(compiled)
         loss.backward()
     except Exception as e:  # noqa: BLE001 - any compiler failure: train uncompiled instead
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

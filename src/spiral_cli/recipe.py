@@ -363,6 +363,11 @@ class _RLSection(_Section):
     # on the CPU under deterministic algorithms. Pays on long runs only: ~20% off the update on an AMX
     # CPU after a one-off 30-80 s compile (bench/README.md)
     compile: bool = False
+    # each distinct prompt of a micro-batch forward once, its keys/values shared by the rows that
+    # continue it (GRPO's num_generations, SPIRAL's N1 searches and N2 aggregations per set): the
+    # same log-probs and gradients, the prompts' share of the update once per prompt (a single
+    # process with sdpa attention; bench/README.md). Off: one prompt + completion row per sample
+    shared_prefix: bool = True
     max_grad_norm: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
     eval_every: int = Field(25, gt=0)

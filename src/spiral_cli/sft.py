@@ -536,7 +536,8 @@ def _train(run: SftRun, recipe: Recipe, console: Console) -> SftOutcome:
     if cfg.compile and step < cfg.steps and run.world == 1:
         # a full batch: compiled with dynamic shapes, a batch of 1 would be specialised and recompiled
         first = collate(phases.at(step)[1][: cfg.batch_size // cfg.grad_accum], pad_id, loaded.device)
-        forward = compile_for_training(loaded, {"input_ids": first["input_ids"], "labels": first["labels"]}, console)
+        forward = compile_for_training(loaded, console,
+                                       lambda f: f(input_ids=first["input_ids"], labels=first["labels"]).loss)
     while step < cfg.steps:
         batch_examples = phases.batch(step)
         mine = _split(batch_examples, run.world)[run.rank] if run.world > 1 else batch_examples

@@ -12,12 +12,30 @@ from spiral_cli.rl.rollout import Sample
 
 
 @dataclass
+class PromptBlock:
+    """The distinct prompts of a micro-batch laid out with a shared prefix: each prompt's forward
+    pass runs once and its keys/values serve every row that continues it (`build_batch`)."""
+
+    ids: torch.Tensor  # [U, P] the distinct prompts, right-padded
+    lengths: torch.Tensor  # [U] their token counts
+    of_row: torch.Tensor  # [B] the prompt each row continues
+
+
+@dataclass
 class TokenBatch:
-    input_ids: torch.Tensor  # [B, L] prompt + completion, right-padded
+    input_ids: torch.Tensor  # [B, L] prompt + completion, right-padded; with `prompts`, the completions alone
     attention_mask: torch.Tensor  # [B, L]
-    completion_mask: torch.Tensor  # [B, L-1] True where position t predicts a completion token
+    # True where a logit position predicts a completion token: [B, L-1], position t predicting
+    # token t+1; with `prompts` [B, L], position t predicting completion token t
+    completion_mask: torch.Tensor
     advantages: torch.Tensor  # [B]
     roles: list[str]
+    prompts: PromptBlock | None = None  # the shared-prefix layout (train_set.shared_prefix)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """The token each logit position predicts, laid out like `completion_mask`."""
+        return self.input_ids if self.prompts is not None else self.input_ids[:, 1:]
 
 
 def _prompt_ids(prompt: str, tokenizer, prompt_cache: dict[str, list[int]]) -> list[int]:
@@ -27,23 +45,39 @@ def _prompt_ids(prompt: str, tokenizer, prompt_cache: dict[str, list[int]]) -> l
     return p
 
 
-def build_batch(samples: list[Sample], tokenizer, device: torch.device, prompt_cache: dict[str, list[int]]) -> TokenBatch:
-    seqs, starts = [], []
-    for s in samples:
-        p = _prompt_ids(s.prompt, tokenizer, prompt_cache)
-        seqs.append(p + list(s.completion_ids))
-        starts.append(len(p))
-    width = max(len(x) for x in seqs)
+def _right_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[len(rows), longest] token ids padded on the right, and the mask of the real tokens."""
+    width = max(len(x) for x in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, x in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return ids, mask
+
+
+def build_batch(samples: list[Sample], tokenizer, device: torch.device, prompt_cache: dict[str, list[int]],
+                shared_prefix: bool = False) -> TokenBatch:
+    """The token batch of a micro-batch of samples. `shared_prefix`: the distinct prompts in a
+    `PromptBlock` and the completions alone in `input_ids` (`token_logprobs` then runs each
+    prompt once, however many rows continue it); else each row holds its prompt and completion."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    cmask = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
-    for i, (x, st) in enumerate(zip(seqs, starts)):
-        ids[i, : len(x)] = torch.tensor(x)
-        attn[i, : len(x)] = 1
-        cmask[i, st - 1 : len(x) - 1] = True  # logits at t predict token t+1
-    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
-    return TokenBatch(ids.to(device), attn.to(device), cmask.to(device), adv.to(device), [s.role for s in samples])
+    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32).to(device)
+    roles = [s.role for s in samples]
+    prompts = [_prompt_ids(s.prompt, tokenizer, prompt_cache) for s in samples]
+    if shared_prefix:
+        index: dict[tuple[int, ...], int] = {}
+        of_row = [index.setdefault(tuple(p), len(index)) for p in prompts]
+        prompt_ids, _ = _right_padded([list(p) for p in index], pad)
+        lengths = torch.tensor([len(p) for p in index], dtype=torch.long)
+        ids, attn = _right_padded([list(s.completion_ids) for s in samples], pad)
+        block = PromptBlock(prompt_ids.to(device), lengths.to(device), torch.tensor(of_row, dtype=torch.long).to(device))
+        return TokenBatch(ids.to(device), attn.to(device), attn.bool().to(device), adv, roles, block)
+    ids, attn = _right_padded([p + list(s.completion_ids) for p, s in zip(prompts, samples)], pad)
+    cmask = torch.zeros((len(samples), ids.shape[1] - 1), dtype=torch.bool)
+    for i, (p, s) in enumerate(zip(prompts, samples)):
+        cmask[i, len(p) - 1 : len(p) + len(s.completion_ids) - 1] = True  # logits at t predict token t+1
+    return TokenBatch(ids.to(device), attn.to(device), cmask.to(device), adv, roles)
 
 
 class TokenLogprobs(NamedTuple):
@@ -59,16 +93,56 @@ LOGPROB_CHUNK_ELEMENTS = 1 << 26
 
 def token_logprobs(model, batch: TokenBatch, with_entropy: bool = False,
                    temperature: float | None = None) -> TokenLogprobs:
-    """log p(token_{t+1} | prefix) for every position, [B, L-1] (float32), optionally the entropy
-    of the next-token distribution, and with `temperature` the log-probs under
-    log_softmax(logits / T): the generators' convention (generation/base.py; T = 0 means T = 1),
-    so the sampler-mismatch weight compares like with like (docs/method.md).
+    """log p(token_{t+1} | prefix) for every position, laid out like `batch.completion_mask`
+    (float32), optionally the entropy of the next-token distribution, and with `temperature` the
+    log-probs under log_softmax(logits / T): the generators' convention (generation/base.py;
+    T = 0 means T = 1), so the sampler-mismatch weight compares like with like (docs/method.md).
 
     The batch is right-padded, so under causal attention no real token sees a pad: the padding
     mask changes nothing for the positions that count and is left out (the maskless attention
     kernel is several times faster on the CPU)."""
+    if batch.prompts is not None:
+        first, rest = _shared_prefix_logits(model, batch)
+        a = selective_logprobs(first, batch.targets[:, :1], with_entropy, temperature)
+        b = selective_logprobs(rest, batch.targets[:, 1:], with_entropy, temperature)
+        return TokenLogprobs(*(None if x is None else torch.cat([x, y], dim=1) for x, y in zip(a, b)))
     logits = model(input_ids=batch.input_ids).logits[:, :-1]
-    return selective_logprobs(logits, batch.input_ids[:, 1:], with_entropy, temperature)
+    return selective_logprobs(logits, batch.targets, with_entropy, temperature)
+
+
+def _shared_prefix_logits(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of a shared-prefix batch in two forward passes: the distinct prompts once (their
+    keys/values cached, with their autograd graph), then every row's completion over its prompt's
+    cached keys/values, its positions continuing the prompt's. The same function of the weights as
+    the one-pass layout, so the same log-probs and gradients (float32: to rounding, ~1e-6;
+    tests/test_logprobs.py), for the prompt tokens' share of the work once per prompt instead of
+    once per row (PrefixGrouper's shared-prefix forward, Liu et al. 2025).
+
+    Returns the logits predicting each row's first completion token [B, 1, V] (at its prompt's
+    last position) and those predicting the rest [B, C-1, V] (a view: the logits are not copied)."""
+    block = batch.prompts
+    last = block.lengths - 1
+    keep = torch.unique(last)  # the prompts' last positions: the only prompt logits needed
+    prompt_out = model(input_ids=block.ids, use_cache=True, logits_to_keep=keep)
+    logits = prompt_out.logits  # [U, len(keep), V]
+    flat = block.of_row * logits.shape[1] + torch.searchsorted(keep, last)[block.of_row]  # row -> (prompt, its last)
+    first = logits.flatten(0, 1).index_select(0, flat).unsqueeze(1)  # index_select: a fixed-order backward, as below
+    cache = prompt_out.past_key_values
+    # each row's prompt keys/values: index_select, whose backward (index_add) sums the rows of a
+    # prompt in a fixed order; `batch_select_indices` indexes, and that backward's parallel adds
+    # made two identical runs differ by ~1e-6
+    cache.reorder_cache(block.of_row)
+    rows, width = batch.input_ids.shape
+    prompt_width = block.ids.shape[1]
+    starts = block.lengths[block.of_row]  # [B] where each completion starts
+    arange = torch.arange(width, device=starts.device)
+    prompt_keys = torch.arange(prompt_width, device=starts.device) < starts[:, None]  # [B, P]: not its padding
+    causal = arange[None, :] <= arange[:, None]  # [C, C]
+    mask = torch.cat([prompt_keys[:, None, :].expand(rows, width, prompt_width),
+                      causal.expand(rows, width, width)], dim=-1).unsqueeze(1)  # [B, 1, C, P + C], True = attend
+    out = model(input_ids=batch.input_ids, position_ids=starts[:, None] + arange, past_key_values=cache,
+                attention_mask=mask, use_cache=True)  # a 4-D mask is used as given (transformers' masking_utils)
+    return first, out.logits[:, :-1]
 
 
 def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,

@@ -86,7 +86,13 @@ from spiral_cli.rl.run_io import (
     _truncate_metrics,
     _write_curves,
 )
-from spiral_cli.rl.update import _compile_applies, _CompiledForward, _update, sampler_correction
+from spiral_cli.rl.update import (
+    _compile_applies,
+    _CompiledForward,
+    _update,
+    sampler_correction,
+    shared_prefix_applies,
+)
 from spiral_cli.tasks import load_task
 
 MAX_TRAIN_POOL = 50_000  # training problems drawn up front; a longer run sees them again
@@ -216,6 +222,7 @@ class RLRun:
     tb: Any  # tensorboard writer | None
     console: Console
     fsdp: bool = False  # the policy is sharded with FSDP2 (rl/fsdp.py)
+    shared_prefix: bool = False  # micro-batches laid out with shared prefixes (train_set.shared_prefix)
     prompt_cache: dict[str, list[int]] = field(default_factory=dict)
 
     @property
@@ -268,7 +275,8 @@ def _train(run: RLRun, recipe: Recipe, spec: RLSpec) -> dict[str, Any]:
         with full_determinism(deterministic):  # the compile (in the first update) and every update it serves
             loss_stats = _update(run.model, run.ref_model, run.optimizer, run.scheduler, samples, sec, run.loaded,
                                  run.prompt_cache, run.accelerator, run.adapter_roles, run.compiled,
-                                 passes=spec.updates_per_batch, correction=correction, fsdp=run.fsdp)
+                                 passes=spec.updates_per_batch, correction=correction, fsdp=run.fsdp,
+                                 shared_prefix=run.shared_prefix)
         update_seconds = time.perf_counter() - t_upd
         # 4. the generator samples from the new weights
         t_sync = time.perf_counter()
@@ -379,13 +387,14 @@ def _setup_rl(recipe: Recipe, spec: RLSpec, *, home: Path, model_ref: str, conso
                                seed=recipe.seed + 17)
     eval_problems = task.problems("eval", sec.eval_problems, seed=recipe.seed) if sec.eval_problems else []
     compiled = _CompiledForward(loaded, console) if _compile_applies(sec, accelerator, adapter_roles, console) else None
+    shared_prefix = shared_prefix_applies(sec, loaded, accelerator, fsdp, console if is_main(accelerator) else Console(quiet=True))
     tb = _tensorboard(run_dir) if sec.tensorboard and is_main(accelerator) else None
     return RLRun(recipe=recipe, spec=spec, home=home, registry=registry, task=task, start_ref=start_ref,
                 run_dir=run_dir, state_dir=state_dir, loaded=loaded, model=model, optimizer=optimizer,
                 scheduler=scheduler, accelerator=accelerator, rank=rank, world=world, adapter_roles=adapter_roles,
                 generator=generator, policy_gen=policy_gen, other_gen=other_gen, ref_model=ref_model, state=state,
                 resumed=resuming, budget=budget, train_pool=train_pool, eval_problems=eval_problems, compiled=compiled, tb=tb,
-                console=console, fsdp=fsdp)
+                console=console, fsdp=fsdp, shared_prefix=shared_prefix)
 
 
 def _fsdp_policy(recipe: Recipe, loaded, accelerator, lr: float):

@@ -3,6 +3,7 @@
 optional compiled forward."""
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 from rich.console import Console
 
 from spiral_cli.generation.roles import adapter_active
+from spiral_cli.models.cpu_attention import CPU_ATTENTION
 from spiral_cli.recipe import Recipe
 from spiral_cli.rl.fsdp import filler_loss, grad_norm_value, micro_batch_target
 from spiral_cli.rl.logprobs import (
@@ -50,8 +52,13 @@ class _CompiledForward:
         if self.forward is None:
             from spiral_cli.optim import compile_for_training
 
-            self.forward = compile_for_training(self.loaded, {"input_ids": batch.input_ids}, self.console,
-                                                loss_of=lambda out: out.logits.float().mean())
+            def loss_of(forward) -> torch.Tensor:
+                loss = token_logprobs(forward, batch).logp.mean()
+                if batch.prompts is not None:  # a shared-prefix batch: the one-pass layout's graph too
+                    loss = loss + forward(input_ids=batch.input_ids).logits.float().mean()
+                return loss
+
+            self.forward = compile_for_training(self.loaded, self.console, loss_of)
         return self.forward
 
 
@@ -64,9 +71,44 @@ def _compile_applies(sec, accelerator, adapter_roles, console: Console) -> bool:
     return True
 
 
+def shared_prefix_applies(sec, loaded, accelerator, fsdp: bool, console: Console) -> bool:
+    """Whether this run lays micro-batches out with shared prefixes (train_set.shared_prefix):
+    asked for, and the model can take it (`_shared_prefix_blocker`); a one-line note when not."""
+    if not sec.shared_prefix:
+        return False
+    why = _shared_prefix_blocker(loaded.model, accelerator, fsdp)
+    if why:
+        console.print(f"  [yellow]note:[/] shared_prefix is off: {why}")
+    return why is None
+
+
+def _shared_prefix_blocker(model, accelerator, fsdp: bool) -> str | None:
+    """Why the shared-prefix forward cannot run on this model, or None. It needs a key/value
+    cache that keeps its autograd graph (none under gradient checkpointing), a boolean 4-D mask
+    used as given (sdpa and spiral's CPU attention; flash attention takes none, eager adds it),
+    full attention in every layer, and transformers' `past_key_values`/`logits_to_keep`."""
+    if accelerator is not None or fsdp:
+        return "a single process only (DDP and FSDP expect one forward pass per backward)"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    if cfg is None:
+        return "not a transformers model"
+    if getattr(base, "is_gradient_checkpointing", False):
+        return "gradient checkpointing keeps no key/value cache"
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl not in ("sdpa", CPU_ATTENTION):
+        return f"attention {impl!r} takes no boolean 4-D mask (sdpa does)"
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return "the model has sliding-window layers"
+    if not {"past_key_values", "logits_to_keep"} <= set(inspect.signature(base.forward).parameters):
+        return "the model's forward takes no past_key_values/logits_to_keep"
+    return None
+
+
 def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, loaded, prompt_cache, accelerator,
             adapter_roles: dict[str, str] | None = None, compiled: _CompiledForward | None = None,
-            passes: int = 1, correction: SamplerCorrection | None = None, fsdp: bool = False) -> dict[str, float | None]:
+            passes: int = 1, correction: SamplerCorrection | None = None, fsdp: bool = False,
+            shared_prefix: bool = False) -> dict[str, float | None]:
     """`passes` (train_set.updates_per_batch) passes over the samples, each one optimizer step of micro-batches.
     The normaliser is the whole batch's token count (token_mean), sequence count (seq_mean) or
     sum of sequence budgets (dr_grpo), so accumulating micro-batches gives exactly the
@@ -76,7 +118,9 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
     `correction`: measure the sampler mismatch on the trained tokens (the `sampling/...` stats)
     and, when it applies, weight each token's loss by the truncated importance weight; None = neither.
     `fsdp` (model sharded by rl/fsdp.py): every rank runs the same number of micro-batches, the
-    missing ones zero-weight fillers, each backward reduce-scattering (no no_sync)."""
+    missing ones zero-weight fillers, each backward reduce-scattering (no no_sync).
+    `shared_prefix` (train_set.shared_prefix, where `shared_prefix_applies`): a micro-batch whose
+    rows repeat prompts runs each distinct prompt's forward once (logprobs.build_batch)."""
     # Zero-advantage sequences contribute no policy gradient; with beta = 0 they can be skipped.
     # They still count in the normaliser so the loss scale does not depend on the skipping.
     beta = sec.beta
@@ -96,11 +140,15 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
     groups: list[tuple[str | None, list[Sample]]] = [(None, active)]
     if adapter_roles:
         groups = [(adapter_roles[role], [s for s in active if s.role == role]) for role in sorted(adapter_roles)]
-    chunks: list[tuple[str | None, list[Sample]]] = []
+    chunks: list[tuple[str | None, list[Sample], bool]] = []  # (adapter, samples, shared-prefix layout)
     for adapter, group in groups:
-        lengths = [len(_prompt_ids(s.prompt, loaded.tokenizer, prompt_cache)) + len(s.completion_ids) for s in group]
+        prompt_lengths = [len(_prompt_ids(s.prompt, loaded.tokenizer, prompt_cache)) for s in group]
+        if shared_prefix:
+            chunks += [(adapter, c, shared) for c, shared in prefix_chunks(group, prompt_lengths, micro)]
+            continue
+        lengths = [p + len(s.completion_ids) for p, s in zip(prompt_lengths, group)]
         order = sorted(range(len(group)), key=lengths.__getitem__)
-        chunks += [(adapter, c) for c in length_chunks([group[i] for i in order], [lengths[i] for i in order], micro)]
+        chunks += [(adapter, c, False) for c in length_chunks([group[i] for i in order], [lengths[i] for i in order], micro)]
 
     def role_adapter(adapter: str | None):
         return adapter_active(getattr(model, "module", model), adapter) if adapter else nullcontext()
@@ -116,9 +164,9 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
     old_logps: list[TokenLogprobs] | None = None
     if passes > 1 and (chunks or fillers):  # the behaviour policy's log-probs, fixed across passes
         old_logps = []
-        for adapter, chunk in chunks:
+        for adapter, chunk, shared in chunks:
             with torch.no_grad(), loaded.autocast_ctx(), role_adapter(adapter):
-                batch = build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache)
+                batch = build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache, shared)
                 old_logps.append(token_logprobs(model, batch, temperature=temperature))
         for _ in range(fillers):
             with torch.no_grad(), loaded.autocast_ctx():
@@ -129,8 +177,8 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
         optimizer.zero_grad(set_to_none=True)
         if not chunks and not fsdp:  # nothing to learn from in this batch; keep DDP ranks in step anyway
             _zero_backward(model, accelerator)
-        for ci, (adapter, chunk) in enumerate(chunks):
-            batch = build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache)
+        for ci, (adapter, chunk, shared) in enumerate(chunks):
+            batch = build_batch(chunk, loaded.tokenizer, loaded.device, prompt_cache, shared)
             sync_ctx = (accelerator.no_sync(model) if accelerator is not None and ci < len(chunks) - 1 and not fsdp
                         else nullcontext())
             with sync_ctx, role_adapter(adapter):
@@ -204,6 +252,43 @@ def length_chunks(items: list, lengths: list[int], micro: int, overhead: int | N
     batches, e = [], n
     while e > 0:
         batches.append(items[start[e]:e])
+        e = start[e]
+    return batches[::-1]
+
+
+def prefix_chunks(samples: list[Sample], prompt_lengths: list[int], micro: int,
+                  overhead: int | None = None) -> list[tuple[list[Sample], bool]]:
+    """`length_chunks` for the shared-prefix layout: micro-batches of at most `micro` rows, each
+    with whether to lay it out with its distinct prompts run once (True where some prompt repeats
+    and that computes fewer padded tokens). Rows go in order of completion length (those of one
+    prompt next to each other), and the split minimises the padded tokens computed: a shared
+    micro-batch costs its distinct prompts x the longest prompt plus its rows x the longest
+    completion, and two forward passes' `overhead`; a plain one its rows x the longest prompt +
+    completion, and one."""
+    overhead = MICRO_BATCH_OVERHEAD_TOKENS if overhead is None else overhead
+    order = sorted(range(len(samples)), key=lambda i: (len(samples[i].completion_ids), samples[i].prompt))
+    items = [samples[i] for i in order]
+    plen = [prompt_lengths[i] for i in order]
+    clen = [len(s.completion_ids) for s in items]
+    n = len(items)
+    cost = [0.0] + [math.inf] * n  # cost[e]: the cheapest split of items[:e]
+    start, shared_at = [0] * (n + 1), [False] * (n + 1)
+    for e in range(1, n + 1):
+        seen: set[str] = set()
+        longest_prompt = longest_row = 0
+        for s in range(e - 1, max(0, e - micro) - 1, -1):  # the micro-batch items[s:e], grown leftwards
+            seen.add(items[s].prompt)
+            longest_prompt = max(longest_prompt, plen[s])
+            longest_row = max(longest_row, plen[s] + clen[s])
+            rows = e - s
+            plain = cost[s] + rows * longest_row + overhead
+            shared = cost[s] + len(seen) * longest_prompt + rows * clen[e - 1] + 2 * overhead \
+                if len(seen) < rows and clen[e - 1] > 0 else math.inf
+            if min(plain, shared) < cost[e]:
+                cost[e], start[e], shared_at[e] = min(plain, shared), s, shared < plain
+    batches, e = [], n
+    while e > 0:
+        batches.append((items[start[e]:e], shared_at[e]))
         e = start[e]
     return batches[::-1]
 
