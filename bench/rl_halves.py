@@ -1,12 +1,15 @@
 """Time or profile the two halves of bench/grpo_step.py's GRPO step in one process.
 
-    PYTHONPATH=src .venv/bin/python bench/rl_halves.py {gen,upd,prof-gen,prof-upd} [reps]
+    PYTHONPATH=src .venv/bin/python bench/rl_halves.py {gen,upd,upd-ab,prof-gen,prof-upd} [reps]
+    PYTHONPATH=src .venv/bin/python bench/rl_halves.py record-spiral /tmp/h/spiral.pkl
 
 gen: 8 prompts x 8 samples x 128 tokens from /tmp/bench_f (grpo_step.py prepare), timed.
 upd: rl/update._update on 6 recorded batches (/tmp/h/samples.pkl, made on first use
 random
 advantages), timed
-COMPILE=regional|shared|whole compiles the training forward first.
+COMPILE=regional|shared|whole compiles the training forward first. SAMPLES=file.pkl: other recorded
+batches (record-spiral writes a SPIRAL step's, `grpo_step.py run --objective spiral` for 4 steps);
+SHARED=0: the one-row layout (train_set.shared_prefix false); upd-ab: both layouts, interleaved.
 prof-*: torch.profiler table of one call on one thread.
 """
 import json
@@ -30,6 +33,19 @@ from spiral_cli.rl.rollout import Sample
 
 B = Path("/tmp/bench_f")
 mode = sys.argv[1]
+if mode == "record-spiral":  # the samples of each update of a 4-step SPIRAL bench run
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import grpo_step
+
+    from spiral_cli.rl import trainer
+    recorded, real = [], trainer._update
+    def recording(model, ref, opt, sch, samples, *a, **k):
+        recorded.append(list(samples))
+        return real(model, ref, opt, sch, samples, *a, **k)
+    trainer._update = recording
+    grpo_step.run(Path("/tmp/bench_f"), 4, objective="spiral")
+    Path(sys.argv[2]).write_bytes(pickle.dumps(recorded))
+    sys.exit(0)
 reps = int(sys.argv[2]) if len(sys.argv) > 2 else 5
 torch.manual_seed(0)
 loaded = load_model(ModelSection(name=str(B / "model"), autocast="on"), for_training=True, seed=0)
@@ -62,7 +78,7 @@ if mode in ("gen", "prof-gen"):
             ts.append(time.perf_counter() - t)
         print("gen", [round(x, 3) for x in ts], "median", round(statistics.median(ts), 3), "tokens", sum(len(x.token_ids) for cs in c for x in cs))
 else:
-    cache = Path("/tmp/h/samples.pkl")
+    cache = Path(os.environ.get("SAMPLES", "/tmp/h/samples.pkl"))
     cache.parent.mkdir(parents=True, exist_ok=True)
     if cache.exists():
         batches = pickle.loads(cache.read_bytes())
@@ -77,8 +93,8 @@ else:
     pc = {}
     comp = None
 
-    def run(s):
-        return U._update(model, None, opt, sch, s, sec, loaded, pc, None, compiled=comp)
+    def run(s, shared=os.environ.get("SHARED", "1") == "1"):
+        return U._update(model, None, opt, sch, s, sec, loaded, pc, None, compiled=comp, shared_prefix=shared)
     cm = os.environ.get("COMPILE", "")
     fwd = model
     if cm == "regional":
@@ -91,7 +107,9 @@ else:
     elif cm == "whole":
         fwd = torch.compile(model, dynamic=True)
     if cm:
-        class C:  # compiled callable for _update
+        class C:  # compiled callable for _update (already compiled: no warm-up)
+            forward = fwd
+
             def __call__(self, batch):
                 return fwd
         comp = C()
@@ -104,10 +122,22 @@ else:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             run(batches[1])
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    elif mode == "upd-ab":  # one-row and shared-prefix layouts, interleaved batch by batch
+        run(batches[0], False)
+        run(batches[0], True)
+        ts = {False: [], True: []}
+        for i in range(reps):
+            for shared in (False, True):
+                t = time.perf_counter()
+                run(batches[1 + i % (len(batches) - 1)], shared)
+                ts[shared].append(time.perf_counter() - t)
+        for shared in (False, True):
+            print("shared" if shared else "one-row", [round(x, 3) for x in ts[shared]], "median",
+                  round(statistics.median(ts[shared]), 3))
     else:
         ts = []
         for i in range(reps):
-            s = batches[1 + i % 5]
+            s = batches[1 + i % (len(batches) - 1)]
             t = time.perf_counter()
             st = run(s)
             ts.append(time.perf_counter() - t)

@@ -203,6 +203,34 @@ def test_shared_prefix_gradients_repeat_bit_for_bit():
     batch = build_batch(samples, loaded.tokenizer, loaded.device, {}, shared_prefix=True)
     params = [p for p in loaded.model.parameters() if p.requires_grad]
     weights = torch.randn(batch.completion_mask.shape, generator=g)
-    runs = [torch.autograd.grad((token_logprobs(loaded.model, batch).logp * weights * batch.completion_mask).sum(), params)
-            for _ in range(6)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # the parallel adds need two threads to vary
+    try:
+        runs = [torch.autograd.grad((token_logprobs(loaded.model, batch).logp * weights * batch.completion_mask).sum(),
+                                    params) for _ in range(6)]
+    finally:
+        torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for again in runs[1:] for a, b in zip(runs[0], again))
+
+
+@pytest.mark.slow
+def test_compiled_warm_up_covers_every_shared_prefix_layout():
+    """train_set.compile with shared prefixes: the first update compiles the one-row layout and
+    the shared one over several prompts and over one (a size-1 dimension is a graph of its own),
+    so no graph compiles mid-run, and the compiled forward gives the eager log-probs."""
+    from rich.console import Console
+
+    from spiral_cli.rl.update import _CompiledForward, _warm_up_batches
+
+    loaded, samples = _shared_prefix_case()
+    batches = _warm_up_batches(samples, True, loaded, {})
+    assert [b.prompts is not None for b in batches] == [False, True, True]
+    assert [len(b.prompts.lengths) for b in batches[1:]] == [3, 1]
+    console = Console(record=True, width=200)
+    compiled = _CompiledForward(loaded, console)
+    compiled.warm_up(batches)
+    assert compiled(batches[0]) is not loaded.model, console.export_text()  # compiled, no fallback
+    for batch in batches:
+        got = token_logprobs(compiled(batch), batch).logp
+        want = token_logprobs(loaded.model, batch).logp
+        torch.testing.assert_close(got[batch.completion_mask], want[batch.completion_mask], atol=1e-5, rtol=1e-5)

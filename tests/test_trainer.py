@@ -596,6 +596,11 @@ def test_prefix_chunks_share_prompts_where_it_computes_fewer_tokens():
     assert [([len(s.completion_ids) for s in c], shared) for c, shared in got] == [([5, 5, 6, 6], True), ([30], False)]
     # distinct prompts only: nothing to share
     assert [shared for _, shared in prefix_chunks([sample("a", 3), sample("b", 4)], [9, 9], micro=8)] == [False]
+    # long and short prompts mixed, nothing shared: cut in order of completion length the best
+    # split computes 956 tokens; one row per sample cut by whole length (length_chunks) 772, kept
+    mixed = [sample("a", 10), sample("b", 11), sample("c", 12), sample("d", 13)]
+    got = prefix_chunks(mixed, [100, 5, 100, 5], micro=2, overhead=256)
+    assert [([s.prompt for s in c], shared) for c, shared in got] == [(["b", "d"], False), (["a", "c"], False)]
     assert prefix_chunks([], [], micro=4) == []
     # every sample once, no batch over the cap, the least cost over every split and layout
     import itertools
@@ -621,24 +626,37 @@ def test_prefix_chunks_share_prompts_where_it_computes_fewer_tokens():
             return min(cost(chunk, False), cost(chunk, True) if repeats else float("inf"))
         for c, shared in got:
             assert cost(c, shared) == best_layout(c)
-        best = min(sum(best_layout(flat[s:e]) for s, e in zip([0, *cuts], [*cuts, n]))
-                   for k in range(n) for cuts in itertools.combinations(range(1, n), k)
-                   if all(e - s <= micro for s, e in zip([0, *cuts], [*cuts, n])))
+        def least(order, layout, n=n, micro=micro):  # the cheapest split of `order` into runs of at most `micro`
+            return min(sum(layout(order[s:e]) for s, e in zip([0, *cuts], [*cuts, n]))
+                       for k in range(n) for cuts in itertools.combinations(range(1, n), k)
+                       if all(e - s <= micro for s, e in zip([0, *cuts], [*cuts, n])))
+        by_completion = sorted(samples, key=lambda s: (len(s.completion_ids), s.prompt))
+        by_total = sorted(samples, key=lambda s: plen[s.prompt] + len(s.completion_ids))
+        best = min(least(by_completion, best_layout), least(by_total, lambda c: cost(c, False)))
         assert sum(cost(c, shared) for c, shared in got) == best
 
 
-def test_update_with_shared_prefixes_gives_the_plain_loss_and_gradient(monkeypatch):
+@pytest.mark.parametrize("beta,passes,corrected", [(0.0, 1, False), (0.05, 2, True)])
+def test_update_with_shared_prefixes_gives_the_plain_loss_and_gradient(monkeypatch, beta, passes, corrected):
     """train_set.shared_prefix: micro-batches that repeat prompts run each prompt once, and the
-    update's loss, statistics and gradient are the one-pass layout's (float32, to rounding)."""
+    update's loss, statistics and gradients are the one-pass layout's (float32, to rounding), with
+    a KL reference model, two passes (the behaviour log-probs computed first, without gradients)
+    and the sampler correction's weights and metrics alike."""
+    import copy
+
     from spiral_cli.models import load_model
     from spiral_cli.recipe import ModelSection, TrainSetSection
     from spiral_cli.rl import update
     from spiral_cli.rl.rollout import Sample
 
     loaded = load_model(ModelSection(name="scratch:nano", autocast="off", max_seq_len=64), seed=0)
-    samples = [Sample(f"problem {i % 3} of the batch:", list(range(40, 40 + n)), [0.0] * n, a, 0.0, "search", 30)
+    ref = copy.deepcopy(loaded.model).eval() if beta else None
+    prompts = ["problem 0:", "a longer problem 1 of the batch:", "problem 22 here:"]  # three prompt lengths
+    samples = [Sample(prompts[i % 3], list(range(40, 40 + n)), [-0.1 * (j % 3) - 0.2 for j in range(n)], a, 0.0,
+                      "search", 30)
                for i, (n, a) in enumerate([(2, 1.0), (12, -0.5), (3, 0.5), (9, 1.0), (1, -1.0), (11, 0.25),
                                            (4, 0.0), (7, -0.75), (5, 1.5)])]
+    correction = update.SamplerCorrection(apply=True, cap=2.0, temperature=1.0) if corrected else None
 
     class _Sched:
         def step(self):
@@ -652,18 +670,21 @@ def test_update_with_shared_prefixes_gives_the_plain_loss_and_gradient(monkeypat
     def run(shared):
         layouts.clear()
         opt = _RecordingOptimizer([p for p in loaded.model.parameters() if p.requires_grad])
-        sec = TrainSetSection(micro_batch_size=4, max_grad_norm=1e9, beta=0.0)
-        stats = update._update(loaded.model, None, opt, _Sched(), samples, sec, loaded, {}, None,
-                               shared_prefix=shared)
-        return stats, opt.grads[0], list(layouts)
+        sec = TrainSetSection(micro_batch_size=4, max_grad_norm=1e9, beta=beta)
+        stats = update._update(loaded.model, ref, opt, _Sched(), samples, sec, loaded, {}, None,
+                               passes=passes, correction=correction, shared_prefix=shared)
+        return stats, opt.grads, list(layouts)
 
-    plain, g_plain, l_plain = run(False)
+    plain, g_plain, l_plain = run(False)  # (the recording optimizer leaves the weights as they are)
     shared, g_shared, l_shared = run(True)
     assert not any(l_plain) and any(l_shared)  # the shared layout ran
-    for k in ("loss", "clip_frac", "entropy_search", "grad_norm"):
-        assert shared[k] == pytest.approx(plain[k], rel=1e-5, abs=1e-7), k
-    for a, b in zip(g_plain, g_shared):
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    assert set(plain) == set(shared)
+    for k in plain:
+        assert shared[k] == pytest.approx(plain[k], rel=1e-5, abs=1e-6), k
+    assert len(g_plain) == len(g_shared) == passes
+    for step_plain, step_shared in zip(g_plain, g_shared):
+        for a, b in zip(step_plain, step_shared):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
 
 
 def test_shared_prefix_applies_where_the_model_can_take_it():
@@ -696,9 +717,16 @@ def test_shared_prefix_applies_where_the_model_can_take_it():
     types = loaded.model.config.layer_types
     loaded.model.config.layer_types = ["sliding_attention"] + list(types[1:])
     try:
-        assert check() == (False, "note: shared_prefix is off: the model has sliding-window layers")
+        assert check() == (False, "note: shared_prefix is off: the model has sliding-window or chunked attention layers")
     finally:
         loaded.model.config.layer_types = types
+    # Mistral's form: a `sliding_window` and no layer types, which transformers reads as sliding layers
+    window = loaded.model.config.sliding_window
+    loaded.model.config.layer_types, loaded.model.config.sliding_window = None, 16
+    try:
+        assert check() == (False, "note: shared_prefix is off: the model has sliding-window or chunked attention layers")
+    finally:
+        loaded.model.config.layer_types, loaded.model.config.sliding_window = types, window
     loaded.model.gradient_checkpointing_enable()
     try:
         assert check() == (False, "note: shared_prefix is off: gradient checkpointing keeps no key/value cache")

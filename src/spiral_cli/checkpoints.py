@@ -61,9 +61,11 @@ RERUN_MAY_CHANGE: dict[str, tuple[str, ...]] = {
     "sft": ("train_set", "train_agg", "sft.steps", "sft.time_budget_minutes", "sft.save_every",
             "sft.log_every", "sft.eval_problems", "sft.compile", "sft.full_determinism"),
     "set": ("sft", "train_agg", "train_set.steps", "train_set.max_generated_tokens", "train_set.save_every",
-            "train_set.eval_every", "train_set.eval_every_tokens", "train_set.eval_problems", "train_set.tensorboard", "train_set.compile"),
+            "train_set.eval_every", "train_set.eval_every_tokens", "train_set.eval_problems", "train_set.tensorboard", "train_set.compile",
+            "train_set.shared_prefix"),
     "agg": ("sft", "train_set", "train_agg.steps", "train_agg.max_generated_tokens", "train_agg.save_every",
-            "train_agg.eval_every", "train_agg.eval_every_tokens", "train_agg.eval_problems", "train_agg.tensorboard", "train_agg.compile"),
+            "train_agg.eval_every", "train_agg.eval_every_tokens", "train_agg.eval_problems", "train_agg.tensorboard", "train_agg.compile",
+            "train_agg.shared_prefix"),
 }
 RERUN_MAY_CHANGE["grpo"] = RERUN_MAY_CHANGE["set"]
 RUN_RECIPE_FILE = "recipe.json"  # <home>/runs/<name>/recipe.json: what the run started with

@@ -24,7 +24,7 @@ class PromptBlock:
 @dataclass
 class TokenBatch:
     input_ids: torch.Tensor  # [B, L] prompt + completion, right-padded; with `prompts`, the completions alone
-    attention_mask: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L] 1 = a real token of input_ids (the forward needs none: right padding)
     # True where a logit position predicts a completion token: [B, L-1], position t predicting
     # token t+1; with `prompts` [B, L], position t predicting completion token t
     completion_mask: torch.Tensor
@@ -100,7 +100,8 @@ def token_logprobs(model, batch: TokenBatch, with_entropy: bool = False,
 
     The batch is right-padded, so under causal attention no real token sees a pad: the padding
     mask changes nothing for the positions that count and is left out (the maskless attention
-    kernel is several times faster on the CPU)."""
+    kernel is several times faster on the CPU). A shared-prefix batch's completions do need one
+    (their prompts' padding lies between them and their prompts: `_shared_prefix_logits`)."""
     if batch.prompts is not None:
         first, rest = _shared_prefix_logits(model, batch)
         a = selective_logprobs(first, batch.targets[:, :1], with_entropy, temperature)
@@ -129,18 +130,21 @@ def _shared_prefix_logits(model, batch: TokenBatch) -> tuple[torch.Tensor, torch
     first = logits.flatten(0, 1).index_select(0, flat).unsqueeze(1)  # index_select: a fixed-order backward, as below
     cache = prompt_out.past_key_values
     # each row's prompt keys/values: index_select, whose backward (index_add) sums the rows of a
-    # prompt in a fixed order; `batch_select_indices` indexes, and that backward's parallel adds
-    # made two identical runs differ by ~1e-6
-    cache.reorder_cache(block.of_row)
+    # prompt in a fixed order on the CPU (CUDA's adds atomically, as its other scatters do);
+    # `batch_select_indices` indexes, and that backward's parallel adds made two CPU runs differ by ~1e-6
+    cache.reorder_cache(block.of_row)  # in place
     rows, width = batch.input_ids.shape
     prompt_width = block.ids.shape[1]
     starts = block.lengths[block.of_row]  # [B] where each completion starts
     arange = torch.arange(width, device=starts.device)
+    # a row's padding keeps its last real position: no position beyond the one-row layout's longest
+    last_real = (batch.completion_mask.sum(1) - 1).clamp(min=0)
     prompt_keys = torch.arange(prompt_width, device=starts.device) < starts[:, None]  # [B, P]: not its padding
     causal = arange[None, :] <= arange[:, None]  # [C, C]
     mask = torch.cat([prompt_keys[:, None, :].expand(rows, width, prompt_width),
                       causal.expand(rows, width, width)], dim=-1).unsqueeze(1)  # [B, 1, C, P + C], True = attend
-    out = model(input_ids=batch.input_ids, position_ids=starts[:, None] + arange, past_key_values=cache,
+    out = model(input_ids=batch.input_ids, position_ids=starts[:, None] + torch.minimum(arange, last_real[:, None]),
+                past_key_values=cache,
                 attention_mask=mask, use_cache=True)  # a 4-D mask is used as given (transformers' masking_utils)
     return first, out.logits[:, :-1]
 
@@ -218,8 +222,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
 
 
 def sampler_logprobs(samples: list[Sample], batch: TokenBatch) -> torch.Tensor:
-    """The sampler's log-prob of each completion token, laid out like `token_logprobs` ([B, L-1],
-    0 off the completion mask): row b's completion positions, in order, hold samples[b]'s."""
+    """The sampler's log-prob of each completion token, laid out like `token_logprobs` (like
+    `batch.completion_mask`, 0 off it): row b's completion positions, in order, hold samples[b]'s."""
     out = torch.zeros(batch.completion_mask.shape, dtype=torch.float32)
     values = [lp for s in samples for lp in s.sampling_logprobs]
     out[batch.completion_mask.cpu()] = torch.tensor(values, dtype=torch.float32)

@@ -48,18 +48,32 @@ class _CompiledForward:
     def __init__(self, loaded, console: Console):
         self.loaded, self.console, self.forward = loaded, console, None
 
-    def __call__(self, batch: TokenBatch):
+    def warm_up(self, batches: list[TokenBatch]) -> None:
+        """Compile now, through every layout the update will run (`_warm_up_batches`), so that a
+        graph that cannot compile falls back at once instead of failing mid-run."""
         if self.forward is None:
             from spiral_cli.optim import compile_for_training
 
-            def loss_of(forward) -> torch.Tensor:
-                loss = token_logprobs(forward, batch).logp.mean()
-                if batch.prompts is not None:  # a shared-prefix batch: the one-pass layout's graph too
-                    loss = loss + forward(input_ids=batch.input_ids).logits.float().mean()
-                return loss
+            self.forward = compile_for_training(
+                self.loaded, self.console, lambda forward: sum(token_logprobs(forward, b).logp.mean() for b in batches))
 
-            self.forward = compile_for_training(self.loaded, self.console, loss_of)
+    def __call__(self, batch: TokenBatch):
         return self.forward
+
+
+def _warm_up_batches(chunk: list[Sample], shared_prefix: bool, loaded, prompt_cache) -> list[TokenBatch]:
+    """A micro-batch in each layout the update may lay one out in: one row per sample, and with
+    shared prefixes also shared over several prompts and over one (torch.compile specialises a
+    dimension of size 1, so one distinct prompt is a graph of its own)."""
+    def batch(samples, shared):
+        return build_batch(samples, loaded.tokenizer, loaded.device, prompt_cache, shared)
+    batches = [batch(chunk, False)]
+    if shared_prefix:
+        batches.append(batch(chunk, True))
+        one = [s for s in chunk if s.prompt == chunk[0].prompt]
+        if len(one) < len(chunk):
+            batches.append(batch(one, True))
+    return [b for b in batches if b.input_ids.shape[1] > 0]
 
 
 def _compile_applies(sec, accelerator, adapter_roles, console: Console) -> bool:
@@ -85,8 +99,10 @@ def shared_prefix_applies(sec, loaded, accelerator, fsdp: bool, console: Console
 def _shared_prefix_blocker(model, accelerator, fsdp: bool) -> str | None:
     """Why the shared-prefix forward cannot run on this model, or None. It needs a key/value
     cache that keeps its autograd graph (none under gradient checkpointing), a boolean 4-D mask
-    used as given (sdpa and spiral's CPU attention; flash attention takes none, eager adds it),
-    full attention in every layer, and transformers' `past_key_values`/`logits_to_keep`."""
+    used as given (sdpa and spiral's CPU attention; flash attention takes none, eager would add
+    it as 0/1), full attention in every layer, positions from `position_ids` alone (not ALiBi's
+    mask, nor RoPE rescaled by the pass's longest position), and transformers'
+    `past_key_values`/`logits_to_keep`."""
     if accelerator is not None or fsdp:
         return "a single process only (DDP and FSDP expect one forward pass per backward)"
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -98,8 +114,19 @@ def _shared_prefix_blocker(model, accelerator, fsdp: bool) -> str | None:
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in ("sdpa", CPU_ATTENTION):
         return f"attention {impl!r} takes no boolean 4-D mask (sdpa does)"
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-        return "the model has sliding-window layers"
+    try:  # the cache layers transformers builds for it (Mistral's `sliding_window` alone means sliding layers)
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        layer_types = get_layer_types_and_kwargs(cfg.get_text_config(decoder=True))[0]
+    except Exception:  # noqa: BLE001 - a config transformers cannot read this way
+        return "its cache layers are unknown"
+    if any(t != "full_attention" for t in layer_types):
+        return "the model has sliding-window or chunked attention layers"
+    if getattr(cfg, "alibi", False) or getattr(cfg, "model_type", "") in ("bloom", "mpt"):
+        return "ALiBi positions come from the 2-D padding mask"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
+        return "its RoPE frequencies follow the longest position of each forward pass"
     if not {"past_key_values", "logits_to_keep"} <= set(inspect.signature(base.forward).parameters):
         return "the model's forward takes no past_key_values/logits_to_keep"
     return None
@@ -171,6 +198,8 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
         for _ in range(fillers):
             with torch.no_grad(), loaded.autocast_ctx():
                 filler_loss(model, loaded)
+    if compiled is not None and compiled.forward is None and chunks:  # (compile runs with one adapter only)
+        compiled.warm_up(_warm_up_batches(chunks[0][1], shared_prefix, loaded, prompt_cache))
     ent_sum = ent_count = 0.0
     mismatch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (trainer, sampler) log-probs of trained tokens
     for pass_index in range(passes):
@@ -260,11 +289,11 @@ def prefix_chunks(samples: list[Sample], prompt_lengths: list[int], micro: int,
                   overhead: int | None = None) -> list[tuple[list[Sample], bool]]:
     """`length_chunks` for the shared-prefix layout: micro-batches of at most `micro` rows, each
     with whether to lay it out with its distinct prompts run once (True where some prompt repeats
-    and that computes fewer padded tokens). Rows go in order of completion length (those of one
-    prompt next to each other), and the split minimises the padded tokens computed: a shared
-    micro-batch costs its distinct prompts x the longest prompt plus its rows x the longest
-    completion, and two forward passes' `overhead`; a plain one its rows x the longest prompt +
-    completion, and one."""
+    and that computes fewer padded tokens). Rows go in order of completion length, and the split
+    minimises the padded tokens computed: a shared micro-batch costs its distinct prompts x the
+    longest prompt plus its rows x the longest completion, and two forward passes' `overhead`; a
+    plain one its rows x the longest prompt + completion, and one. Never more than `length_chunks`'
+    split of one row per sample, which is returned where it costs no more."""
     overhead = MICRO_BATCH_OVERHEAD_TOKENS if overhead is None else overhead
     order = sorted(range(len(samples)), key=lambda i: (len(samples[i].completion_ids), samples[i].prompt))
     items = [samples[i] for i in order]
@@ -286,6 +315,13 @@ def prefix_chunks(samples: list[Sample], prompt_lengths: list[int], micro: int,
                 if len(seen) < rows and clen[e - 1] > 0 else math.inf
             if min(plain, shared) < cost[e]:
                 cost[e], start[e], shared_at[e] = min(plain, shared), s, shared < plain
+    # one row per sample cut in order of whole length (length_chunks) may still cost less, where
+    # long and short prompts mix: then that split, as without shared prefixes
+    total = [p + c for p, c in zip(plen, clen)]
+    by_total = sorted(range(n), key=total.__getitem__)
+    plain = length_chunks(by_total, [total[i] for i in by_total], micro, overhead)
+    if sum(len(c) * max(total[i] for i in c) + overhead for c in plain) <= cost[n]:
+        return [([items[i] for i in c], False) for c in plain]
     batches, e = [], n
     while e > 0:
         batches.append((items[start[e]:e], shared_at[e]))
