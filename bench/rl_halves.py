@@ -9,7 +9,8 @@ random
 advantages), timed
 COMPILE=regional|shared|whole compiles the training forward first. SAMPLES=file.pkl: other recorded
 batches (record-spiral writes a SPIRAL step's, `grpo_step.py run --objective spiral` for 4 steps);
-SHARED=0: the one-row layout (train_set.shared_prefix false); upd-ab: both layouts, interleaved.
+SHARED=0: the one-row layout (train_set.shared_prefix false; `upd` times the shared one by default, the
+recipe's default, unlike `upd` figures before session 31); upd-ab: both layouts, interleaved.
 prof-*: torch.profiler table of one call on one thread.
 """
 import json
@@ -129,7 +130,7 @@ else:
         for i in range(reps):
             for shared in (False, True):
                 t = time.perf_counter()
-                run(batches[1 + i % (len(batches) - 1)], shared)
+                run(batches[(1 + i % max(1, len(batches) - 1)) % len(batches)], shared)
                 ts[shared].append(time.perf_counter() - t)
         for shared in (False, True):
             print("shared" if shared else "one-row", [round(x, 3) for x in ts[shared]], "median",
@@ -137,7 +138,7 @@ else:
     else:
         ts = []
         for i in range(reps):
-            s = batches[1 + i % (len(batches) - 1)]
+            s = batches[(1 + i % max(1, len(batches) - 1)) % len(batches)]
             t = time.perf_counter()
             st = run(s)
             ts.append(time.perf_counter() - t)

@@ -157,6 +157,20 @@ def test_shared_prefix_batch_lays_out_each_prompt_once():
     plain = build_batch(samples, loaded.tokenizer, loaded.device, {})
     width = max(len(cache[s.prompt]) + len(s.completion_ids) for s in samples)  # 12 + 2: prompt + completion
     assert plain.prompts is None and plain.completion_mask.shape == (6, width - 1)
+    # the completions' positions continue their prompts'; padding keeps its row's last position, so
+    # none passes the one-row layout's longest (rope scaled by it, learned positions: the same)
+    seen = {}
+    real_forward = loaded.model.forward
+    loaded.model.forward = lambda **kw: (seen.setdefault(len(seen), kw.get("position_ids")), real_forward(**kw))[1]
+    try:
+        token_logprobs(loaded.model, batch)
+    finally:
+        loaded.model.forward = real_forward
+    positions = seen[1]
+    p0, p1 = len(prompts[0]), len(prompts[1])
+    assert positions[0].tolist() == [p0, p0 + 1, p0 + 2, p0 + 2, p0 + 2]  # "q1:" + 3 tokens, then padding
+    assert positions[4].tolist() == [p1] * 5  # an empty completion
+    assert int(positions.max()) == plain.input_ids.shape[1] - 1
     # the targets under the two masks are the same tokens, row by row
     for b in range(6):
         assert batch.targets[b][batch.completion_mask[b]].tolist() == plain.targets[b][plain.completion_mask[b]].tolist()
@@ -220,16 +234,24 @@ def test_compiled_warm_up_covers_every_shared_prefix_layout():
     so no graph compiles mid-run, and the compiled forward gives the eager log-probs."""
     from rich.console import Console
 
+    from spiral_cli.rl.rollout import Sample
     from spiral_cli.rl.update import _CompiledForward, _warm_up_batches
 
     loaded, samples = _shared_prefix_case()
-    batches = _warm_up_batches(samples, True, loaded, {})
-    assert [b.prompts is not None for b in batches] == [False, True, True]
-    assert [len(b.prompts.lengths) for b in batches[1:]] == [3, 1]
+    samples.append(Sample("a longer q2:", [55, 56, 57], [], 0.5, 1.0, "search", 4))
+    cache: dict[str, list[int]] = {}
+    one_row, shared = _warm_up_batches(samples, True, loaded, cache)
+    assert one_row.prompts is None and one_row.input_ids.shape[0] == 4
+    # two rows of "q1:" and two of "a longer q2:" (another prompt length), then "q1:"'s alone;
+    # rows with one completion token or none left out (size-1 dimensions compile apart)
+    q1, q2 = len(cache["q1:"]), len(cache["a longer q2:"])
+    assert [b.prompts.lengths.tolist() for b in shared] == [[q1, q2], [q1]]
+    assert [b.completion_mask.sum(1).tolist() for b in shared] == [[3, 4, 2, 3], [3, 4]]
+    batches = [one_row, *shared]
     console = Console(record=True, width=200)
     compiled = _CompiledForward(loaded, console)
-    compiled.warm_up(batches)
-    assert compiled(batches[0]) is not loaded.model, console.export_text()  # compiled, no fallback
+    compiled.warm_up(samples, True, {})
+    assert compiled(one_row) is not loaded.model and compiled.shared_prefix_ok, console.export_text()
     for batch in batches:
         got = token_logprobs(compiled(batch), batch).logp
         want = token_logprobs(loaded.model, batch).logp

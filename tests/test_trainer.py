@@ -601,6 +601,11 @@ def test_prefix_chunks_share_prompts_where_it_computes_fewer_tokens():
     mixed = [sample("a", 10), sample("b", 11), sample("c", 12), sample("d", 13)]
     got = prefix_chunks(mixed, [100, 5, 100, 5], micro=2, overhead=256)
     assert [([s.prompt for s in c], shared) for c, shared in got] == [(["b", "d"], False), (["a", "c"], False)]
+    # ... and in order of whole length a repeated long prompt still shares: [b, c] plain 2 x 5 + 5,
+    # [a, a] shared 30 + 2 x 3 + 2 x 5: 61 (in order of completion length at best 92)
+    mixed = [sample("a", 1), sample("b", 2), sample("a", 3), sample("c", 4)]
+    got = prefix_chunks(mixed, [30, 1, 30, 1], micro=2, overhead=5)
+    assert [([s.prompt for s in c], shared) for c, shared in got] == [(["b", "c"], False), (["a", "a"], True)]
     assert prefix_chunks([], [], micro=4) == []
     # every sample once, no batch over the cap, the least cost over every split and layout
     import itertools
@@ -632,7 +637,7 @@ def test_prefix_chunks_share_prompts_where_it_computes_fewer_tokens():
                        if all(e - s <= micro for s, e in zip([0, *cuts], [*cuts, n])))
         by_completion = sorted(samples, key=lambda s: (len(s.completion_ids), s.prompt))
         by_total = sorted(samples, key=lambda s: plen[s.prompt] + len(s.completion_ids))
-        best = min(least(by_completion, best_layout), least(by_total, lambda c: cost(c, False)))
+        best = min(least(by_completion, best_layout), least(by_total, best_layout))
         assert sum(cost(c, shared) for c, shared in got) == best
 
 

@@ -365,8 +365,10 @@ class _RLSection(_Section):
     compile: bool = False
     # each distinct prompt of a micro-batch forward once, its keys/values shared by the rows that
     # continue it (GRPO's num_generations, SPIRAL's N1 searches and N2 aggregations per set): the
-    # same log-probs and gradients, the prompts' share of the update once per prompt (a single
-    # process with sdpa attention; bench/README.md). Off: one prompt + completion row per sample
+    # same log-probs and gradients, the prompts' share of the update once per prompt. Where the
+    # model allows it (a single process, sdpa attention, full-attention layers, positions from
+    # position_ids, no gradient checkpointing: rl/update._shared_prefix_blocker); measured in
+    # bench/README.md, session 31. Off: one prompt + completion row per sample
     shared_prefix: bool = True
     max_grad_norm: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)

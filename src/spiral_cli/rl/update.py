@@ -43,37 +43,57 @@ def sampler_correction(recipe: Recipe, sec) -> SamplerCorrection:
 
 class _CompiledForward:
     """The policy's training forward under torch.compile, compiled at the first update on its
-    first micro-batch (RL has no batch before its first rollout); see optim.compile_for_training."""
+    first batch (RL has no batch before its first rollout); see optim.compile_for_training."""
 
     def __init__(self, loaded, console: Console):
         self.loaded, self.console, self.forward = loaded, console, None
+        self.shared_prefix_ok = True  # False where only the shared-prefix layout failed to compile
 
-    def warm_up(self, batches: list[TokenBatch]) -> None:
+    def warm_up(self, samples: list[Sample], shared_prefix: bool, prompt_cache) -> None:
         """Compile now, through every layout the update will run (`_warm_up_batches`), so that a
-        graph that cannot compile falls back at once instead of failing mid-run."""
-        if self.forward is None:
-            from spiral_cli.optim import compile_for_training
+        graph that cannot compile falls back at once instead of failing mid-run. Where only the
+        shared-prefix layout fails, the run keeps the compiled one-row layout and shares nothing."""
+        from spiral_cli.optim import compile_for_training
 
-            self.forward = compile_for_training(
-                self.loaded, self.console, lambda forward: sum(token_logprobs(forward, b).logp.mean() for b in batches))
+        one_row, shared = _warm_up_batches(samples, shared_prefix, self.loaded, prompt_cache)
+
+        def through(batches: list[TokenBatch]):
+            return lambda forward: sum(token_logprobs(forward, b).logp.mean() for b in batches)
+        if shared:
+            self.forward = compile_for_training(self.loaded, self.console, through([one_row, *shared]))
+            if self.forward is not self.loaded.model:
+                return
+        self.forward = compile_for_training(self.loaded, self.console, through([one_row]))
+        if shared and self.forward is not self.loaded.model:
+            self.shared_prefix_ok = False
+            self.console.print("  [yellow]note:[/] shared_prefix is off for this run: its layout did not compile")
 
     def __call__(self, batch: TokenBatch):
         return self.forward
 
 
-def _warm_up_batches(chunk: list[Sample], shared_prefix: bool, loaded, prompt_cache) -> list[TokenBatch]:
-    """A micro-batch in each layout the update may lay one out in: one row per sample, and with
-    shared prefixes also shared over several prompts and over one (torch.compile specialises a
-    dimension of size 1, so one distinct prompt is a graph of its own)."""
-    def batch(samples, shared):
-        return build_batch(samples, loaded.tokenizer, loaded.device, prompt_cache, shared)
-    batches = [batch(chunk, False)]
-    if shared_prefix:
-        batches.append(batch(chunk, True))
-        one = [s for s in chunk if s.prompt == chunk[0].prompt]
-        if len(one) < len(chunk):
-            batches.append(batch(one, True))
-    return [b for b in batches if b.input_ids.shape[1] > 0]
+def _warm_up_batches(samples: list[Sample], shared_prefix: bool, loaded,
+                     prompt_cache) -> tuple[TokenBatch, list[TokenBatch]]:
+    """Small batches in each layout the update may lay a micro-batch out in: one row per sample,
+    and with shared prefixes, shared over two prompts (of different lengths where there are) and
+    over one. torch.compile specialises a dimension of size 1, so each has two or more rows,
+    completions of two or more tokens where there are, and one distinct prompt is a graph of its own."""
+    def batch(rows: list[Sample], shared: bool) -> TokenBatch:
+        return build_batch(rows, loaded.tokenizer, loaded.device, prompt_cache, shared)
+    longer = [s for s in samples if len(s.completion_ids) >= 2] or samples
+    one_row = batch(longer[:4], False)
+    if not shared_prefix:
+        return one_row, []
+    by_prompt: dict[str, list[Sample]] = {}
+    for s in longer:
+        by_prompt.setdefault(s.prompt, []).append(s)
+    repeated = [rows[:2] for rows in by_prompt.values() if len(rows) >= 2]
+    if not repeated:
+        return one_row, []
+    length = lambda rows: len(_prompt_ids(rows[0].prompt, loaded.tokenizer, prompt_cache))  # noqa: E731
+    other = next((r for r in repeated[1:] if length(r) != length(repeated[0])), repeated[1] if len(repeated) > 1 else None)
+    shared = [batch(repeated[0] + other, True)] if other else []
+    return one_row, shared + [batch(repeated[0], True)]
 
 
 def _compile_applies(sec, accelerator, adapter_roles, console: Console) -> bool:
@@ -114,18 +134,22 @@ def _shared_prefix_blocker(model, accelerator, fsdp: bool) -> str | None:
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in ("sdpa", CPU_ATTENTION):
         return f"attention {impl!r} takes no boolean 4-D mask (sdpa does)"
-    try:  # the cache layers transformers builds for it (Mistral's `sliding_window` alone means sliding layers)
+    try:  # the text model's config, and the cache layers transformers builds for it
         from transformers.cache_utils import get_layer_types_and_kwargs
 
-        layer_types = get_layer_types_and_kwargs(cfg.get_text_config(decoder=True))[0]
-    except Exception:  # noqa: BLE001 - a config transformers cannot read this way
-        return "its cache layers are unknown"
+        text = cfg.get_text_config(decoder=True)
+        layer_types = get_layer_types_and_kwargs(text)[0]  # Mistral's `sliding_window` alone: sliding layers
+        alibi = getattr(text, "alibi", False) or getattr(text, "model_type", "") in ("bloom", "mpt")
+        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    except Exception:  # noqa: BLE001 - a config transformers cannot read this way (e.g. per-layer attributes)
+        return "its attention layers are unknown"
     if any(t != "full_attention" for t in layer_types):
         return "the model has sliding-window or chunked attention layers"
-    if getattr(cfg, "alibi", False) or getattr(cfg, "model_type", "") in ("bloom", "mpt"):
+    if alibi:
         return "ALiBi positions come from the 2-D padding mask"
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
+    ropes = [rope, *(v for v in rope.values() if isinstance(v, dict))] if isinstance(rope, dict) else []
+    kinds = [str(r.get("rope_type", r.get("type", ""))) for r in ropes]  # nested: per layer type
+    if any("dynamic" in k or k == "longrope" for k in kinds):  # as transformers' dynamic_rope_update reads them
         return "its RoPE frequencies follow the longest position of each forward pass"
     if not {"past_key_values", "logits_to_keep"} <= set(inspect.signature(base.forward).parameters):
         return "the model's forward takes no past_key_values/logits_to_keep"
@@ -167,6 +191,9 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
     groups: list[tuple[str | None, list[Sample]]] = [(None, active)]
     if adapter_roles:
         groups = [(adapter_roles[role], [s for s in active if s.role == role]) for role in sorted(adapter_roles)]
+    if compiled is not None and compiled.forward is None and active:  # (compile runs with one adapter only)
+        compiled.warm_up(active, shared_prefix, prompt_cache)
+    shared_prefix = shared_prefix and (compiled is None or compiled.shared_prefix_ok)
     chunks: list[tuple[str | None, list[Sample], bool]] = []  # (adapter, samples, shared-prefix layout)
     for adapter, group in groups:
         prompt_lengths = [len(_prompt_ids(s.prompt, loaded.tokenizer, prompt_cache)) for s in group]
@@ -198,8 +225,6 @@ def _update(model, ref_model, optimizer, scheduler, samples: list[Sample], sec, 
         for _ in range(fillers):
             with torch.no_grad(), loaded.autocast_ctx():
                 filler_loss(model, loaded)
-    if compiled is not None and compiled.forward is None and chunks:  # (compile runs with one adapter only)
-        compiled.warm_up(_warm_up_batches(chunks[0][1], shared_prefix, loaded, prompt_cache))
     ent_sum = ent_count = 0.0
     mismatch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (trainer, sampler) log-probs of trained tokens
     for pass_index in range(passes):
@@ -288,45 +313,49 @@ def length_chunks(items: list, lengths: list[int], micro: int, overhead: int | N
 def prefix_chunks(samples: list[Sample], prompt_lengths: list[int], micro: int,
                   overhead: int | None = None) -> list[tuple[list[Sample], bool]]:
     """`length_chunks` for the shared-prefix layout: micro-batches of at most `micro` rows, each
-    with whether to lay it out with its distinct prompts run once (True where some prompt repeats
-    and that computes fewer padded tokens). Rows go in order of completion length, and the split
-    minimises the padded tokens computed: a shared micro-batch costs its distinct prompts x the
-    longest prompt plus its rows x the longest completion, and two forward passes' `overhead`; a
-    plain one its rows x the longest prompt + completion, and one. Never more than `length_chunks`'
-    split of one row per sample, which is returned where it costs no more."""
+    with whether to lay it out with its distinct prompts run once (where some prompt repeats and
+    that computes fewer padded tokens). The split minimises the padded tokens computed: a shared
+    micro-batch costs its distinct prompts x the longest prompt plus its rows x the longest
+    completion, and two forward passes' `overhead`; a plain one its rows x the longest prompt +
+    completion, and one. Rows run in order of completion length or of whole length, whichever
+    splits cheaper (where long and short prompts mix, the second; with no prompt repeated it is
+    `length_chunks`' split)."""
     overhead = MICRO_BATCH_OVERHEAD_TOKENS if overhead is None else overhead
-    order = sorted(range(len(samples)), key=lambda i: (len(samples[i].completion_ids), samples[i].prompt))
-    items = [samples[i] for i in order]
-    plen = [prompt_lengths[i] for i in order]
+    orders = (sorted(range(len(samples)), key=lambda i: (len(samples[i].completion_ids), samples[i].prompt)),
+              sorted(range(len(samples)), key=lambda i: (prompt_lengths[i] + len(samples[i].completion_ids),
+                                                         samples[i].prompt)))
+    splits = [_cheapest_layout_split([samples[i] for i in order], [prompt_lengths[i] for i in order], micro, overhead)
+              for order in orders]
+    return min(splits, key=lambda split: split[0])[1]
+
+
+def _cheapest_layout_split(items: list[Sample], plen: list[int], micro: int,
+                           overhead: int) -> tuple[float, list[tuple[list[Sample], bool]]]:
+    """The cheapest split of `items`, in this order, into runs of at most `micro` rows, each laid
+    out plain or shared (`prefix_chunks`' costs); with its cost."""
     clen = [len(s.completion_ids) for s in items]
     n = len(items)
     cost = [0.0] + [math.inf] * n  # cost[e]: the cheapest split of items[:e]
     start, shared_at = [0] * (n + 1), [False] * (n + 1)
     for e in range(1, n + 1):
         seen: set[str] = set()
-        longest_prompt = longest_row = 0
+        longest_prompt = longest_completion = longest_row = 0
         for s in range(e - 1, max(0, e - micro) - 1, -1):  # the micro-batch items[s:e], grown leftwards
             seen.add(items[s].prompt)
             longest_prompt = max(longest_prompt, plen[s])
+            longest_completion = max(longest_completion, clen[s])
             longest_row = max(longest_row, plen[s] + clen[s])
             rows = e - s
             plain = cost[s] + rows * longest_row + overhead
-            shared = cost[s] + len(seen) * longest_prompt + rows * clen[e - 1] + 2 * overhead \
-                if len(seen) < rows and clen[e - 1] > 0 else math.inf
+            shared = cost[s] + len(seen) * longest_prompt + rows * longest_completion + 2 * overhead \
+                if len(seen) < rows and longest_completion > 0 else math.inf
             if min(plain, shared) < cost[e]:
                 cost[e], start[e], shared_at[e] = min(plain, shared), s, shared < plain
-    # one row per sample cut in order of whole length (length_chunks) may still cost less, where
-    # long and short prompts mix: then that split, as without shared prefixes
-    total = [p + c for p, c in zip(plen, clen)]
-    by_total = sorted(range(n), key=total.__getitem__)
-    plain = length_chunks(by_total, [total[i] for i in by_total], micro, overhead)
-    if sum(len(c) * max(total[i] for i in c) + overhead for c in plain) <= cost[n]:
-        return [([items[i] for i in c], False) for c in plain]
     batches, e = [], n
     while e > 0:
         batches.append((items[start[e]:e], shared_at[e]))
         e = start[e]
-    return batches[::-1]
+    return cost[n], batches[::-1]
 
 
 def _sampler_weight(correction: SamplerCorrection, logp_old: torch.Tensor, chunk: list[Sample], batch: TokenBatch,
