@@ -72,7 +72,8 @@ def build_batch(samples: list[Sample], tokenizer, device: torch.device, prompt_c
         lengths = torch.tensor([len(p) for p in index], dtype=torch.long)
         ids, attn = _right_padded([list(s.completion_ids) for s in samples], pad)
         block = PromptBlock(prompt_ids.to(device), lengths.to(device), torch.tensor(of_row, dtype=torch.long).to(device))
-        return TokenBatch(ids.to(device), attn.to(device), attn.bool().to(device), adv, roles, block)
+        attn = attn.to(device)
+        return TokenBatch(ids.to(device), attn, attn.bool(), adv, roles, block)
     ids, attn = _right_padded([p + list(s.completion_ids) for p, s in zip(prompts, samples)], pad)
     cmask = torch.zeros((len(samples), ids.shape[1] - 1), dtype=torch.bool)
     for i, (p, s) in enumerate(zip(prompts, samples)):

@@ -303,11 +303,17 @@ def length_chunks(items: list, lengths: list[int], micro: int, overhead: int | N
             c = cost[s] + (e - s) * lengths[e - 1] + overhead
             if c < cost[e]:
                 cost[e], start[e] = c, s
-    batches, e = [], n
+    return [items[s:e] for s, e in _split_runs(start)]
+
+
+def _split_runs(start: list[int]) -> list[tuple[int, int]]:
+    """The micro-batches of a split found by `length_chunks`' dynamic program, as (start, end)
+    ranges in order: `start[e]` is where the last micro-batch of the first e items starts."""
+    runs, e = [], len(start) - 1
     while e > 0:
-        batches.append(items[start[e]:e])
+        runs.append((start[e], e))
         e = start[e]
-    return batches[::-1]
+    return runs[::-1]
 
 
 def prefix_chunks(samples: list[Sample], prompt_lengths: list[int], micro: int,
@@ -351,11 +357,7 @@ def _cheapest_layout_split(items: list[Sample], plen: list[int], micro: int,
                 if len(seen) < rows and longest_completion > 0 else math.inf
             if min(plain, shared) < cost[e]:
                 cost[e], start[e], shared_at[e] = min(plain, shared), s, shared < plain
-    batches, e = [], n
-    while e > 0:
-        batches.append((items[start[e]:e], shared_at[e]))
-        e = start[e]
-    return cost[n], batches[::-1]
+    return cost[n], [(items[s:e], shared_at[e]) for s, e in _split_runs(start)]
 
 
 def _sampler_weight(correction: SamplerCorrection, logp_old: torch.Tensor, chunk: list[Sample], batch: TokenBatch,
