@@ -4,10 +4,13 @@ Work per step: 8 prompts x 8 samples x up to 128 generated tokens, a ~4M-paramet
 (scratch:tiny), CPU. Usage (from the repo root, spiral's venv):
 
     .venv/bin/python bench/grpo_step.py prepare /tmp/bench     # model dir + prompts.jsonl (shared with TRL)
-    .venv/bin/python bench/grpo_step.py run /tmp/bench --steps 6 [--compile] [--objective spiral] [--fp32]
+    .venv/bin/python bench/grpo_step.py run /tmp/bench --steps 6 [--compile] [--compile-generation] [--objective spiral] [--fp32]
 
 bf16 autocast by default, as TRL's bf16=True; `--fp32` (with trl_grpo.py `--no-bf16`) on a CPU
 without native bf16 matrix products (AVX2 only), where bf16 runs a scalar fallback ~9.5x slower.
+
+`--compile`: train_set.compile (the update's forward compiled); `--compile-generation`:
+generation.compile (the lean engine's decoding step compiled). Both compile in step 1.
 
 Prints seconds per step (median of steps 2.., the first is warm-up) split into generation,
 scoring and update, generated tokens per step, seconds per 1,000 generated tokens and peak RSS.
@@ -49,7 +52,8 @@ def prepare(out: Path) -> None:
     print(f"wrote {out / 'model'} and {out / 'prompts.jsonl'}")
 
 
-def run(out: Path, steps: int, compile_update: bool = False, objective: str = "grpo", fp32: bool = False) -> None:
+def run(out: Path, steps: int, compile_update: bool = False, objective: str = "grpo", fp32: bool = False,
+        compile_generation: bool = False) -> None:
     from rich.console import Console
 
     from spiral_cli.recipe import Recipe
@@ -61,7 +65,8 @@ def run(out: Path, steps: int, compile_update: bool = False, objective: str = "g
         # bf16 as TRL's bf16=True (fp32 with --fp32); "auto" times the CPU at load, and a busy
         # machine can tip it either way
         "model": {"name": str(out / "model"), "autocast": "off" if fp32 else "on"},
-        "generation": {"max_new_tokens": 128, "agg_max_new_tokens": 128, "batch_size": 64, "temperature": 1.0},
+        "generation": {"max_new_tokens": 128, "agg_max_new_tokens": 128, "batch_size": 64, "temperature": 1.0,
+                       "compile": compile_generation},
         "train_set": {"objective": objective, "steps": steps, "prompts_per_step": 8, "num_generations": 8,
                       "num_search": 8, "num_sets": 4, "set_size": 4, "num_aggregations": 4,
                       "grpo_max_new_tokens": 128, "dynamic_sampling": False, "eval_problems": 0,
@@ -77,13 +82,15 @@ def run(out: Path, steps: int, compile_update: bool = False, objective: str = "g
     gen_per_step = statistics.median(b["generated_tokens"] - a["generated_tokens"] for a, b in zip(rows, rows[1:])) if len(rows) > 1 else rows[0]["generated_tokens"]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     impl = ("spiral" + ("" if objective == "grpo" else " --objective spiral") + (" compiled update" if compile_update else "")
+            + (" compiled decoding" if compile_generation else "")
             + (" fp32" if fp32 else " bf16"))
     print(json.dumps({"impl": impl, "steps_timed": len(timed), "sec_per_step": round(med["total"], 3),
                       "generation_s": round(med["generation"], 3), "scoring_s": round(med["scoring"], 3),
                       "update_s": round(med["update"], 3),
                       # step 1 holds the warm-up and, with --compile, the compile: what a run pays once
                       "first_step_s": round(rows[0]["seconds"]["total"], 3),
-                      "first_update_s": round(rows[0]["seconds"]["update"], 3), "generated_tokens_per_step": gen_per_step,
+                      "first_update_s": round(rows[0]["seconds"]["update"], 3),
+                      "first_generation_s": round(rows[0]["seconds"]["generation"], 3), "generated_tokens_per_step": gen_per_step,
                       "sec_per_1k_generated_tokens": round(1000 * med["total"] / gen_per_step, 3),
                       "peak_rss_mb": round(rss_mb), "threads": os.environ.get("OMP_NUM_THREADS", "default")}))
 
@@ -94,8 +101,10 @@ if __name__ == "__main__":
     ap.add_argument("dir", type=Path)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--compile", action="store_true", help="train_set.compile: the update's forward compiled")
+    ap.add_argument("--compile-generation", action="store_true",
+                    help="generation.compile: the lean engine's decoding step compiled")
     ap.add_argument("--objective", choices=["grpo", "spiral"], default="grpo",
                     help="grpo (TRL's work, the default) or a SPIRAL step on the same prompts")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (compare with trl_grpo.py --no-bf16)")
     a = ap.parse_args()
-    prepare(a.dir) if a.what == "prepare" else run(a.dir, a.steps, a.compile, a.objective, a.fp32)
+    prepare(a.dir) if a.what == "prepare" else run(a.dir, a.steps, a.compile, a.objective, a.fp32, a.compile_generation)

@@ -1,9 +1,11 @@
 """Time or profile the two halves of bench/grpo_step.py's GRPO step in one process.
 
-    PYTHONPATH=src .venv/bin/python bench/rl_halves.py {gen,upd,upd-ab,prof-gen,prof-upd} [reps]
+    PYTHONPATH=src .venv/bin/python bench/rl_halves.py {gen,gen-ab,upd,upd-ab,prof-gen,prof-upd} [reps]
     PYTHONPATH=src .venv/bin/python bench/rl_halves.py record-spiral /tmp/h/spiral.pkl
 
-gen: 8 prompts x 8 samples x 128 tokens from /tmp/bench_f (grpo_step.py prepare), timed.
+gen: 8 prompts x 8 samples x 128 tokens from /tmp/bench_f (grpo_step.py prepare), timed;
+COMPILE_GEN=1: with generation.compile (the decoding step compiled, on the first call).
+gen-ab: the eager and the compiled decoding step, alternating call by call on the same prompts.
 upd: rl/update._update on 6 recorded batches (/tmp/h/samples.pkl, made on first use
 random
 advantages), timed
@@ -51,10 +53,10 @@ reps = int(sys.argv[2]) if len(sys.argv) > 2 else 5
 torch.manual_seed(0)
 loaded = load_model(ModelSection(name=str(B / "model"), autocast="on"), for_training=True, seed=0)
 prompts = [json.loads(l)["prompt"] for l in (B / "prompts.jsonl").read_text().splitlines()]
-gen = HFGenerator(loaded, batch_size=64)
-def generate(i):
+gen = HFGenerator(loaded, batch_size=64, compile=os.environ.get("COMPILE_GEN") == "1")
+def generate(i, g=None):
     ps = prompts[8 * i: 8 * i + 8]
-    return ps, gen.generate(ps, n=8, max_new_tokens=128, temperature=1.0, seed=i)
+    return ps, (g or gen).generate(ps, n=8, max_new_tokens=128, temperature=1.0, seed=i)
 sec = Recipe.model_validate({"name": "b", "task": {"name": "countdown"}, "train_set": {"objective": "grpo", "micro_batch_size": 64, "lr": 1e-5, "loss_type": "ppo_clip", "beta": 0.0}}).train_set
 def samples_of(ps, comps):
     rng = random.Random(0)
@@ -63,7 +65,20 @@ def samples_of(ps, comps):
         for c in cs:
             out.append(Sample(p, c.token_ids, c.logprobs, rng.choice([-1.0, 1.0]) * rng.random(), 0.0, "search", 128))
     return out
-if mode in ("gen", "prof-gen"):
+if mode == "gen-ab":
+    both = {"eager": HFGenerator(loaded, batch_size=64), "compiled": HFGenerator(loaded, batch_size=64, compile=True)}
+    for g in both.values():
+        generate(0, g)  # warm-up (and the compile)
+    ts = {k: [] for k in both}
+    for i in range(1, reps + 1):
+        for k, g in both.items():
+            t = time.perf_counter()
+            _, c = generate(i, g)
+            ts[k].append(time.perf_counter() - t)
+    for k, v in ts.items():
+        print(k, [round(x, 3) for x in v], "median", round(statistics.median(v), 3))
+    print("compiled / eager", round(statistics.median(ts["compiled"]) / statistics.median(ts["eager"]), 3))
+elif mode in ("gen", "prof-gen"):
     generate(0)
     if mode == "prof-gen":
         torch.set_num_threads(1)

@@ -311,6 +311,72 @@ def test_lean_prepacked_weights_sample_as_the_plain_weights(monkeypatch):
     assert same >= len(PROMPTS) - 1  # an argmax may flip on a bf16 near-tie
 
 
+@pytest.mark.slow
+def test_compiled_decoding_samples_as_the_eager_step(monkeypatch):
+    """generation.compile: the lean engine's decoding step compiled. One graph serves every batch
+    width of two or more rows (rows leave the batch), cache length and weight update (a single row
+    decodes uncompiled); its samples score as the
+    transformers forward scores them (to bf16 rounding), repeat under a seed, and its greedy tokens
+    are the eager step's (same plain weights; an argmax may flip on a bf16 near-tie)."""
+    from torch._dynamo.utils import counters
+
+    from spiral_cli.generation import lean_qwen2
+
+    lm = load_model(ModelSection(name="scratch:nano", autocast="on"), for_training=False, seed=3)
+    gen = make_generator(lm, GenerationSection(compile=True, batch_size=5))
+    assert gen.lean.compile_decode and not gen.lean.lm_head.is_mkldnn  # inductor cannot trace packed weights
+    graphs = counters["stats"]["unique_graphs"]
+    gen.generate(PROMPTS[:1], max_new_tokens=4, seed=0)  # one row
+    sampled = gen.generate(PROMPTS, n=2, max_new_tokens=16, seed=3)  # chunks of 5 and 3 rows
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert gen.lean._step_compiled and gen.lean._compiled_step is not None
+    assert [[c.token_ids for c in s] for s in gen.generate(PROMPTS, n=2, max_new_tokens=16, seed=3)] == \
+        [[c.token_ids for c in s] for s in sampled]
+    with torch.no_grad(), lm.autocast_ctx():
+        for prompt, s in zip(PROMPTS, sampled):
+            for c in s:
+                ref = teacher_forced_logprobs(lm, prompt, c.token_ids, 1.0)
+                assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 0.05
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    gen.update_weights()
+    greedy = gen.generate(PROMPTS, n=3, max_new_tokens=24, temperature=0)  # new weights, longer cache
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    monkeypatch.setattr(lean_qwen2, "_prepacked_linear_works", lambda: False)
+    eager = HFGenerator(lm, batch_size=5).generate(PROMPTS, n=3, max_new_tokens=24, temperature=0)
+    same = sum(a.token_ids == b.token_ids for x, y in zip(greedy, eager) for a, b in zip(x, y))
+    assert same >= 3 * (len(PROMPTS) - 1)
+    for x, y in zip(greedy, eager):
+        for a, b in zip(x, y):
+            n = next((i for i, (u, v) in enumerate(zip(a.token_ids, b.token_ids)) if u != v), len(a.token_ids))
+            assert n > 0 and max(abs(u - v) for u, v in zip(a.logprobs[:n], b.logprobs[:n])) < 0.05
+
+
+def test_compiled_decoding_falls_back_when_the_compile_fails(monkeypatch, capsys):
+    """A machine where the decoding step cannot compile (no C++ compiler) decodes uncompiled with
+    one warning line: the same samples as an engine that never tried (both hold plain weights)."""
+    from spiral_cli.generation import lean_qwen2
+
+    monkeypatch.setattr(lean_qwen2, "_prepacked_linear_works", lambda: False)
+    lm = load_model(ModelSection(name="scratch:nano", autocast="on"), for_training=False, seed=3)
+    ref = HFGenerator(lm).generate(PROMPTS, n=2, max_new_tokens=12, seed=4)
+    gen = HFGenerator(lm, compile=True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("C++ compile error\nthe compiler's whole log")
+    gen.lean._compiled_step = broken
+    out = gen.generate(PROMPTS, n=2, max_new_tokens=12, seed=4)
+    err = capsys.readouterr().err
+    assert err.count("warning: generation.compile: torch.compile failed (RuntimeError: C++ compile error); "
+                     "decoding uncompiled") == 1 and "whole log" not in err
+    assert gen.lean._compiled_step is None
+    assert [[(c.token_ids, c.logprobs) for c in s] for s in out] == [[(c.token_ids, c.logprobs) for c in s] for s in ref]
+    # a model the lean engine does not serve: generation.compile says it does not apply
+    HFGenerator(lm, fast_decode=False, compile=True)
+    assert "generation.compile applies to the lean engine" in capsys.readouterr().err
+
+
 def test_lean_kv_cache_float32_unless_too_large(monkeypatch):
     from spiral_cli.generation import lean_qwen2
 

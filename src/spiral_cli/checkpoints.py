@@ -55,7 +55,7 @@ def _check_preset(preset: str | None) -> None:
 # the rerun.
 RERUN_MAY_CHANGE_ALWAYS: tuple[str, ...] = (
     "name", "infer", "sweep", "compare", "model.device", "model.autocast", "generation.backend",
-    "generation.batch_size", "generation.fast_decode", "generation.vllm",
+    "generation.batch_size", "generation.fast_decode", "generation.compile", "generation.vllm",
 )
 RERUN_MAY_CHANGE: dict[str, tuple[str, ...]] = {
     "sft": ("train_set", "train_agg", "sft.steps", "sft.time_budget_minutes", "sft.save_every",

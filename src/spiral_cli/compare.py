@@ -88,7 +88,7 @@ IGNORED_FIELDS = (
     "train_set.steps", "train_set.max_generated_tokens", "train_set.tensorboard", "train_set.save_every",
     "train_set.eval_every", "train_set.eval_every_tokens", "train_set.eval_problems",
     "train_set.micro_batch_size", "train_set.shared_prefix", "model.device", "model.gradient_checkpointing", "generation.backend",
-    "generation.batch_size", "generation.fast_decode", "generation.vllm",
+    "generation.batch_size", "generation.fast_decode", "generation.compile", "generation.vllm",
 )
 IGNORED_SECTIONS = ("sft", "train_agg", "sweep", "compare")
 

@@ -304,7 +304,7 @@ def aggregator_generator(recipe: Recipe, agg_ref):
 
     gen = recipe.generation
     agg = load_model(recipe.model, source=agg_ref.source, for_training=False, seed=recipe.seed)
-    return HFGenerator(agg, batch_size=gen.batch_size, fast_decode=gen.fast_decode)
+    return HFGenerator(agg, batch_size=gen.batch_size, fast_decode=gen.fast_decode, compile=gen.compile)
 
 
 def held_out_figures(rows: list[dict[str, Any]], cfg) -> dict[str, Any]:

@@ -36,7 +36,8 @@ def make_generator(loaded, section) -> Generator:
     if section.backend == "hf":
         from spiral_cli.generation.hf import HFGenerator
 
-        generator = HFGenerator(loaded, batch_size=section.batch_size, fast_decode=section.fast_decode)
+        generator = HFGenerator(loaded, batch_size=section.batch_size, fast_decode=section.fast_decode,
+                                 compile=section.compile)
     elif section.backend == "vllm":
         try:
             from spiral_cli.generation.vllm import VLLMGenerator  # type: ignore[import-not-found]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 
 import torch
 from transformers import DynamicCache
@@ -35,7 +36,8 @@ class HFGenerator:
     """Generator backed by the in-memory model. The transformers engine shares its weights; the
     lean engine holds a copy, which `update_weights` refreshes after each optimizer step."""
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 64, fast_decode: str | bool = "auto"):
+    def __init__(self, loaded: LoadedModel, batch_size: int = 64, fast_decode: str | bool = "auto",
+                 compile: bool = False):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.loaded = loaded
@@ -50,7 +52,10 @@ class HFGenerator:
         wanted = mode == "on" or (mode == "auto" and self.device.type == "cpu")
         if wanted and lean_supports(self.model):
             compute = torch.bfloat16 if loaded.autocast else next(self.model.parameters()).dtype
-            self.lean = LeanQwen2(self.model, compute)
+            self.lean = LeanQwen2(self.model, compute, compile_decode=compile)
+        elif compile:
+            print("note: generation.compile applies to the lean engine (plain Qwen2, generation.fast_decode); "
+                  "this model decodes through transformers' forward, uncompiled", file=sys.stderr)
 
     @property
     def engine(self) -> str:

@@ -32,6 +32,16 @@ are F.linear's with float32 accumulation; on some shapes oneDNN picks another ac
 so a result may differ in its last bf16 bit. Checked once per process against `F.linear`; a build
 without the ops keeps plain tensors.
 
+With `compile_decode` (`generation.compile`), the decoding step (one token per row over a
+float32 cache: every layer, the cache writes, the attention and the logits) is one
+`torch.compile`d function with inductor's C++ wrapper, its elementwise work fused: decoding is
+per-op-overhead bound at these sizes (a one-row step costs about half of a 64-row one on the
+2-core CPU), and fusing it made a GRPO step's generation ~0.8x after a one-off compile
+(bench/README.md, session 32). The compiled step holds plain bf16 weights (inductor cannot trace
+oneDNN's packed ones) and its own kernels, so its samples differ from the eager path's by bf16
+rounding. Batch, cache length and capacity are dynamic dimensions: one graph serves a whole run
+(a single-row batch decodes uncompiled: torch would specialise its size-1 dimension).
+
 Only plain `Qwen2ForCausalLM` models with default RoPE and full attention are supported
 (`supports`); everything else (peft adapters, quantized weights, sliding windows, other
 architectures) uses the transformers forward.
@@ -39,6 +49,8 @@ architectures) uses the transformers forward.
 from __future__ import annotations
 
 import functools
+import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +105,7 @@ def supports(model) -> bool:
 class LeanQwen2:
     """Weights + forward for prefill and decoding; the KV cache is a `KVCache` it creates."""
 
-    def __init__(self, model, compute_dtype: torch.dtype):
+    def __init__(self, model, compute_dtype: torch.dtype, compile_decode: bool = False):
         cfg = model.config
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -109,6 +121,11 @@ class LeanQwen2:
             device=self.device, dtype=torch.float) / self.head_dim))
         self._cos = self._sin = torch.empty(0, self.head_dim, device=self.device)
         self.layers: list[dict[str, torch.Tensor]] = []
+        # `generation.compile`: the decoding step compiled on its first call (`_decode`)
+        self.compile_decode = compile_decode
+        self._compiled_step = torch.compile(self._decode_step, dynamic=None, options={"cpp_wrapper": True}) \
+            if compile_decode else None
+        self._step_compiled = False  # set after the first compiled step ran
         self.load_weights(model)
 
     # -- weights --------------------------------------------------------------------------------
@@ -122,7 +139,9 @@ class LeanQwen2:
         def own(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # always a copy, never an alias
             return t.detach().to(dtype, copy=True)
 
-        pack = self.device.type == "cpu" and cd == torch.bfloat16 and _prepacked_linear_works()
+        # (the compiled decoding step cannot trace packed weights: it keeps plain ones)
+        pack = self.device.type == "cpu" and cd == torch.bfloat16 and not self.compile_decode \
+            and _prepacked_linear_works()
 
         def mat(t: torch.Tensor) -> torch.Tensor:  # a matrix product's weight, [out, in]
             t = t.detach().to(cd, copy=not pack)  # packing copies it anyway
@@ -157,16 +176,21 @@ class LeanQwen2:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * h.to(x.dtype)
 
-    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [B, T, 1, D] of the positions; sin's first half negated, so that
-        rotate_half(x) * sin == x.roll(D // 2, -1) * signed sin, exactly (one op instead of three)."""
-        need = int(positions.max()) + 1
-        if need > self._cos.shape[0]:  # grow the float32 table (as transformers computes it)
+    def _grow_rotary(self, need: int) -> None:
+        """Make the float32 cos/sin tables (as transformers computes them) cover positions < need.
+        sin's first half is negated, so that rotate_half(x) * sin == x.roll(D // 2, -1) * signed
+        sin, exactly (one op instead of three)."""
+        if need > self._cos.shape[0]:
             n = max(need, 2 * self._cos.shape[0], 256)
             freqs = torch.arange(n, device=self.device, dtype=torch.float)[:, None] * self.inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
             self._cos = emb.cos()
             self._sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+            torch._dynamo.maybe_mark_dynamic(self._cos, 0)  # a longer table is not a new graph
+            torch._dynamo.maybe_mark_dynamic(self._sin, 0)
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [B, T, 1, D] of the positions (within the tables: `_grow_rotary`)."""
         return self._cos[positions].unsqueeze(2), self._sin[positions].unsqueeze(2)
 
     # -- forward --------------------------------------------------------------------------------
@@ -179,14 +203,67 @@ class LeanQwen2:
         input_ids/positions: [B, T] new tokens; mask: bool [B, 1, T, S] (True = may attend),
         S = cache.length + T. The new keys/values are appended to `cache`."""
         B, T = input_ids.shape
+        start = cache.reserve(T)
+        # positions never pass the cache's length; sized once here, no sync per step
+        self._grow_rotary(cache.k[0].shape[2])
+        if T == 1 and cache.matmul_attention:  # decoding: one query per row over a float32 cache
+            return self._decode(input_ids, positions, mask, cache)
+        cd = self.compute_dtype
+
+        def attend(li, q, k, v):
+            keys, values = cache.write(li, start, k, v)
+            if keys.dtype != cd:  # a float32 cache: the same numbers in the compute dtype
+                keys, values = (k, v) if start == 0 else (keys.to(cd), values.to(cd))
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                                  enable_gqa=self.num_heads != self.num_kv_heads)
+
+        return self._layers(input_ids, positions, attend)
+
+    def _decode(self, input_ids, positions, mask, cache: KVCache) -> torch.Tensor:
+        """One decoding step, compiled where `generation.compile` asks; a compile that fails falls back to the eager step,
+        once, with a one-line warning (the run goes on, slower)."""
+        # one row stays eager: torch specialises a dimension of size 1, a second graph to compile
+        if self._compiled_step is None or input_ids.shape[0] == 1:
+            return self._decode_step(input_ids, positions, mask, cache.k, cache.v)
+        for t in (input_ids, positions, mask):  # rows leave the batch; the cache grows by a position a step
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(mask, 3)
+        t0 = time.time()
+        try:
+            out = self._compiled_step(input_ids, positions, mask, cache.k, cache.v)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled instead
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            print(f"warning: generation.compile: torch.compile failed ({type(e).__name__}: {first}); "
+                  "decoding uncompiled", file=sys.stderr)
+            self._compiled_step = None
+            return self._decode_step(input_ids, positions, mask, cache.k, cache.v)
+        if not self._step_compiled:
+            self._step_compiled = True
+            print(f"compiled the decoding step in {time.time() - t0:.0f}s", file=sys.stderr)
+        return out
+
+    def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                     cache_k: list[torch.Tensor], cache_v: list[torch.Tensor]) -> torch.Tensor:
+        """One token per row: input_ids/positions [B, 1], mask bool [B, 1, 1, S]; writes position
+        S - 1 of the float32 cache buffers (already reserved) and attends over their first S.
+        Written to compile as one graph: no Python state, no host syncs."""
+        S = mask.shape[-1]
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -torch.inf)
+
+        def attend(li, q, k, v):
+            cache_k[li][:, :, S - 1 : S] = k
+            cache_v[li][:, :, S - 1 : S] = v
+            return self._decode_attention(q, cache_k[li][:, :, :S], cache_v[li][:, :, :S], bias)
+
+        return self._layers(input_ids, positions, attend)
+
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder layers and the last position's logits; `attend(layer, q, k, v)` stores the
+        new keys/values and returns the attention output [B, H, T, D] in the compute dtype."""
+        B, T = input_ids.shape
         cd = self.compute_dtype
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = self._rotary(positions)
-        start = cache.reserve(T)
-        # one query per row over a float32 cache: matmul attention, its mask as an additive bias
-        matmul_attn = T == 1 and cache.matmul_attention
-        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -torch.inf) \
-            if matmul_attn else None
         x = F.embedding(input_ids, self.embed)
         for li, w in enumerate(self.layers):
             h = self._rms(x, w["ln1"]).to(cd)
@@ -196,15 +273,7 @@ class LeanQwen2:
             qk = (qk * cos).add_(qk.roll(D // 2, dims=-1).mul_(sin)).to(cd)  # [B, T, H + Hkv, D]
             q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
             v = qkv[..., (H + Hkv) * D :].unflatten(-1, (Hkv, D)).transpose(1, 2)
-            keys, values = cache.write(li, start, k, v)
-            if matmul_attn:
-                o = self._decode_attention(q, keys, values, bias)
-            else:
-                if keys.dtype != cd:  # a float32 cache: the same numbers in the compute dtype
-                    keys, values = (k, v) if start == 0 else (keys.to(cd), values.to(cd))
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                                   enable_gqa=H != Hkv)
-            o = _linear(o.transpose(1, 2).reshape(B, T, H * D), w["o_w"], w["o_b"])
+            o = _linear(attend(li, q, k, v).transpose(1, 2).reshape(B, T, H * D), w["o_w"], w["o_b"])
             x = x.add_(o)  # x is this call's own tensor (the embedding's output)
             h = self._rms(x, w["ln2"]).to(cd)
             g, u = _linear(h, w["gu_w"]).chunk(2, dim=-1)
@@ -249,7 +318,14 @@ class KVCache:
         shape = (batch, kv_heads, max(1, capacity), head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self._mark_dynamic()
         self.length = 0
+
+    def _mark_dynamic(self) -> None:
+        """Batch and capacity vary between caches: dynamic dimensions for a compiled decoding step."""
+        for t in self.k + self.v:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 2)
 
     def reserve(self, n: int) -> int:
         """Room for n more positions (grows the buffers if needed); returns where they start."""
@@ -259,6 +335,7 @@ class KVCache:
             grow = lambda t: torch.cat([t, t.new_empty(t.shape[:2] + (extra, t.shape[3]))], dim=2)  # noqa: E731
             self.k = [grow(t) for t in self.k]
             self.v = [grow(t) for t in self.v]
+            self._mark_dynamic()
         self.length = start + n
         return start
 
@@ -277,3 +354,4 @@ class KVCache:
 
         self.k = [take(t) for t in self.k]
         self.v = [take(t) for t in self.v]
+        self._mark_dynamic()

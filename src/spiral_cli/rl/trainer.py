@@ -650,7 +650,8 @@ def _frozen_generator(recipe: Recipe, frozen):
     policy's); a frozen checkpoint with an aggregator adapter aggregates with it."""
     from spiral_cli.generation.hf import HFGenerator
 
-    gen = HFGenerator(frozen, batch_size=recipe.generation.batch_size, fast_decode=recipe.generation.fast_decode)
+    gen = HFGenerator(frozen, batch_size=recipe.generation.batch_size, fast_decode=recipe.generation.fast_decode,
+                        compile=recipe.generation.compile)
     attach_aggregator(frozen, gen)
     return gen
 
