@@ -353,6 +353,19 @@ def test_compiled_decoding_samples_as_the_eager_step(monkeypatch):
             assert n > 0 and max(abs(u - v) for u, v in zip(a.logprobs[:n], b.logprobs[:n])) < 0.05
 
 
+@pytest.mark.slow
+def test_compiled_decoding_in_float32_samples_the_eager_tokens():
+    """Without autocast the compiled step computes in float32: the same samples as the eager step
+    under one seed, log-probs equal to float32 rounding."""
+    lm = load_model(ModelSection(name="scratch:nano", autocast="off"), for_training=False, seed=3)
+    compiled = HFGenerator(lm, compile=True).generate(PROMPTS, n=3, max_new_tokens=20, seed=1)
+    eager = HFGenerator(lm).generate(PROMPTS, n=3, max_new_tokens=20, seed=1)
+    for s, t in zip(compiled, eager):
+        for a, b in zip(s, t):
+            assert a.token_ids == b.token_ids
+            assert max(abs(u - v) for u, v in zip(a.logprobs, b.logprobs)) < 1e-5
+
+
 def test_compiled_decoding_falls_back_when_the_compile_fails(monkeypatch, capsys):
     """A machine where the decoding step cannot compile (no C++ compiler) decodes uncompiled with
     one warning line: the same samples as an engine that never tried (both hold plain weights)."""
@@ -374,7 +387,7 @@ def test_compiled_decoding_falls_back_when_the_compile_fails(monkeypatch, capsys
     assert [[(c.token_ids, c.logprobs) for c in s] for s in out] == [[(c.token_ids, c.logprobs) for c in s] for s in ref]
     # a model the lean engine does not serve: generation.compile says it does not apply
     HFGenerator(lm, fast_decode=False, compile=True)
-    assert "generation.compile applies to the lean engine" in capsys.readouterr().err
+    assert "generation.compile applies to the lean engine on the CPU" in capsys.readouterr().err
 
 
 def test_lean_kv_cache_float32_unless_too_large(monkeypatch):

@@ -171,9 +171,10 @@ class GenerationSection(_Section):
     # 0.80 s -> 0.42 s per GRPO step on the CPU, bench/README.md). auto = on the CPU only (not yet
     # measured on a GPU); on = any device; off = always transformers' forward. true/false: on/off.
     fast_decode: Literal["auto", "on", "off"] | bool = "auto"
-    # lean engine: torch.compile its decoding step (C++ wrapper, fused elementwise work): generation
-    # ~0.8x on the 2-core CPU after a one-off ~35-50 s compile (bench/README.md), so for long runs;
-    # samples differ from the uncompiled step's by bf16 rounding; falls back if it cannot compile
+    # lean engine on the CPU: torch.compile its decoding step (C++ wrapper, fused elementwise work):
+    # generation 0.64-0.74x on the 2-core CPU after a one-off 5-16 s compile (bench/README.md), so
+    # for long runs; samples differ from the uncompiled step's by bf16 rounding; falls back if it
+    # cannot compile
     compile: bool = False
     vllm: VllmSection = VllmSection()
 

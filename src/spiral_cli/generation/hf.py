@@ -52,10 +52,10 @@ class HFGenerator:
         wanted = mode == "on" or (mode == "auto" and self.device.type == "cpu")
         if wanted and lean_supports(self.model):
             compute = torch.bfloat16 if loaded.autocast else next(self.model.parameters()).dtype
-            self.lean = LeanQwen2(self.model, compute, compile_decode=compile)
-        elif compile:
-            print("note: generation.compile applies to the lean engine (plain Qwen2, generation.fast_decode); "
-                  "this model decodes through transformers' forward, uncompiled", file=sys.stderr)
+            self.lean = LeanQwen2(self.model, compute, compile_decode=compile and self.device.type == "cpu")
+        if compile and (self.lean is None or self.device.type != "cpu"):
+            print("note: generation.compile applies to the lean engine on the CPU (plain Qwen2, "
+                  "generation.fast_decode); this model decodes uncompiled", file=sys.stderr)
 
     @property
     def engine(self) -> str:
