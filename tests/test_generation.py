@@ -322,11 +322,13 @@ def test_compiled_decoding_samples_as_the_eager_step(monkeypatch):
 
     from spiral_cli.generation import lean_qwen2
 
+    torch._dynamo.reset()  # the graphs live on the step's code, shared by every engine of the process
     lm = load_model(ModelSection(name="scratch:nano", autocast="on"), for_training=False, seed=3)
     gen = make_generator(lm, GenerationSection(compile=True, batch_size=5))
     assert gen.lean.compile_decode and not gen.lean.lm_head.is_mkldnn  # inductor cannot trace packed weights
     graphs = counters["stats"]["unique_graphs"]
     gen.generate(PROMPTS[:1], max_new_tokens=4, seed=0)  # one row
+    gen.generate(["7"], n=3, max_new_tokens=4, seed=0)  # a one-token prefill
     sampled = gen.generate(PROMPTS, n=2, max_new_tokens=16, seed=3)  # chunks of 5 and 3 rows
     assert counters["stats"]["unique_graphs"] - graphs == 1
     assert gen.lean._step_compiled and gen.lean._compiled_step is not None
@@ -358,7 +360,9 @@ def test_compiled_decoding_in_float32_samples_the_eager_tokens():
     """Without autocast the compiled step computes in float32: the same samples as the eager step
     under one seed, log-probs equal to float32 rounding."""
     lm = load_model(ModelSection(name="scratch:nano", autocast="off"), for_training=False, seed=3)
-    compiled = HFGenerator(lm, compile=True).generate(PROMPTS, n=3, max_new_tokens=20, seed=1)
+    gen = HFGenerator(lm, compile=True)
+    compiled = gen.generate(PROMPTS, n=3, max_new_tokens=20, seed=1)
+    assert gen.lean._step_compiled and gen.lean._compiled_step is not None
     eager = HFGenerator(lm).generate(PROMPTS, n=3, max_new_tokens=20, seed=1)
     for s, t in zip(compiled, eager):
         for a, b in zip(s, t):
@@ -381,8 +385,8 @@ def test_compiled_decoding_falls_back_when_the_compile_fails(monkeypatch, capsys
     gen.lean._compiled_step = broken
     out = gen.generate(PROMPTS, n=2, max_new_tokens=12, seed=4)
     err = capsys.readouterr().err
-    assert err.count("warning: generation.compile: torch.compile failed (RuntimeError: C++ compile error); "
-                     "decoding uncompiled") == 1 and "whole log" not in err
+    assert err.count("warning: generation.compile: the compiled decoding step failed (RuntimeError: C++ compile "
+                     "error); decoding uncompiled") == 1 and "whole log" not in err
     assert gen.lean._compiled_step is None
     assert [[(c.token_ids, c.logprobs) for c in s] for s in out] == [[(c.token_ids, c.logprobs) for c in s] for s in ref]
     # a model the lean engine does not serve: generation.compile says it does not apply

@@ -36,11 +36,12 @@ With `compile_decode` (`generation.compile`), the decoding step (one token per r
 float32 cache: every layer, the cache writes, the attention and the logits) is one
 `torch.compile`d function with inductor's C++ wrapper, its elementwise work fused: decoding is
 per-op-overhead bound at these sizes (a one-row step costs about half of a 64-row one on the
-2-core CPU), and fusing it made a GRPO step's generation ~0.8x after a one-off compile
+2-core CPU), and fusing it made a GRPO step's generation 0.64-0.74x after a one-off compile
 (bench/README.md, session 32). The compiled step holds plain bf16 weights (inductor cannot trace
 oneDNN's packed ones) and its own kernels, so its samples differ from the eager path's by bf16
-rounding. Batch, cache length and capacity are dynamic dimensions: one graph serves a whole run
-(a single-row batch decodes uncompiled: torch would specialise its size-1 dimension).
+rounding. Batch, cache length and capacity are dynamic dimensions: one graph per model serves a
+whole run (a single row, or a one-token prefill, stays eager: torch would specialise a size-1
+dimension into a second graph).
 
 Only plain `Qwen2ForCausalLM` models with default RoPE and full attention are supported
 (`supports`); everything else (peft adapters, quantized weights, sliding windows, other
@@ -123,8 +124,9 @@ class LeanQwen2:
         self.layers: list[dict[str, torch.Tensor]] = []
         # `generation.compile`: the decoding step compiled on its first call (`_decode`)
         self.compile_decode = compile_decode
-        self._compiled_step = torch.compile(self._decode_step, dynamic=None, options={"cpp_wrapper": True}) \
-            if compile_decode else None
+        # fullgraph: a graph break raises (and falls back) instead of splitting the step silently
+        self._compiled_step = torch.compile(self._decode_step, dynamic=None, fullgraph=True,
+                                            options={"cpp_wrapper": True}) if compile_decode else None
         self._step_compiled = False  # set after the first compiled step ran
         self.load_weights(model)
 
@@ -201,7 +203,8 @@ class LeanQwen2:
         """Logits (float32) of the last position of each row, [B, V].
 
         input_ids/positions: [B, T] new tokens; mask: bool [B, 1, T, S] (True = may attend),
-        S = cache.length + T. The new keys/values are appended to `cache`."""
+        S = cache.length + T. The new keys/values are appended to `cache`. Positions must lie within
+        the cache's capacity (as every position of its rows does)."""
         B, T = input_ids.shape
         start = cache.reserve(T)
         # positions never pass the cache's length; sized once here, no sync per step
@@ -222,8 +225,10 @@ class LeanQwen2:
     def _decode(self, input_ids, positions, mask, cache: KVCache) -> torch.Tensor:
         """One decoding step, compiled where `generation.compile` asks; a compile that fails falls back to the eager step,
         once, with a one-line warning (the run goes on, slower)."""
-        # one row stays eager: torch specialises a dimension of size 1, a second graph to compile
-        if self._compiled_step is None or input_ids.shape[0] == 1:
+        assert mask.shape[-1] == cache.length  # the step writes position S - 1 of the cache
+        # one row, or a one-token prefill, stays eager: torch specialises a dimension of size 1
+        # (a second graph to compile)
+        if self._compiled_step is None or input_ids.shape[0] == 1 or mask.shape[-1] == 1:
             return self._decode_step(input_ids, positions, mask, cache.k, cache.v)
         for t in (input_ids, positions, mask):  # rows leave the batch; the cache grows by a position a step
             torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -233,13 +238,14 @@ class LeanQwen2:
             out = self._compiled_step(input_ids, positions, mask, cache.k, cache.v)
         except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled instead
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            print(f"warning: generation.compile: torch.compile failed ({type(e).__name__}: {first}); "
-                  "decoding uncompiled", file=sys.stderr)
+            print(f"warning: generation.compile: the compiled decoding step failed ({type(e).__name__}: "
+                  f"{first}); decoding uncompiled", file=sys.stderr)
             self._compiled_step = None
             return self._decode_step(input_ids, positions, mask, cache.k, cache.v)
         if not self._step_compiled:
             self._step_compiled = True
-            print(f"compiled the decoding step in {time.time() - t0:.0f}s", file=sys.stderr)
+            if time.time() - t0 >= 1:  # (another engine of the process may have compiled the graph)
+                print(f"compiled the decoding step in {time.time() - t0:.0f}s", file=sys.stderr)
         return out
 
     def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
