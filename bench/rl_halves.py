@@ -101,6 +101,8 @@ else:
     else:
         batches = [samples_of(*generate(i)) for i in range(6)]
         cache.write_bytes(pickle.dumps(batches))
+    def timed_batch(i):  # cycle over the batches after the first (the warm-up's), or the only one
+        return batches[(1 + i % max(1, len(batches) - 1)) % len(batches)]
     model = loaded.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -145,7 +147,7 @@ else:
         for i in range(reps):
             for shared in (False, True):
                 t = time.perf_counter()
-                run(batches[(1 + i % max(1, len(batches) - 1)) % len(batches)], shared)
+                run(timed_batch(i), shared)
                 ts[shared].append(time.perf_counter() - t)
         for shared in (False, True):
             print("shared" if shared else "one-row", [round(x, 3) for x in ts[shared]], "median",
@@ -153,7 +155,7 @@ else:
     else:
         ts = []
         for i in range(reps):
-            s = batches[(1 + i % max(1, len(batches) - 1)) % len(batches)]
+            s = timed_batch(i)
             t = time.perf_counter()
             st = run(s)
             ts.append(time.perf_counter() - t)

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from spiral_cli import first_line
+
 
 def adamw(params: list[torch.nn.Parameter], *, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
     """AdamW, fused into one kernel per step where torch has one for these parameters
@@ -41,7 +43,7 @@ def compile_for_training(loaded, console: Console, loss_of: Callable[[Callable[.
             loss = loss_of(compiled)
         loss.backward()
     except Exception as e:  # noqa: BLE001 - any compiler failure: train uncompiled instead
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e, 200)
         console.print(f"  [yellow]warning:[/] torch.compile failed ({type(e).__name__}: {first}); training uncompiled")
         compiled = model
     finally:

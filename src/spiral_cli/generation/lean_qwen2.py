@@ -56,6 +56,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from spiral_cli import first_line
 from spiral_cli.models.device import cpu_bf16_matmul_is_native
 
 # Largest KV cache (bytes, keys + values of all layers) held in float32 for matmul decoding
@@ -237,15 +238,16 @@ class LeanQwen2:
         try:
             out = self._compiled_step(input_ids, positions, mask, cache.k, cache.v)
         except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled instead
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e, 200)
             print(f"warning: generation.compile: the compiled decoding step failed ({type(e).__name__}: "
                   f"{first}); decoding uncompiled", file=sys.stderr)
             self._compiled_step = None
             return self._decode_step(input_ids, positions, mask, cache.k, cache.v)
         if not self._step_compiled:
             self._step_compiled = True
-            if time.time() - t0 >= 1:  # (another engine of the process may have compiled the graph)
-                print(f"compiled the decoding step in {time.time() - t0:.0f}s", file=sys.stderr)
+            seconds = time.time() - t0
+            if seconds >= 1:  # (another engine of the process may have compiled the graph)
+                print(f"compiled the decoding step in {seconds:.0f}s", file=sys.stderr)
         return out
 
     def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,

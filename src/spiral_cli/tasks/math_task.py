@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from .. import first_line
 from ..jsonl import InputError, iter_jsonl
 from ._answers import extract_answer_text, verify_math
 from .base import TaskConfig, TaskError, candidate_view
@@ -116,7 +117,7 @@ class MathTask:
             kwargs = {k: v for k, v in kwargs.items() if v is not None}
             ds = datasets.load_dataset(path, **kwargs)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             raise TaskError(f"task.data: cannot load {self.config.data!r}: {first}") from None
         return [dict(r) for r in ds]
 
